@@ -17,7 +17,6 @@ import shutil
 import sqlite3
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,13 +27,15 @@ import pytest
 
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.e2e.agent_process import create_entry, new_token
-from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir
+from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
 from tests.e2e.test_server_cli import attest, node_channel
 from tests.server.fixtures import Agent, der_chain, make_csr
 
 pytestmark = pytest.mark.e2e
 TD = f"spiffe://{TRUST_DOMAIN}"
-LOAD_SECONDS = 1.5
+# Calls answered by each load thread before the crash, at the least: all four under way, not
+# a fixed time of load (the calls in flight when it lands are as many either way).
+CALLS_EACH = 3
 CRASHES = 3
 
 
@@ -222,8 +223,13 @@ def test_kill9_under_jwt_and_x509_load_leaves_every_received_credential_on_recor
             stop = threading.Event()
             received_before = len(client.serials) + len(client.jtis)
 
+            answered = [0, 0, 0, 0]
+
             def load(
-                call: Callable[[node_pb2_grpc.NodeStub], int], stop: threading.Event = stop
+                n: int,
+                call: Callable[[node_pb2_grpc.NodeStub], int],
+                stop: threading.Event = stop,
+                answered: list[int] = answered,
             ) -> None:
                 with client.stub() as stub:
                     while not stop.is_set():
@@ -231,14 +237,21 @@ def test_kill9_under_jwt_and_x509_load_leaves_every_received_credential_on_recor
                             call(stub)
                         except grpc.RpcError:
                             return
+                        answered[n] += 1
 
             workers = [
-                threading.Thread(target=load, args=(call,))
-                for call in (client.jwts, client.jwts, client.jwt, client.x509)
+                threading.Thread(target=load, args=(n, call))
+                for n, call in enumerate((client.jwts, client.jwts, client.jwt, client.x509))
             ]
             for w in workers:
                 w.start()
-            time.sleep(LOAD_SECONDS)  # the crash lands mid-stream
+            # The crash lands mid-stream: every thread is calling again and again by then.
+            wait_for(
+                lambda answered=answered: min(answered) >= CALLS_EACH,
+                30,
+                "every load thread answered",
+                interval=0.01,
+            )
             server.kill9()
             stop.set()
             for w in workers:
