@@ -43,7 +43,6 @@ def injected_fsyncs(pid: int, fault: str) -> Iterator[None]:
         [
             "strace",
             "-f",
-            "-qq",
             "-p",
             str(pid),
             "-e",
@@ -58,9 +57,21 @@ def injected_fsyncs(pid: int, fault: str) -> Iterator[None]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # attached to every thread
-    if tracer.poll() is not None:
-        pytest.skip(f"cannot attach strace here: {tracer.stderr.read() if tracer.stderr else ''}")
+    # strace says "Process N attached [with M threads]" once it holds every thread of the
+    # process (each stopped until then, so none makes a call untraced), where a fixed second
+    # was waited; one that cannot attach says why and exits.
+    stderr = tracer.stderr
+    assert stderr is not None
+    said: list[str] = []
+    while not (said and "attached" in said[-1]):
+        line = stderr.readline()
+        if not line:
+            tracer.wait(10)
+            pytest.skip(f"cannot attach strace here: {''.join(said)}")
+        said.append(line)
+    # It goes on to name each thread started later: read, or a full pipe would stop strace,
+    # and with it the process it traces.
+    threading.Thread(target=stderr.read, daemon=True).start()
     try:
         yield
     finally:
