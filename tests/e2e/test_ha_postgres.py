@@ -32,6 +32,10 @@ TD = f"spiffe://{TRUST_DOMAIN}"
 FAILOVER_GOAL = 10.0  # s from kill -9 to every agent of the dead server synced elsewhere
 RECOVERY_GOAL = 5.0  # s from the cut to a write through that server acknowledged again
 PUSH_GOAL = 5.0  # s for a write through one server to reach a workload of another's agent
+# Load seen going on at each stage: writes acknowledged (one every 0.05 s, through the servers
+# in turn) and checks by each workload (every 0.1 s, JWT every 0.2 s).
+WRITES = 3
+CHECKS = 2
 
 
 def failover_times(c: Cluster, moving: dict[str, float], dead: str, killed: float) -> None:
@@ -84,6 +88,30 @@ def write_until_acknowledged(c: Cluster, name: str, spiffe_id: str) -> list[str]
             time.sleep(0.05)
 
 
+def under_load(
+    loads: dict[str, IssuanceLoad], writer: AdminWriter, watches: list[WorkloadWatch], when: str
+) -> None:
+    """Until `loads` have issued more, WRITES more writes are acknowledged and every workload
+    has checked its SVIDs CHECKS more times: load going on, where a fixed time was slept."""
+    issued = {n: load.issued for n, load in loads.items()}
+    written = len(writer.acknowledged)
+    checked = [(w.checks, w.jwt_checks) for w in watches]
+    started = time.monotonic()
+    wait_for(
+        lambda: (
+            all(load.issued > issued[n] for n, load in loads.items())
+            and len(writer.acknowledged) >= written + WRITES
+            and all(
+                w.checks >= x + CHECKS and w.jwt_checks >= j + CHECKS
+                for w, (x, j) in zip(watches, checked, strict=True)
+            )
+        ),
+        20,
+        f"issuance, writes and workload checks going on {when}",
+    )
+    print(f"load going on {when}: seen within {time.monotonic() - started:.2f} s")
+
+
 def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
     postgres_dsn: str,
 ) -> None:
@@ -109,7 +137,7 @@ def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
         writer = AdminWriter([c.servers[n] for n in names]).start()
         try:
             wait_for(lambda: all(w.checks and w.jwt_checks for w in watches), 10, "workloads")
-            time.sleep(1)
+            under_load(loads, writer, watches, "before the kill")
 
             # 1. kill -9 of the server agent0 is on.
             dead = homes[0]
@@ -119,7 +147,13 @@ def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
             failover_times(c, moving, dead, killed)
             print(f"kill -9 of {dead}: its agents synced elsewhere after {moving} s")
             assert max(moving.values()) < FAILOVER_GOAL
-            time.sleep(2)  # load and writes go on against the survivors
+            # Load and writes go on against the survivors.
+            under_load(
+                {n: load for n, load in loads.items() if n != dead},
+                writer,
+                watches,
+                f"while {dead} is away",
+            )
 
             # 2. It restarts on its ports, issues again and has caught up.
             away = list(writer.acknowledged)
@@ -162,7 +196,7 @@ def test_three_servers_on_postgresql_survive_a_kill_9_and_a_cut_database(
                 f"an entry written through {other} on the stream of a workload of {cut}'s agent",
             )
             assert c.home(agents[0]) == cut  # its Sync stream outlived the cut
-            time.sleep(1)
+            under_load(loads, writer, watches, "after the cut")
         finally:
             writer.stop()
             for load in loads.values():
