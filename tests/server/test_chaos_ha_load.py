@@ -32,11 +32,12 @@ def pg_server(postgres_dsn: str) -> Iterator[RunningServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def sync_until_ended(stub: Any, ended: list[str]) -> None:
-    """Hold a Sync stream; append how it ended (nothing while it is up)."""
+def sync_until_ended(stub: Any, ended: list[str], up: threading.Event) -> None:
+    """Hold a Sync stream; `up` set at its first update; append how it ended (nothing while
+    it is up)."""
     try:
         for _ in stub.Sync(node_pb2.SyncRequest(), timeout=120):
-            pass
+            up.set()
         ended.append("closed")
     except grpc.RpcError as exc:
         ended.append(str(exc.code()))  # type: ignore[attr-defined]
@@ -65,12 +66,13 @@ def test_a_healthy_server_keeps_its_sync_streams_through_a_burst_of_its_own_entr
     UNAVAILABLE, the agent would have no other server to go to)."""
     agent = pg_server.attest()
     ended: list[str] = []
+    up = threading.Event()
     stream = threading.Thread(
-        target=sync_until_ended, args=(pg_server.node_stub(agent), ended), daemon=True
+        target=sync_until_ended, args=(pg_server.node_stub(agent), ended, up), daemon=True
     )
     stream.start()
     view = pg_server.server.follower.view  # type: ignore[union-attr]
-    time.sleep(1)
+    assert up.wait(30), f"the agent's Sync stream never delivered: {ended}"
     failures: list[str] = []
     ages: list[float] = []
     done = threading.Event()
