@@ -130,6 +130,21 @@ def _key_slots(config: ServerConfig) -> set[tuple[str, str]]:
         store.close()
 
 
+def _restored_behind_a_ban(options: dict[str, str], backup: Backup, root: Path) -> ServerConfig:
+    """A stopped server whose datastore was put back to a copy taken before it banned an
+    agent (its checkpoints signed past the copy): what a restore from backup leaves."""
+    if "datastore" in options:
+        options = {**options, "key_encryption_key_file": str(kek_file(root))}
+    first = start_server(root, **options)
+    take, put_back = backup(first.config, root)
+    banned = first.attest()
+    take()
+    first.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=banned.spiffe_id), timeout=10)
+    first.stop()
+    put_back()
+    return first.config
+
+
 def _events(config: ServerConfig, kind: str) -> list[dict[str, object]]:
     server = RunningServer(config, _clock())
     try:
@@ -147,18 +162,9 @@ def test_a_datastore_restored_behind_its_checkpoints_is_refused_until_told(
     options, backup = backend
     root = short_tmpdir()
     try:
-        if "datastore" in options:
-            options = {**options, "key_encryption_key_file": str(kek_file(root))}
-        first = start_server(root, **options)
-        config = first.config
-        take, put_back = backup(config, root)
-        banned = first.attest()
-        take()
-        first.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=banned.spiffe_id), timeout=10)
-        first.stop()
+        config = _restored_behind_a_ban(options, backup, root)
         signed = CheckpointFile(config.data_dir / CHECKPOINT_FILE).last()
         assert signed is not None
-        put_back()
 
         said = _refused(config)
         assert f"names seq {signed.seq}" in said
@@ -264,17 +270,7 @@ def test_new_datastore_does_not_take_a_restored_one(
     options, backup = backend
     root = short_tmpdir()
     try:
-        if "datastore" in options:
-            options = {**options, "key_encryption_key_file": str(kek_file(root))}
-        first = start_server(root, **options)
-        config = first.config
-        take, put_back = backup(config, root)
-        banned = first.attest()
-        take()
-        first.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=banned.spiffe_id), timeout=10)
-        first.stop()
-        put_back()
-
+        config = _restored_behind_a_ban(options, backup, root)
         said = _refused_with(DatastoreRolledBackError, config, new_datastore=True)
         assert "--restored-datastore" in said
         assert not list(config.data_dir.glob(f"{CHECKPOINT_FILE}.before-restore-*"))
