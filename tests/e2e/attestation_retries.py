@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -71,6 +71,20 @@ class Attempts:
         monkeypatch.setattr(NodeClient, "attest", attest)
 
 
+@contextlib.asynccontextmanager
+async def running(syncer: Syncer) -> AsyncIterator[asyncio.Task[None]]:
+    """`syncer` run on this loop for the block, then cancelled and closed as the agent's
+    shutdown does."""
+    task = asyncio.create_task(syncer.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await syncer.close()
+
+
 async def until(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 20
     while not predicate():
@@ -92,19 +106,13 @@ def reminded(
         return [r for r in caplog.records if phrase in r.getMessage()]
 
     async def scenario() -> None:
-        task = asyncio.create_task(syncer.run())
-        try:
+        async with running(syncer):
             await until(lambda: attempts.count >= 6, "six attempts")
             assert len(lines()) == 1  # the first at once, the others held back
             clock.advance(OPERATOR_LOG_INTERVAL)
             await until(lambda: len(lines()) == 2, "the reminder")
             said = attempts.count
             await until(lambda: attempts.count >= said + 3, "three attempts more")
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())

@@ -19,7 +19,7 @@ from agent_attestor.agent_store import AgentStore
 from agent_attestor.sync import Syncer
 from svid._clock import FakeClock
 from tests.e2e.agent_process import new_token
-from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, until
+from tests.e2e.attestation_retries import EACH_TIME, Attempts, in_process_syncer, running, until
 from tests.e2e.conftest import make_server, short_tmpdir
 
 pytestmark = pytest.mark.e2e
@@ -49,18 +49,12 @@ def test_an_attested_svid_the_disk_refuses_is_served_and_saved_once_the_disk_tak
         blocker = _block_the_key(tmp_path)
 
         async def scenario() -> None:
-            task = asyncio.create_task(syncer.run())
-            try:
+            async with running(syncer):
                 await until(lambda: syncer.syncs >= 1, "a Sync message on the unsaved SVID")
                 await asyncio.sleep(1.0)  # the save retried (0.05 s to 0.2 s apart) in vain
                 assert store.load_svid() is None
                 shutil.rmtree(blocker)  # the disk mended
                 await until(lambda: store.load_svid() is not None, "the save retried")
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await syncer.close()
 
         with caplog.at_level(logging.INFO, logger="agent_attestor"):
             asyncio.run(scenario())

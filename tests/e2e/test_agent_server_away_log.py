@@ -5,8 +5,8 @@ since, not at every attempt (an hour's outage was ~700 lines of it, each the sam
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,10 +17,24 @@ from agent_attestor.node_client import NodeClient
 from agent_attestor.sync import OPERATOR_LOG_INTERVAL
 from svid._clock import FakeClock
 from tests.e2e.agent_process import new_token
-from tests.e2e.attestation_retries import EACH_TIME, in_process_syncer, until
+from tests.e2e.attestation_retries import EACH_TIME, in_process_syncer, running, until
 from tests.e2e.conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
+
+
+def _failures(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many attempts of the agent's have failed so far: it waits one backoff after each."""
+    failures = 0
+    real_backoff = sync.backoff_delay
+
+    def counted(*args: float) -> float:
+        nonlocal failures
+        failures += 1
+        return real_backoff(*args)
+
+    monkeypatch.setattr(sync, "backoff_delay", counted)
+    return lambda: failures
 
 
 def test_a_server_away_is_said_at_once_then_once_an_interval(
@@ -35,31 +49,17 @@ def test_a_server_away_is_said_at_once_then_once_an_interval(
         server_process, tmp_path, clock, join_token=new_token(server_process)
     )
     server_process.stop()  # its ports now refuse every connection
-    failures = 0
-    real_backoff = sync.backoff_delay
-
-    def counted(*args: float) -> float:  # called once after each failed attempt
-        nonlocal failures
-        failures += 1
-        return real_backoff(*args)
-
-    monkeypatch.setattr(sync, "backoff_delay", counted)
+    failures = _failures(monkeypatch)
 
     def said() -> list[logging.LogRecord]:
         return [r for r in caplog.records if EACH_TIME in r.getMessage()]
 
     async def scenario() -> None:
-        task = asyncio.create_task(syncer.run())
-        try:
-            await until(lambda: failures >= 6, "six failed attempts")
+        async with running(syncer):
+            await until(lambda: failures() >= 6, "six failed attempts")
             assert [getattr(r, "times", None) for r in said()] == [1]
             clock.advance(OPERATOR_LOG_INTERVAL)
             await until(lambda: len(said()) == 2, "the reminder")
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
@@ -79,35 +79,21 @@ def test_another_kind_of_failure_is_said_at_once(
         server_process, tmp_path, clock, join_token=new_token(server_process)
     )
     server_process.stop()
-    failures = 0
-    real_backoff = sync.backoff_delay
-
-    def counted(*args: float) -> float:
-        nonlocal failures
-        failures += 1
-        return real_backoff(*args)
-
-    monkeypatch.setattr(sync, "backoff_delay", counted)
+    failures = _failures(monkeypatch)
 
     def said() -> list[logging.LogRecord]:
         return [r for r in caplog.records if EACH_TIME in r.getMessage()]
 
     async def scenario() -> None:
-        task = asyncio.create_task(syncer.run())
-        try:
-            await until(lambda: failures >= 2, "two failed attempts")
+        async with running(syncer):
+            await until(lambda: failures() >= 2, "two failed attempts")
 
             async def fails(client: object, **kwargs: object) -> object:
                 raise AttestationError("the server's answer holds no agent SVID")
 
             monkeypatch.setattr(NodeClient, "attest", fails)
-            seen = failures
-            await until(lambda: failures >= seen + 2, "two more failed attempts")
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await syncer.close()
+            seen = failures()
+            await until(lambda: failures() >= seen + 2, "two more failed attempts")
 
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
