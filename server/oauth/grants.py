@@ -368,8 +368,8 @@ class Grants:
                 raise InvalidGrantError("subject_token has expired")
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
-            task, grant = self._exchange_grant(task_sid, resource, actor=actor_id)
-            grant = _narrowed(grant, asked, resource)
+            task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
+            grant = _narrowed(decided, asked, resource)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
@@ -411,6 +411,7 @@ class Grants:
                 "actor": actor_id,
                 "actor_jti": str(actor.verified.claims.get("jti")),
                 "actor_node": actor_agent,
+                **_granted(decided, asked),
             },
         )
 
@@ -493,6 +494,7 @@ class Grants:
         except OAuthError as exc:
             self._refused(kind, exc, call, subject.claim)
             raise
+        decided = grant
         try:
             grant = _narrowed(grant, asked, resource)
         except InvalidScopeError as exc:
@@ -524,7 +526,10 @@ class Grants:
             subject.claim,
             call,
             reason="task decision allowed the exchange",
-            extra={"subject_jti": str(subject.verified.claims.get("jti"))},
+            extra={
+                "subject_jti": str(subject.verified.claims.get("jti")),
+                **_granted(decided, asked),
+            },
         )
 
     def _issue_for_task(
@@ -779,6 +784,12 @@ def _narrowed(grant: TaskJwtGrant, asked: tuple[str, ...] | None, resource: str)
         return grant
     scope = narrowed(grant.scope, asked, resource)
     return replace(grant, scope=scope, claims={**grant.claims, "scope": scope})
+
+
+def _granted(decided: TaskJwtGrant, asked: tuple[str, ...] | None) -> dict[str, str]:
+    """For the event of a token narrowed to the scope ``asked``: what the task decision granted
+    (the event's action is then what was issued, and policy's answer would be lost)."""
+    return {} if asked is None else {"granted": decided.scope}
 
 
 def _audiences_named(token: str) -> tuple[str, ...]:

@@ -76,6 +76,25 @@ def test_a_task_token_carries_only_the_scope_asked_for(world: TaskWorld, grant: 
     assert reply.json()["scope"] == "tool:read_ticket read"
 
 
+@pytest.mark.parametrize("grant", [bearer, exchange])
+def test_a_narrowed_token_s_event_names_the_decision_s_grant_too(
+    world: TaskWorld, grant: Any
+) -> None:
+    """The event of an exchange named the task decision's grant (its action); asked for less,
+    it names what was issued, and the decision is kept beside it, as policy made it."""
+    reply = grant(world, world.subject_token(), scope="tool:read_ticket")
+    assert reply.status_code == 200, reply.text
+    kind = "oauth_jwt_bearer" if grant is bearer else "oauth_token_exchange"
+    (event,) = events(world, kind)
+    assert event["action"] == "tool:read_ticket"
+    assert set(event["granted"].split()) == {"read", "tool:read_ticket"}
+    # Not asked for less: the action is the grant, named once.
+    whole = grant(world, world.subject_token())
+    assert whole.status_code == 200, whole.text
+    assert set(events(world, kind)[-1]["action"].split()) == {"read", "tool:read_ticket"}
+    assert "granted" not in events(world, kind)[-1]
+
+
 def test_a_txn_token_carries_only_the_scope_asked_for(world: TaskWorld) -> None:
     txn = "urn:ietf:params:oauth:token-type:txn_token"
     reply = exchange(world, world.subject_token(), scope="read", requested_token_type=txn)
@@ -127,7 +146,9 @@ def test_a_delegation_carries_only_the_scope_asked_for_and_no_more() -> None:
         reply = delegate(world, first, actor_token(oauth), scope="read")
         assert reply.status_code == 200, reply.text
         assert reply.json()["scope"] == "read"
-        assert exchange_events(world)[-1]["actor"] == MCP_ID
+        event = exchange_events(world)[-1]
+        assert (event["actor"], event["action"]) == (MCP_ID, "read")
+        assert event["granted"].split() == ["read"]  # the decision for the other resource
 
 
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
