@@ -432,9 +432,9 @@ class _AccessTokenCaller(Caller):
         nothing (a workload's own JWT-bearer token)."""
         access = self.access
         if scope.startswith(TOOL_SCOPE_PREFIX):
-            return len(scope) > len(TOOL_SCOPE_PREFIX) and access.grants_tool(
-                scope[len(TOOL_SCOPE_PREFIX) :]
-            )
+            # As TaskClaims.grants_tool, a "tool:" naming no tool included (invoke_tool grants
+            # it): the same scope answers the same through either auth.
+            return access.grants_tool(scope[len(TOOL_SCOPE_PREFIX) :])
         return scope in access.scopes
 
     def missing_tools(self, tools: tuple[str, ...]) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ streamable HTTP client carrying task tokens (svid.mcp.http_client)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ from starlette.responses import PlainTextResponse
 
 import svid.mcp
 from svid import MemoryBundleSource, SpiffeBundle, X509Bundle, sign_jws
+from svid._caller import Caller
 from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
 from svid._open_requests import X509, OpenRequests
@@ -576,6 +578,9 @@ def test_a_request_with_two_authorization_headers_is_400_invalid_request(
 
 # --- AccessTokenAuth: svidd's OAuth access tokens (RFC 9068), a task's exchanged token ---
 
+# Scopes a token carries, and scope-tokens asked of it (tests/svid/test_caller.py's table).
+CALLER_SCOPES = ["read tool:read_ticket", "invoke_tool", "", "read", "tool:a tool:b", "tool:"]
+CALLER_ASKED = ["tool:read_ticket", "tool:a", "read", "invoke_tool", "write", "tool:"]
 ISSUER = "https://svidd.example"
 RESOURCE = "http://127.0.0.1/mcp"  # the resource the tokens name (not where the test serves)
 TASK_ID = f"{RUNTIME}/task/t1"
@@ -780,6 +785,22 @@ def test_an_access_token_s_scope_grants_tools_as_a_task_token_s_does(
                 asyncio.run(call(url, token, "export_customer_data", {}))
             assert raised.group_contains(MCPError)
     assert (len(SEEN) == 1) is runs
+
+
+@pytest.mark.parametrize(("granted", "asked"), list(itertools.product(CALLER_SCOPES, CALLER_ASKED)))
+def test_an_access_token_s_caller_grants_what_a_task_token_s_grants(
+    source: RevokingSource, granted: str, asked: str
+) -> None:
+    """The caller protect puts in the request (``scope["svid.caller"]``) for an access token
+    answers ``grants`` as TaskClaims does for a task token of the same scope (the oracle)."""
+    access = source.access_token_verifier(ISSUER, RESOURCE).verify(
+        access_token(scope=granted or None)
+    )
+    caller = svid.mcp._AccessTokenCaller(access, RESOURCE, TD)
+    task = source.jwt_verifier().verify(task_token(scope=granted), AUDIENCE)
+    oracle = Caller(task.spiffe_id, jwt=task, audience=AUDIENCE)
+    assert oracle.task is not None  # the full read
+    assert caller.grants(asked) == oracle.grants(asked)
 
 
 def test_with_every_tool_false_a_workload_s_own_access_token_calls_only_unmarked_tools(
