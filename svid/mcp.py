@@ -782,9 +782,12 @@ def oauth_auth(
     presenting ``task``'s JWT-SVID for ``issuer`` (``task.jwt(issuer)``) to svidd's token
     endpoint there. svidd takes a task JWT-SVID once per resource; after a 403
     ``insufficient_scope`` the SDK asks again for the tool it names, which svidd refuses
-    ``invalid_scope``, naming it, when the task's intent does not hold it. ``task``: an
-    ``AsyncTask`` (or a ``Task``, asked on a thread); ``scope``: ask for less than the task's
-    grant; ``storage``: the SDK's ``TokenStorage`` (in memory by default)."""
+    ``invalid_scope``, naming it, when the task's intent does not hold it; a tool the intent
+    holds is refused as a replay (the task hands out the JWT-SVID it already traded, until it
+    renews it). ``task``: an ``AsyncTask`` (or a ``Task``, asked on a thread); ``scope``: ask
+    for less than the task's grant (the tools left out are then out of reach of that JWT-SVID:
+    a step-up to one is a replay); ``storage``: the SDK's ``TokenStorage`` (in memory by
+    default)."""
     jwt = task.jwt
     sync = not inspect.iscoroutinefunction(jwt)  # a Task: its call blocks, so off the loop
 

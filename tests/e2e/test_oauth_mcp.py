@@ -178,8 +178,9 @@ async def _session_calls(stack: Stack) -> tuple[str, str, str, str, int]:
         token = storage.tokens.access_token
         text = allowed.content[0].text if not allowed.is_error else "error"  # type: ignore[union-attr]
         # The tool the task was not granted: 403 insufficient_scope, before the tool runs. The
-        # SDK then asks svidd for that scope with a new JWT-SVID of the task, and is refused
-        # invalid_scope, naming it: the call fails saying so (not as a replay).
+        # SDK then asks svidd for that scope with the task's JWT-SVID it already traded (the
+        # task hands out the same one), and is refused invalid_scope, naming it: the call fails
+        # saying so (not as a replay).
         other = httpx.post(
             stack.mcp_url,
             json={
