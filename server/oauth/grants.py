@@ -615,7 +615,11 @@ class Grants:
         if asked is None:
             return
         ceiling = self._tasks.scope_ceiling(spiffe_id, resource)
-        if ceiling is not None:  # an inactive task: the decision says so, after the claim
+        # An inactive task, or a resource it has nothing on (outside its intent: lateral
+        # movement, which the decision flags and counts against its runtime): the decision
+        # refuses them after the claim, as without a scope. Refused here, a runtime probing
+        # other resources would go unflagged by adding a scope.
+        if ceiling:
             narrowed(" ".join(sorted(ceiling)), asked, resource)
 
     def _exchange_grant(

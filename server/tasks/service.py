@@ -896,7 +896,8 @@ class TaskService:
         `resource`, decided by nothing: its granted actions if `resource` is one of its
         resources, and `tool:<name>` for each of its tools on `resource` (what _mint_decision
         puts before policy). None when no such task is active. A scope outside it is refused
-        before the presented token is spent (server/oauth)."""
+        before the presented token is spent (server/oauth); when it is empty (`resource` is
+        outside the intent), the decision refuses, and flags, as without a scope."""
         task = self._active.get(spiffe_id)
         if task is None:
             return None

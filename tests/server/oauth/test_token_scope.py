@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from svid._spiffe_id import SpiffeId
-from tests.server.oauth.conftest import RESOURCE, OAuthServer
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
 from tests.server.oauth.test_token_delegation import (
     MCP_ID,
     actor_token,
@@ -31,18 +31,18 @@ def post(oauth: OAuthServer, **form: str) -> httpx.Response:
 
 
 def bearer(world: TaskWorld, assertion: str, **extra: str) -> httpx.Response:
-    return post(world.oauth, grant_type=JWT_BEARER, assertion=assertion, resource=RESOURCE, **extra)
+    form = {"grant_type": JWT_BEARER, "assertion": assertion, "resource": RESOURCE}
+    return post(world.oauth, **{**form, **extra})
 
 
 def exchange(world: TaskWorld, subject: str, **extra: str) -> httpx.Response:
-    return post(
-        world.oauth,
-        grant_type=EXCHANGE,
-        subject_token=subject,
-        subject_token_type=JWT_TYPE,
-        resource=RESOURCE,
-        **extra,
-    )
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TYPE,
+        "resource": RESOURCE,
+    }
+    return post(world.oauth, **{**form, **extra})
 
 
 def refused(reply: httpx.Response, error: str) -> str:
@@ -213,3 +213,20 @@ def test_a_spent_jwt_svid_asking_for_a_tool_its_task_was_never_granted_is_told_s
     assert "replay" not in why
     # One the task holds, asked with the spent token: a replay, as any second use is.
     assert "replay" in refused(grant(world, subject, scope="tool:read_ticket"), "invalid_grant")
+
+
+@pytest.mark.parametrize("grant", [bearer, exchange])
+def test_a_resource_outside_the_task_asked_with_a_scope_is_still_flagged(
+    world: TaskWorld, grant: Any
+) -> None:
+    """A resource outside the task's intent is lateral movement, flagged by the task decision
+    (its denial event, the runtime's violation count) whatever the request's scope: refused
+    before that decision for its scope, a runtime probing other resources was never flagged."""
+    running = world.oauth.running
+    service = running.server.tasks.service
+    before = service.violations(world.task.agent_id, world.task.runtime_id)
+    reply = grant(world, world.subject_token(), resource=OTHER_RESOURCE, scope="read")
+    assert "task decision" in refused(reply, "invalid_grant")
+    denials = [e for e in world.events("denial") if e["task_id"] == world.task.task_id]
+    assert denials
+    assert service.violations(world.task.agent_id, world.task.runtime_id) == before + 1
