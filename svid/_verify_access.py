@@ -82,8 +82,12 @@ class VerifiedAccessToken:
 
     def grants_tool(self, tool: str) -> bool:
         """Whether the token may call ``tool``: granted by name, or every tool of its resource
-        is (``invoke_tool``), as ``TaskClaims.grants_tool`` reads a task token's scope."""
-        return tool in self.tools or INVOKE_TOOL in self.scopes
+        is (``invoke_tool``), as ``TaskClaims.grants_tool`` reads a task token's scope. A
+        Txn-Token's ``invoke_tool`` grants none: its audience is the whole trust domain, and
+        the decision it carries named every tool of one resource (``tctx.resource``) only."""
+        if tool in self.tools:
+            return True
+        return INVOKE_TOOL in self.scopes and self.token_type == ACCESS_TOKEN_TYP
 
 
 class _Entry(NamedTuple):

@@ -107,6 +107,24 @@ def test_invoke_tool_grants_every_tool_as_in_a_task_token(verifier: AccessTokenV
     assert result.tools == frozenset()  # none by name
 
 
+def test_invoke_tool_in_a_txn_token_grants_no_tool_of_every_service(
+    verifier: AccessTokenVerifier,
+) -> None:
+    """A Txn-Token is for the whole trust domain (its aud); the task decision it carries was
+    made for one resource (tctx.resource), and its invoke_tool means every tool of that one.
+    Read as every tool, any service of the trust domain checking grants_tool ran any tool."""
+    txn = token(
+        typ="txntoken+jwt",
+        aud=TD.name,
+        scope="read invoke_tool",
+        tctx={"resource": "https://other.example.org/api"},
+    )
+    result = verifier.verify_txn_token(txn)
+    assert not result.grants_tool("export_customer_data")
+    # An access token's aud is its resource (checked by verify): there it is every tool.
+    assert verifier.verify(token(scope="read invoke_tool")).grants_tool("export_customer_data")
+
+
 def test_accepts_what_the_servers_signer_mints(
     verifier: AccessTokenVerifier, clock: FakeClock
 ) -> None:
