@@ -502,13 +502,15 @@ class Issuer:
         items, wanted, owners = plan.items, plan.wanted, plan.owners
         workloads: dict[tuple[str, str], tuple[str, str, int]] = {}
         for item in requests:
-            audience = item.audience
+            # Read off the wire once: each pass over the repeated field (check, copy, join)
+            # made every value again (~0.8 us per JWT for the three).
+            audience = list(item.audience)
             try:
                 known = workloads.get((item.entry_id, item.spiffe_id))
                 if known is not None:
                     _check_audience(audience)  # all _jwt_entry would check of this request
                     spiffe_id, sub, ttl = known
-                    request: MintRequest = (sub, list(audience), ttl)
+                    request: MintRequest = (sub, audience, ttl)
                 else:
                     entry = self._jwt_entry(agent_id, entitled, item)
                     if self._tasks.owns(entry):
