@@ -25,6 +25,24 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([checkout, *others])
 
 
+class _ClosedLoopPollerNoise(logging.Filter):
+    """grpc.aio's completion-queue poller is one per process, bound to the event loop it began
+    on: once a test's asyncio.run() has closed that loop, its late events reach asyncio's
+    logger as "Exception in callback PollerCompletionQueue._handle_events" with "Event loop is
+    closed", in whichever later test is running, and broke tests reading their own log lines.
+    A daemon or a program has one loop for its life, so this is the suite's many loops alone:
+    dropped, and nothing else of asyncio's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Exception in callback PollerCompletionQueue"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+
+
+logging.getLogger("asyncio").addFilter(_ClosedLoopPollerNoise())
+
+
 @pytest.fixture(autouse=True)
 def _loggers_as_they_were() -> Iterator[None]:
     """A test that runs a CLI or app in-process configures its logger tree with a handler on

@@ -106,10 +106,11 @@ def test_one_uid_minting_fresh_audiences_leaves_the_others_their_first_token(
     assert f"uid {NOBODY}" in details
     assert "jwt_mints_per_uid_rate" in details
     assert agent.signer.jwt_calls == MINTS_PER_UID_BURST  # refused before the server was asked
-    # One line, however many refusals (the clock stands still within the minute).
-    assert [r.getMessage() for r in caplog.records] == [
-        "refused JWT-SVID mints of a uid past its rate"
-    ]
+    # One line, however many refusals (the clock stands still within the minute). The budget's
+    # own logger only: caplog also holds whatever grpc.aio's poller says on asyncio's, about a
+    # loop an earlier test of this worker closed.
+    budget = [r.getMessage() for r in caplog.records if r.name == "agent_attestor.mint_budget"]
+    assert budget == ["refused JWT-SVID mints of a uid past its rate"]
 
     # The other workload's first token is still minted.
     reply = agent.stub().FetchJWTSVID(
