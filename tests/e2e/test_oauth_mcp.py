@@ -26,7 +26,6 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from mcp.shared.exceptions import MCPError
 
 import svid.mcp
@@ -54,26 +53,6 @@ class Stack:
     @property
     def socket(self) -> str:
         return f"unix://{self.agent.socket_path}"
-
-
-class MemoryStorage:
-    """The SDK's TokenStorage, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
 
 
 def _listening(port: int) -> bool:
@@ -163,7 +142,7 @@ async def _session_calls(stack: Stack) -> tuple[str, str, str, str, int]:
             spiffe_id=RUNTIME,
         )
 
-        storage = MemoryStorage()
+        storage = svid.mcp._MemoryTokens()  # oauth_auth's own, held here to read the token
         # The SDK's own RFC 7523 client provider, fed a JWT-SVID of the task minted for each
         # token request.
         provider = svid.mcp.oauth_auth(task, stack.mcp_url, issuer=stack.issuer, storage=storage)
