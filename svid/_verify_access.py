@@ -80,14 +80,29 @@ class VerifiedAccessToken:
         """The tools the scope grants by name (``tool:<name>``)."""
         return frozenset(tools_from_scope(" ".join(self.scopes)))
 
-    def grants_tool(self, tool: str) -> bool:
-        """Whether the token may call ``tool``: granted by name, or every tool of its resource
-        is (``invoke_tool``), as ``TaskClaims.grants_tool`` reads a task token's scope. A
-        Txn-Token's ``invoke_tool`` grants none: its audience is the whole trust domain, and
-        the decision it carries named every tool of one resource (``tctx.resource``) only."""
-        if tool in self.tools:
-            return True
-        return INVOKE_TOOL in self.scopes and self.token_type == ACCESS_TOKEN_TYP
+    def grants_tool(self, tool: str, resource: str | None = None) -> bool:
+        """Whether the token may call ``tool`` (at ``resource``, for a Txn-Token): granted by
+        name, or every tool of its resource is (``invoke_tool``), as ``TaskClaims.grants_tool``
+        reads a task token's scope.
+
+        An access token's ``aud`` is its resource, which the verifier checked: ``resource`` is
+        not read. A Txn-Token's ``aud`` is the whole trust domain while the decision it carries
+        was made for one resource (``tctx.resource``): it grants a tool by name only when
+        ``resource`` is given and is that one, and never through ``invoke_tool``, which named
+        every tool of that resource, not of the service asking."""
+        if self.token_type == ACCESS_TOKEN_TYP:
+            return tool in self.tools or INVOKE_TOOL in self.scopes
+        return resource is not None and resource == self.txn_resource and tool in self.tools
+
+    @property
+    def txn_resource(self) -> str | None:
+        """A Txn-Token's ``tctx.resource``, the resource its decision was made for (None for
+        an access token, or a Txn-Token naming none)."""
+        if self.token_type != TXN_TOKEN_TYP:
+            return None
+        tctx = self.claims.get("tctx")
+        resource = tctx.get("resource") if isinstance(tctx, Mapping) else None
+        return resource if isinstance(resource, str) and resource else None
 
 
 class _Entry(NamedTuple):

@@ -433,8 +433,10 @@ class _AccessTokenCaller(Caller):
         access = self.access
         if scope.startswith(TOOL_SCOPE_PREFIX):
             # As TaskClaims.grants_tool, a "tool:" naming no tool included (invoke_tool grants
-            # it): the same scope answers the same through either auth.
-            return access.grants_tool(scope[len(TOOL_SCOPE_PREFIX) :])
+            # it): the same scope answers the same through either auth. AccessTokenAuth admits
+            # access tokens only (verify checks typ), whose aud is this resource; the resource
+            # is named still, so a Txn-Token let in some day grants this server's tools alone.
+            return access.grants_tool(scope[len(TOOL_SCOPE_PREFIX) :], resource=self.audience)
         return scope in access.scopes
 
     def missing_tools(self, tools: tuple[str, ...]) -> tuple[str, ...]:

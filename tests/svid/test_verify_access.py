@@ -121,8 +121,57 @@ def test_invoke_tool_in_a_txn_token_grants_no_tool_of_every_service(
     )
     result = verifier.verify_txn_token(txn)
     assert not result.grants_tool("export_customer_data")
+    assert not result.grants_tool("export_customer_data", resource="https://other.example.org/api")
     # An access token's aud is its resource (checked by verify): there it is every tool.
     assert verifier.verify(token(scope="read invoke_tool")).grants_tool("export_customer_data")
+
+
+def txn_token(**over: Any) -> str:
+    """A Txn-Token as the token endpoint mints one: for the trust domain, its decision made
+    for RESOURCE (tctx.resource)."""
+    return token(**{"typ": "txntoken+jwt", "aud": TD.name, "tctx": {"resource": RESOURCE}, **over})
+
+
+def test_a_txn_token_grants_its_tool_at_the_resource_it_was_decided_for(
+    verifier: AccessTokenVerifier,
+) -> None:
+    result = verifier.verify_txn_token(txn_token())
+    assert result.txn_resource == RESOURCE
+    assert result.grants_tool("read_ticket", resource=RESOURCE)
+    assert not result.grants_tool("export_customer_data", resource=RESOURCE)
+
+
+def test_a_txn_token_grants_no_tool_at_another_resource_or_none_named(
+    verifier: AccessTokenVerifier,
+) -> None:
+    """Its aud is every service of the trust domain: the tickets server's read_ticket was no
+    grant of an unrelated server's tool of the same name, nor of a caller naming no resource."""
+    result = verifier.verify_txn_token(txn_token())
+    assert not result.grants_tool("read_ticket", resource="https://other.example.org/mcp")
+    assert not result.grants_tool("read_ticket", resource=RESOURCE + "/")  # exact match only
+    assert not result.grants_tool("read_ticket")
+
+
+@pytest.mark.parametrize(
+    "tctx", [None, {}, {"resource": ""}, {"resource": [RESOURCE]}, [RESOURCE]], ids=repr
+)
+def test_a_txn_token_naming_no_resource_grants_no_tool(
+    verifier: AccessTokenVerifier, tctx: Any
+) -> None:
+    result = verifier.verify_txn_token(txn_token(tctx=tctx))
+    assert result.txn_resource is None
+    assert not result.grants_tool("read_ticket", resource=RESOURCE)
+
+
+def test_an_access_token_grants_its_tools_whatever_resource_is_named(
+    verifier: AccessTokenVerifier,
+) -> None:
+    """Its aud is its resource, which verify checked: the tool grant stays as it was."""
+    result = verifier.verify(token(tctx={"resource": "https://other.example.org/mcp"}))
+    assert result.txn_resource is None
+    assert result.grants_tool("read_ticket")
+    assert result.grants_tool("read_ticket", resource="https://other.example.org/api")
+    assert not result.grants_tool("export_customer_data", resource=RESOURCE)
 
 
 def test_accepts_what_the_servers_signer_mints(
