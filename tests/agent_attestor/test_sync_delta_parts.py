@@ -103,18 +103,36 @@ class _CutBetweenParts(node_pb2_grpc.NodeServicer):
         await asyncio.Event().wait()  # held open, as a server's stream is
 
 
+def _agent(tmp_path: Path, clock: Any) -> tuple[LocalCa, AgentStore, common_pb2.Bundle]:
+    """A CA, an agent store holding an SVID it signed, and its bundle (saved too)."""
+    ca = LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    key = ec.generate_private_key(ec.SECP256R1())
+    store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT, ttl=3600),), key))
+    bundle = common_pb2.Bundle(
+        trust_domain="example.org", x509_authorities=[ca.cert.public_bytes(Encoding.DER)]
+    )
+    store.save_bundle(tuple(bundle.x509_authorities))
+    return ca, store, bundle
+
+
 async def _sync_until(
     done: asyncio.Event,
-    server: grpc.aio.Server,
+    node: node_pb2_grpc.NodeServicer,
+    ca: LocalCa,
     *,
-    address: str,
     store: AgentStore,
     cache: Cache,
     clock: Any,
     on_change: Callable[[str], None],
 ) -> Syncer:
-    """A Syncer on `address` run until `done` is set (20 s at most), then stopped with the
-    server; returned for what it holds."""
+    """`node` served over mTLS and a Syncer on it run until `done` is set (20 s at most), then
+    both stopped; the Syncer returned for what it holds."""
+    server = grpc.aio.server()
+    node_pb2_grpc.add_NodeServicer_to_server(node, server)
+    port = server.add_secure_port("127.0.0.1:0", _mtls_server_credentials(ca))
+    await server.start()
+    address = f"127.0.0.1:{port}"
     settings = SyncSettings((Target(address, address),), reconnect_min=0.01, reconnect_max=0.02)
     syncer = Syncer(settings, store, cache, clock, on_change)
     task = asyncio.create_task(syncer.run())
@@ -133,14 +151,7 @@ def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_co
     tmp_path: Path,
 ) -> None:
     clock = FakeClock(start=time.time())
-    ca = LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
-    key = ec.generate_private_key(ec.SECP256R1())
-    store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT, ttl=3600),), key))
-    bundle = common_pb2.Bundle(
-        trust_domain="example.org", x509_authorities=[ca.cert.public_bytes(Encoding.DER)]
-    )
-    store.save_bundle(tuple(bundle.x509_authorities))
+    ca, store, bundle = _agent(tmp_path, clock)
     # The entry "old" is replaced by "new": the server's own packing, one item a message, sends
     # the upsert first and the removal in the second part.
     snapshot = list(
@@ -158,11 +169,6 @@ def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_co
     async def scenario() -> tuple[Any, ...]:
         resume = asyncio.Event()
         node = _CutBetweenParts(snapshot, run, resume)
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(node, server)
-        port = server.add_secure_port("127.0.0.1:0", _mtls_server_credentials(ca))
-        await server.start()
-        address = f"127.0.0.1:{port}"
         cache = Cache(clock)
         seen: dict[str, tuple[int, set[str]]] = {}
         resynced = asyncio.Event()
@@ -179,8 +185,8 @@ def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_co
 
         syncer = await _sync_until(
             resynced,
-            server,
-            address=address,
+            node,
+            ca,
             store=store,
             cache=cache,
             clock=clock,
@@ -218,14 +224,7 @@ def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_sn
     """Read as a snapshot, as every kind but DELTA was, a newer server's message (HEARTBEAT to
     an agent older than it) emptied the agent's entries, and every workload lost its SVIDs."""
     clock = FakeClock(start=time.time())
-    ca = LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
-    key = ec.generate_private_key(ec.SECP256R1())
-    store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT, ttl=3600),), key))
-    bundle = common_pb2.Bundle(
-        trust_domain="example.org", x509_authorities=[ca.cert.public_bytes(Encoding.DER)]
-    )
-    store.save_bundle(tuple(bundle.x509_authorities))
+    ca, store, bundle = _agent(tmp_path, clock)
     messages = [
         *snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep"),
         node_pb2.SyncUpdate(kind=7, revision=6, epoch="ep"),  # a kind yet to come
@@ -233,11 +232,6 @@ def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_sn
     ]
 
     async def scenario() -> set[str]:
-        server = grpc.aio.server()
-        node_pb2_grpc.add_NodeServicer_to_server(_NewerServer(messages), server)
-        port = server.add_secure_port("127.0.0.1:0", _mtls_server_credentials(ca))
-        await server.start()
-        address = f"127.0.0.1:{port}"
         cache = Cache(clock)
         delta_in = asyncio.Event()
 
@@ -247,8 +241,8 @@ def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_sn
 
         await _sync_until(
             delta_in,
-            server,
-            address=address,
+            _NewerServer(messages),
+            ca,
             store=store,
             cache=cache,
             clock=clock,
