@@ -30,7 +30,13 @@ from svid._revocation import (
     refuse_if_stale,
 )
 from svid._spiffe_id import TrustDomain
-from svid._task_claims import INVOKE_TOOL, TaskClaimsError, act_chain, tools_from_scope
+from svid._task_claims import (
+    INVOKE_TOOL,
+    TOOL_SCOPE_PREFIX,
+    TaskClaimsError,
+    act_chain,
+    tools_from_scope,
+)
 from svid._verify_jwt import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_LEEWAY,
@@ -90,9 +96,12 @@ class VerifiedAccessToken:
         was made for one resource (``tctx.resource``): it grants a tool by name only when
         ``resource`` is given and is that one, and never through ``invoke_tool``, which named
         every tool of that resource, not of the service asking."""
+        # `tool in self.tools`, without parsing the whole scope again on each call (per
+        # request on AccessTokenAuth's path): a scope token has no whitespace.
+        named = bool(tool) and TOOL_SCOPE_PREFIX + tool in self.scopes
         if self.token_type == ACCESS_TOKEN_TYP:
-            return tool in self.tools or INVOKE_TOOL in self.scopes
-        return resource is not None and resource == self.txn_resource and tool in self.tools
+            return named or INVOKE_TOOL in self.scopes
+        return named and resource is not None and resource == self.txn_resource
 
     @property
     def txn_resource(self) -> str | None:
