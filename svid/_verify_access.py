@@ -58,6 +58,12 @@ class VerifiedAccessToken:
     ``subject`` is the principal the token is for (a user, or a workload's SPIFFE ID);
     ``act_chain`` the RFC 8693 actors, the current one first (for an exchanged token, the task's
     SPIFFE ID); ``task_id`` the task it was minted for (``txn``), if any.
+
+    ``scopes`` are the token's ``scope`` as issued: actions (``read``, ``invoke_tool``, ...) and
+    ``tool:<name>``s. An access token's are a grant at its ``aud``, which the verifier checked.
+    A Txn-Token's are the decision made for ``txn_resource`` alone while its ``aud`` is the
+    whole trust domain: read them through ``allows`` and ``grants_tool`` with the resource
+    asking, not by membership (``"read" in scopes`` holds for a decision about another one).
     """
 
     token_type: str
@@ -86,6 +92,19 @@ class VerifiedAccessToken:
         """The tools the scope grants by name (``tool:<name>``)."""
         return frozenset(tools_from_scope(" ".join(self.scopes)))
 
+    def allows(self, action: str, resource: str | None = None) -> bool:
+        """Whether the token grants ``action`` (at ``resource``, for a Txn-Token), as
+        ``TaskClaims.allows`` reads a task token's scope: a ``tool:`` scope-token is no action
+        (``grants_tool`` answers for tools).
+
+        The same binding as ``grants_tool``: an access token's ``aud`` is its resource, checked
+        by the verifier, so ``resource`` is not read; a Txn-Token's decision was made for
+        ``tctx.resource`` alone, so it grants an action only when ``resource`` is given and is
+        that one."""
+        if not action or action.startswith(TOOL_SCOPE_PREFIX) or action not in self.scopes:
+            return False
+        return self._decided_for(resource)
+
     def grants_tool(self, tool: str, resource: str | None = None) -> bool:
         """Whether the token may call ``tool`` (at ``resource``, for a Txn-Token): granted by
         name, or every tool of its resource is (``invoke_tool``), as ``TaskClaims.grants_tool``
@@ -101,7 +120,14 @@ class VerifiedAccessToken:
         named = bool(tool) and TOOL_SCOPE_PREFIX + tool in self.scopes
         if self.token_type == ACCESS_TOKEN_TYP:
             return named or INVOKE_TOOL in self.scopes
-        return named and resource is not None and resource == self.txn_resource
+        return named and self._decided_for(resource)
+
+    def _decided_for(self, resource: str | None) -> bool:
+        """Whether the token's scope is a grant at ``resource``: an access token's always (its
+        aud was checked), a Txn-Token's only at the resource its decision was made for."""
+        if self.token_type == ACCESS_TOKEN_TYP:
+            return True
+        return resource is not None and resource == self.txn_resource
 
     @property
     def txn_resource(self) -> str | None:

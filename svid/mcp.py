@@ -431,13 +431,14 @@ class _AccessTokenCaller(Caller):
         tool by name, or every tool through ``invoke_tool``. A token without one grants
         nothing (a workload's own JWT-bearer token)."""
         access = self.access
+        # AccessTokenAuth admits access tokens only (verify checks typ), whose aud is this
+        # resource; the resource is named still, so a Txn-Token let in some day grants the
+        # tools and actions decided for this server alone.
         if scope.startswith(TOOL_SCOPE_PREFIX):
             # As TaskClaims.grants_tool, a "tool:" naming no tool included (invoke_tool grants
-            # it): the same scope answers the same through either auth. AccessTokenAuth admits
-            # access tokens only (verify checks typ), whose aud is this resource; the resource
-            # is named still, so a Txn-Token let in some day grants this server's tools alone.
+            # it): the same scope answers the same through either auth.
             return access.grants_tool(scope[len(TOOL_SCOPE_PREFIX) :], resource=self.audience)
-        return scope in access.scopes
+        return access.allows(scope, resource=self.audience)
 
     def missing_tools(self, tools: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(scope for scope in map(tool_scope, tools) if not self.grants(scope))

@@ -803,6 +803,39 @@ def test_an_access_token_s_caller_grants_what_a_task_token_s_grants(
     assert caller.grants(asked) == oracle.grants(asked)
 
 
+def test_a_txn_token_s_caller_grants_only_what_was_decided_for_its_own_resource(
+    source: RevokingSource,
+) -> None:
+    """AccessTokenAuth admits access tokens alone, but its caller names its resource: a
+    Txn-Token (aud: the trust domain) decided for another resource grants no action or tool
+    here, and one decided for this resource grants them as an access token does."""
+    verifier = source.access_token_verifier(ISSUER, RESOURCE)
+
+    def caller(resource: str) -> svid.mcp._AccessTokenCaller:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": "user:alice",
+            "aud": TD.name,
+            "exp": now + 300,
+            "iat": now,
+            "jti": f"x-{resource}",
+            "txn": "t1",
+            "scope": "read tool:read_ticket",
+            "act": {"sub": TASK_ID},
+            "tctx": {"resource": resource},
+        }
+        txn = sign_jws({"kid": "k1", "typ": "txntoken+jwt"}, claims, KEY)
+        return svid.mcp._AccessTokenCaller(verifier.verify_txn_token(txn), RESOURCE, TD)
+
+    elsewhere = caller("http://127.0.0.1/billing")
+    assert not elsewhere.grants("read")
+    assert not elsewhere.grants("tool:read_ticket")
+    here = caller(RESOURCE)
+    assert here.grants("read")
+    assert here.grants("tool:read_ticket")
+
+
 def test_with_every_tool_false_a_workload_s_own_access_token_calls_only_unmarked_tools(
     source: RevokingSource,
 ) -> None:

@@ -174,6 +174,43 @@ def test_an_access_token_grants_its_tools_whatever_resource_is_named(
     assert not result.grants_tool("export_customer_data", resource=RESOURCE)
 
 
+def test_a_txn_token_grants_its_actions_at_the_resource_it_was_decided_for_only(
+    verifier: AccessTokenVerifier,
+) -> None:
+    """Its actions are the same decision as its tools, made for tctx.resource: a service of
+    the trust domain asking for `read` at another resource (or naming none) is not granted a
+    read decided for the tickets server."""
+    result = verifier.verify_txn_token(txn_token(scope="read invoke_tool tool:read_ticket"))
+    assert result.allows("read", resource=RESOURCE)
+    assert result.allows("invoke_tool", resource=RESOURCE)
+    assert not result.allows("write", resource=RESOURCE)
+    assert not result.allows("read", resource="https://other.example.org/api")
+    assert not result.allows("read", resource=RESOURCE + "/")  # exact match only
+    assert not result.allows("read")
+    assert not verifier.verify_txn_token(txn_token(tctx={})).allows("read", resource=RESOURCE)
+
+
+def test_an_access_token_allows_its_actions_whatever_resource_is_named(
+    verifier: AccessTokenVerifier,
+) -> None:
+    result = verifier.verify(token())
+    assert result.allows("read")
+    assert result.allows("read", resource="https://other.example.org/api")
+    assert not result.allows("write")
+
+
+@pytest.mark.parametrize("asked", ["tool:read_ticket", "tool:", "", "read tool:read_ticket"])
+def test_allows_reads_no_tool_and_nothing_but_one_action_as_task_claims(
+    verifier: AccessTokenVerifier, asked: str
+) -> None:
+    """A tool's scope-token is no action: TaskClaims.allows says no to it whatever the scope
+    (grants_tool answers for tools), and so does this, for either kind of token."""
+    scope = "read tool:read_ticket tool:"
+    assert not verifier.verify(token(scope=scope)).allows(asked)
+    txn = verifier.verify_txn_token(txn_token(scope=scope))
+    assert not txn.allows(asked, resource=RESOURCE)
+
+
 def test_accepts_what_the_servers_signer_mints(
     verifier: AccessTokenVerifier, clock: FakeClock
 ) -> None:
