@@ -103,6 +103,10 @@ class TaskExchanges(Protocol):
 
     def ended(self, spiffe_id: str) -> bool: ...
 
+    def active_task(self, spiffe_id: str) -> Task | None:
+        """The active task with this SPIFFE ID, from memory (None when none is)."""
+        ...
+
     def scope_ceiling(self, spiffe_id: str, resource: str) -> frozenset[str] | None:
         """The most the active task could be granted for `resource`, with no decision made;
         None when it is not active."""
@@ -128,6 +132,28 @@ class _Call:
 
     def latency_us(self) -> float:
         return (time.perf_counter() - self.started) * 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class _Whose:
+    """Whose request a refusal answered, as far as it is known when refused: named in the
+    fields a granting event names them by (the task's runtime as ``agent_id``, its agent as
+    ``node_id``, its ``task_id`` and principal; the acting workload of a delegation as
+    ``extra["actor"]``), so an operator reading the ledger can tell whose it was. Nothing
+    before a token was verified: a malformed one names no one. IDs only, never a token."""
+
+    agent_id: str | None = None
+    node_id: str | None = None
+    task_id: str | None = None
+    on_behalf_of: str | None = None
+    actor: str | None = None
+
+    @classmethod
+    def of_task(cls, task: Task, actor: str | None = None) -> _Whose:
+        return cls(task.runtime_id, task.agent_id, task.task_id, task.on_behalf_of or None, actor)
+
+
+_NOBODY = _Whose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +260,10 @@ class Grants:
 
     def jwt_bearer(self, params: Mapping[str, list[str]], client: str = "") -> TokenResponse:
         call = _Call(time.perf_counter(), client)
+        verified: CheckedAssertion | None = None  # whose the request is, once known
         try:
             assertion = self._checker.authenticate(_one(params, "assertion"), "assertion")
+            verified = assertion
             sub = str(assertion.verified.spiffe_id)
             asked = requested_scope(params)
             if asked is not None and not is_task_id(sub):
@@ -252,13 +280,14 @@ class Grants:
                 once_per = f"{resource} access"
             assertion = self._checker.claim(assertion, "assertion", once_per)
         except OAuthError as exc:
-            self._refused(EVENT_JWT_BEARER, exc, call)
+            self._refused(EVENT_JWT_BEARER, exc, call, whose=self._presented(verified))
             raise
         try:
             resource = _single_resource(params, self._resources)
             _check_client_id(params, sub)
         except OAuthError as exc:
-            self._refused(EVENT_JWT_BEARER, exc, call, assertion.claim)
+            whose = self._presented(assertion)
+            self._refused(EVENT_JWT_BEARER, exc, call, assertion.claim, whose)
             raise
         if is_task_id(sub):
             # A task's JWT-SVID as the assertion: the same task decision as an exchange, so a
@@ -288,7 +317,8 @@ class Grants:
         # Of the agent the assertion came through: evicting or banning it revokes the token
         # with the JWT-SVID it was traded for (server.tasks.service revoke_agent).
         credential = Credential(REVOKED_JWT_ID, issued.jti, agent_id, sub, "", issued.expires_at)
-        self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, call)
+        whose = _Whose(sub, agent_id or None)
+        self._record([credential], [event], assertion.claim, EVENT_JWT_BEARER, call, whose=whose)
         return TokenResponse(
             issued.token, ACCESS_TOKEN_TYPE, issued.expires_at - issued.issued_at, ""
         )
@@ -299,6 +329,7 @@ class Grants:
         call = _Call(time.perf_counter(), client)
         if "actor_token" in params or "actor_token_type" in params:
             return self._delegation(params, call)
+        verified: CheckedAssertion | None = None  # whose the request is, once known
         try:
             token_type = _one(params, "subject_token_type")
             if token_type != JWT_TOKEN_TYPE:
@@ -315,12 +346,13 @@ class Grants:
             # each resource it reaches, and the same exchange again is a replay.
             kind = "txn" if requested == [TXN_TOKEN_TYPE] else "access"
             subject = self._checker.authenticate(_one(params, "subject_token"), "subject_token")
+            verified = subject
             sub = str(subject.verified.spiffe_id)
             if is_task_id(sub):
                 self._within_task(sub, resource, asked)
             subject = self._checker.claim(subject, "subject_token", once_per=f"{resource} {kind}")
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, call)
+            self._refused(EVENT_EXCHANGE, exc, call, whose=self._presented(verified))
             raise
         return self._task_token(subject, resource, requested[0], EVENT_EXCHANGE, call, asked=asked)
 
@@ -347,9 +379,10 @@ class Grants:
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call)
             raise
+        actor_id = str(actor.verified.spiffe_id)
+        whose = _Whose(actor=actor_id)  # and the task's, once the subject token names it
         try:
             resource = _single_resource(params, self._resources)
-            actor_id = str(actor.verified.spiffe_id)
             subject = self._acted_for(subject_token, actor_id)
             task_id = subject.task_id
             if task_id is None:
@@ -361,6 +394,7 @@ class Grants:
             )
             if task_sid is None:
                 raise InvalidGrantError("subject_token names no task in its act chain")
+            whose = self._task_named(task_sid, task_id, actor_id)
             if len(subject.act_chain) >= _MAX_ACT_DEPTH:
                 raise InvalidGrantError(f"delegation deeper than {_MAX_ACT_DEPTH} actors")
             if subject.expires_at <= int(self._clock.now()):
@@ -369,13 +403,14 @@ class Grants:
             # The acting workload holds the token too: its agent's removal is to revoke it.
             actor_agent = self._agent_of(actor, claimed=False)
             task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
+            whose = _Whose.of_task(task, actor_id)
             grant = _narrowed(decided, asked, resource)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
             raise
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, call)
+            self._refused(EVENT_EXCHANGE, exc, call, whose=whose)
             raise
         act = {"sub": actor_id, "act": subject.claims["act"]}
         issued_type = TXN_TOKEN_TYPE if requested == [TXN_TOKEN_TYPE] else ACCESS_TOKEN_TYPE
@@ -405,6 +440,7 @@ class Grants:
             ),
             None,
             call,
+            whose=whose,
             reason=f"task decision allowed {actor_id[:200]} to act for the task",
             extra={
                 "subject_jti": subject.jti,
@@ -492,7 +528,7 @@ class Grants:
             self._replay.release(subject.claim)
             raise
         except OAuthError as exc:
-            self._refused(kind, exc, call, subject.claim)
+            self._refused(kind, exc, call, subject.claim, self._presented(subject))
             raise
         decided = grant
         try:
@@ -505,7 +541,7 @@ class Grants:
             # token per resource still holds. A holder asking again and again gets only
             # refusals, each decided as any exchange is (policy's cache, or the decision
             # budget of the task's agent) and written within its client's refusal budget.
-            self._refused(kind, exc, call)
+            self._refused(kind, exc, call, whose=_Whose.of_task(task))
             self._replay.release(subject.claim)
             raise
         principal = task.on_behalf_of or task.runtime_id
@@ -525,6 +561,7 @@ class Grants:
             _Issue(principal, resource, claims, requested, kind),
             subject.claim,
             call,
+            whose=_Whose.of_task(task),
             reason="task decision allowed the exchange",
             extra={
                 "subject_jti": str(subject.verified.claims.get("jti")),
@@ -540,11 +577,12 @@ class Grants:
         claim: JtiClaim | None,
         call: _Call,
         *,
+        whose: _Whose,
         reason: str,
         extra: dict[str, Any],
     ) -> TokenResponse:
         """Mint a token of ``task``, record it as the task's credential with its event (and the
-        presented token's ``claim``), and answer with it."""
+        presented token's ``claim``), and answer with it; a refusal names ``whose`` it was."""
         txn = issue.requested == TXN_TOKEN_TYPE
         ttl = min(self._ttl, grant.ttl)
         if issue.subject_expires_at is not None:
@@ -582,13 +620,13 @@ class Grants:
             actor_agent_id=actor_agent or None,
             derived_from=issue.subject_jti,
         )
-        self._record([credential], [event], claim, issue.kind, call)
+        self._record([credential], [event], claim, issue.kind, call, whose=whose)
         if self._tasks.ended(task.spiffe_id):
             # On record, never sent: this server's end of the task revokes what it reads on
             # record, this token among them (the ledger refuses one recorded after the end
             # was claimed, on any server: _record).
             exc = InvalidGrantError(_TASK_ENDED)
-            self._refused(issue.kind, exc, call)
+            self._refused(issue.kind, exc, call, whose=whose)
             raise exc
         return TokenResponse(
             issued.token,
@@ -660,6 +698,30 @@ class Grants:
             )
             raise UnavailableError("the credential ledger cannot be read") from None
 
+    def _presented(self, checked: CheckedAssertion | None) -> _Whose:
+        """Whose a verified JWT-SVID (an assertion or subject token) is, for a refusal's event:
+        a task's (``txn``) as ``_task_named``, else the workload's own; no one before one was
+        verified."""
+        if checked is None:
+            return _NOBODY
+        sub = str(checked.verified.spiffe_id)
+        txn = checked.verified.claims.get("txn")
+        if is_task_id(sub) and isinstance(txn, str) and txn:
+            return self._task_named(sub, txn)
+        return _Whose(sub)
+
+    def _task_named(self, spiffe_id: str, task_id: str, actor: str | None = None) -> _Whose:
+        """The task a verified token names, by its SPIFFE ID and ID: as its granting events
+        name it when this server holds it active (memory: no read for a refusal); else (it
+        ended, or is another server's or trust domain's) its runtime and ID as the SPIFFE ID
+        says them, `<runtime>/task/<id>`, without its agent."""
+        task = self._tasks.active_task(spiffe_id)
+        if task is not None and task.task_id == task_id:
+            return _Whose.of_task(task, actor)
+        suffix = TASK_PATH + task_id
+        runtime = spiffe_id[: -len(suffix)] if spiffe_id.endswith(suffix) else ""
+        return _Whose(runtime or spiffe_id, None, task_id, None, actor)
+
     # -- shared -------------------------------------------------------------------------------
 
     def _mint(
@@ -694,16 +756,18 @@ class Grants:
         assertion: JtiClaim | None,
         kind: str,
         call: _Call,
+        *,
+        whose: _Whose,
     ) -> None:
         """The token's record and its event, with the claim of the assertion it was issued
-        for, in one commit; only then may the token leave."""
+        for, in one commit; only then may the token leave. A refusal names ``whose`` it was."""
         try:
             self._commit(credentials, events, assertion)
         except JtiHeldError:
             # Another server accepted this assertion first: the token is not sent.
             assert assertion is not None  # nothing else is claimed
             exc = InvalidGrantError(replayed("assertion", assertion.jti))
-            self._refused(kind, exc, call)
+            self._refused(kind, exc, call, whose=whose)
             raise exc from None
         except LedgerError as failed:
             gone = failed.__cause__
@@ -715,7 +779,7 @@ class Grants:
                 exc = InvalidGrantError(
                     _TASK_ENDED if isinstance(gone, TaskEndedMeanwhileError) else _AGENT_GONE
                 )
-                self._refused(kind, exc, call, assertion)
+                self._refused(kind, exc, call, assertion, whose)
                 raise exc from None
             if assertion is not None:
                 self._replay.release(assertion)
@@ -746,21 +810,31 @@ class Grants:
                     raise held from None
 
     def _refused(
-        self, kind: str, exc: OAuthError, call: _Call, assertion: JtiClaim | None = None
+        self,
+        kind: str,
+        exc: OAuthError,
+        call: _Call,
+        assertion: JtiClaim | None = None,
+        whose: _Whose = _NOBODY,
     ) -> None:
-        """Audit a refusal, while its client has budget for refusals on record (past it, only
-        counted: a write per bad request is what the budget bounds). An assertion that was
-        checked is used up by it either way: its claim goes into the same commit, as it would
-        with a token."""
+        """Audit a refusal, naming ``whose`` request it was as far as known, while its client
+        has budget for refusals on record (past it, only counted: a write per bad request is
+        what the budget bounds). An assertion that was checked is used up by it either way:
+        its claim goes into the same commit, as it would with a token."""
         events = []
         if self._budget.on_record(call.client):
             events.append(
                 EventDraft(
                     kind=kind,
+                    agent_id=whose.agent_id,
+                    node_id=whose.node_id,
+                    on_behalf_of=whose.on_behalf_of,
                     action="token",
                     decision="deny",
                     reason=f"{exc.error}: {exc.description}"[:500],
+                    task_id=whose.task_id,
                     latency_us=call.latency_us(),
+                    extra={"actor": whose.actor} if whose.actor else {},
                 )
             )
         elif assertion is None:
