@@ -10,8 +10,9 @@
   (draft-ietf-oauth-transaction-tokens) for calls inside the trust domain.
 - RFC 8693 delegation: the workload serving a resource (configured) presents an access token
   it received (`subject_token`, naming it in `may_act`) and its own JWT-SVID (`actor_token`);
-  the task layer decides afresh for the other resource, and the token out keeps the principal
-  and the task, with the workload added as the current actor (`act`).
+  the task layer decides afresh for the other resource (less the actions the subject token
+  was kept from: `_carried`), and the token out keeps the principal and the task, with the
+  workload added as the current actor (`act`).
 
 Every token is a credential on the ledger (of its task, so ending the task revokes it; a
 workload's, of the agent its JWT-SVID was minted through, so removing that agent revokes it; a
@@ -64,7 +65,7 @@ from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 from svid._errors import JwtSvidError, VerificationError
 from svid._jwt import split_typed_token
-from svid._task_claims import _MAX_ACT_DEPTH
+from svid._task_claims import _MAX_ACT_DEPTH, TOOL_SCOPE_PREFIX
 from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 
 _log = logging.getLogger("svid.server.oauth")
@@ -383,7 +384,7 @@ class Grants:
         whose = _Whose(actor=actor_id)  # and the task's, once the subject token names it
         try:
             resource = _single_resource(params, self._resources)
-            subject = self._acted_for(subject_token, actor_id)
+            subject, held_at = self._acted_for(subject_token, actor_id)
             task_id = subject.task_id
             if task_id is None:
                 raise InvalidGrantError("subject_token was not issued for a task")
@@ -404,7 +405,8 @@ class Grants:
             actor_agent = self._agent_of(actor, claimed=False)
             task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
             whose = _Whose.of_task(task, actor_id)
-            grant = _narrowed(decided, asked, resource)
+            carried = self._carried(decided, subject, held_at, task_sid, resource)
+            grant = _narrowed(carried, asked, resource)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
             # the request's fault, and past the budget nothing is written per request.
@@ -447,24 +449,26 @@ class Grants:
                 "actor": actor_id,
                 "actor_jti": str(actor.verified.claims.get("jti")),
                 "actor_node": actor_agent,
-                **_granted(decided, asked),
+                # Narrowed by the subject token or the request: the decision kept beside it.
+                **({"granted": decided.scope} if grant is not decided else {}),
             },
         )
 
-    def _acted_for(self, token: str, actor_id: str) -> VerifiedAccessToken:
-        """The access token ``actor_id`` acts for: one this issuer made for a resource that
-        workload serves, naming it in ``may_act``, not revoked."""
+    def _acted_for(self, token: str, actor_id: str) -> tuple[VerifiedAccessToken, str]:
+        """The access token ``actor_id`` acts for, and the resource it was verified for: one
+        this issuer made for a resource that workload serves, naming it in ``may_act``, not
+        revoked."""
         served = {r: w for r, w in self._workloads.items() if w.spiffe_id == actor_id}
         if not served:
             raise InvalidGrantError(f"actor {actor_id[:200]} serves no resource: it may not act")
         # Only the checks of the resources the token names are run: one signature check, not
         # one per resource the actor serves. (What is read unverified only picks the check.)
         named = _audiences_named(token)
-        candidates = [w for r, w in served.items() if r in named]
+        candidates = [(r, w) for r, w in served.items() if r in named]
         reasons = [] if candidates else ["it names none of them"]
-        for workload in candidates:
+        for served_at, workload in candidates:
             try:
-                subject = workload.verifier.verify(token)
+                subject, held_at = workload.verifier.verify(token), served_at
                 break
             except VerificationError as exc:
                 reasons.append(str(exc))
@@ -478,7 +482,41 @@ class Grants:
             raise InvalidGrantError(f"subject_token does not let {actor_id[:200]} act (may_act)")
         if self._revoked(subject.jti):
             raise InvalidGrantError("subject_token is revoked")
-        return subject
+        return subject, held_at
+
+    def _carried(
+        self,
+        decided: TaskJwtGrant,
+        subject: VerifiedAccessToken,
+        held_at: str,
+        task_sid: str,
+        resource: str,
+    ) -> TaskJwtGrant:
+        """The task's decision for ``resource`` less the actions the subject token (an access
+        token for ``held_at``) could have carried and does not: a token narrowed by its
+        request's ``scope`` (scope.py), or by policy for its resource, hands on no more of the
+        task's actions to the workload acting for it. Actions (``read``, ``invoke_tool``, ...)
+        are the task's on every resource of its intent, so a token for one of them that lacks
+        one was kept from it; tools are of one resource each (``tool:read_ticket`` at the
+        tickets server says nothing of the orders API's tools), and a resource the task reaches
+        by its tools alone never carries an action: neither limits the other resource's grant.
+        Raises InvalidGrantError when nothing is left."""
+        ceiling = self._tasks.scope_ceiling(task_sid, held_at)
+        held = subject.scopes
+        decided_tokens = decided.scope.split()
+        # An active task's ceiling says which actions the token could have carried; one that
+        # ended meanwhile (refused once recorded) carries only what the token does.
+        could = decided_tokens if ceiling is None else ceiling
+        withheld = {t for t in could if not t.startswith(TOOL_SCOPE_PREFIX) and t not in held}
+        kept = [t for t in decided_tokens if t not in withheld]
+        if len(kept) == len(decided_tokens):
+            return decided
+        if not kept:
+            raise InvalidGrantError(
+                f"subject_token carries none of the task's grant for {resource[:200]}: it "
+                f"lacks {' '.join(sorted(withheld.intersection(decided_tokens)))[:300]}"
+            )
+        return _with_scope(decided, " ".join(kept))
 
     def _task_claims(
         self,
@@ -860,7 +898,11 @@ def _narrowed(grant: TaskJwtGrant, asked: tuple[str, ...] | None, resource: str)
     InvalidScopeError when it asked for more."""
     if asked is None:
         return grant
-    scope = narrowed(grant.scope, asked, resource)
+    return _with_scope(grant, narrowed(grant.scope, asked, resource))
+
+
+def _with_scope(grant: TaskJwtGrant, scope: str) -> TaskJwtGrant:
+    """The grant as issued with ``scope``, a part of its own."""
     return replace(grant, scope=scope, claims={**grant.claims, "scope": scope})
 
 

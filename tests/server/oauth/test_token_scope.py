@@ -151,6 +151,48 @@ def test_a_delegation_carries_only_the_scope_asked_for_and_no_more() -> None:
         assert event["granted"].split() == ["read"]  # the decision for the other resource
 
 
+def test_a_delegation_hands_on_no_action_its_narrowed_subject_token_was_kept_from() -> None:
+    """A token narrowed with `scope` and then acted for towards another resource got the
+    task's whole decision there: the workload holding it had more of the task than the client
+    gave it. Actions are the task's on each resource of its intent, so one the token could
+    have carried and does not is not handed on; tools are of one resource each, and a resource
+    reached by tools alone carries no action, so neither limits the other's grant."""
+    with serving_delegation("osn") as oauth:
+        world = begin_task(
+            oauth, actions=("read", "write"), resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE)
+        )
+        narrow = exchange(world, world.subject_token(), scope="read tool:read_ticket")
+        reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"  # not write, which the client kept from it
+        assert world.decode(reply.json()["access_token"], OTHER_RESOURCE)["scope"] == "read"
+        event = exchange_events(world)[-1]
+        assert set(event["granted"].split()) == {"read", "write"}  # the decision, on record
+        # Asked for back, it is not granted either.
+        reply = delegate(world, narrow.json()["access_token"], actor_token(oauth), scope="write")
+        assert "write" in refused(reply, "invalid_scope")
+        # Narrowed to a tool alone: no action of the task is left to hand on.
+        world = task_world(oauth)
+        narrow = exchange(world, world.subject_token(), scope="tool:read_ticket")
+        reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
+        assert "lacks read" in refused(reply, "invalid_grant")
+        assert exchange_events(world)[-1]["decision"] == "deny"
+        # Not narrowed: the decision for the other resource, whole.
+        whole = world.exchange().json()["access_token"]
+        reply = delegate(world, whole, actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+        assert "granted" not in exchange_events(world)[-1]
+        # The tickets server reached by its tool alone: its token never carries an action,
+        # narrowed or not, so the task's read on the other resource is handed on.
+        world = begin_task(oauth, resources=(oauth.issuer, OTHER_RESOURCE))
+        narrow = exchange(world, world.subject_token(), scope="tool:read_ticket")
+        assert narrow.status_code == 200, narrow.text
+        reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+
+
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
     signer = oauth_server.running.server.ca.jwt_signer()
     workload = SpiffeId.parse("spiffe://example.org/workload")
