@@ -190,6 +190,7 @@ def count_credentials_of(task_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
     return sql, dict(zip(names, task_ids, strict=True))
 
 
+# PostgreSQL's prune; SQLite's finds the rows off its write lock first (SqliteLedger's).
 PRUNE_CREDENTIALS = "DELETE FROM credentials WHERE expires_at < :needed_from"
 PRUNE_TASKS = "DELETE FROM tasks WHERE state = :state AND expires_at < :before"
 

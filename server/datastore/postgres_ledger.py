@@ -335,6 +335,9 @@ class PostgresLedger:
         return counts
 
     def prune_credentials(self, now: int) -> int:
+        # One statement, unlike SQLite's (SqliteLedger.prune_credentials): under MVCC a DELETE
+        # locks only the rows it deletes, which no writer touches, so its scan holds up no
+        # issuance commit, and chunks would only add round trips and rescans.
         params = {"needed_from": ps.needed_from(now)}
         return self._change("prune credentials", lq.PRUNE_CREDENTIALS, params, bulk=True)
 

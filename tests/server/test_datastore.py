@@ -30,11 +30,12 @@ from server.datastore import (
     ledger_queries,
     migrations,
     queries,
+    sqlite_ledger,
 )
 from server.datastore import sqlite as sqlite_module
 from server.datastore.errors import AgentReplacedError, StorageError
 from server.datastore.migrations import MIGRATIONS
-from server.datastore.records import EventFilter, TokenUse
+from server.datastore.records import EventFilter, TokenUse, revocation_needed_from
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
@@ -664,6 +665,106 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
         "SEARCH audit_events USING INDEX audit_events_node_revocations (node_id=? AND seq>?)"
     ], steps
     assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
+def _credentials_around(cut: int) -> tuple[list[Credential], set[str]]:
+    """Credentials in the order a ledger records them, a few prune chunks' worth expired before
+    `cut` (needed no more) and others not, and the values of those expired. Not in expiry
+    order: long-lived ones among the oldest, expired ones among the newest, one exactly at the
+    cut (needed)."""
+    rows: list[Credential] = []
+    for i in range(3 * sqlite_ledger.PRUNE_CHUNK + 17):  # the oldest: mostly expired
+        expires_at = cut + 86_400 if i % 7 == 0 else cut - 1000 + i % 1000
+        rows.append(Credential("jwt_id", f"old-{i}", AGENT, RUNTIME, "", expires_at))
+    rows.append(Credential("x509_serial", "at-the-cut", AGENT, RUNTIME, "", cut, "ca"))
+    for i in range(2 * sqlite_ledger.PRUNE_CHUNK):  # the newest: mostly live
+        expires_at = cut - 1 if i % 11 == 0 else cut + 1 + i
+        rows.append(Credential("jwt_id", f"new-{i}", AGENT, RUNTIME, "", expires_at))
+    return rows, {c.value for c in rows if c.expires_at < cut}
+
+
+def _stored_values(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT value FROM credentials")}
+    finally:
+        db.close()
+
+
+def test_the_credential_prune_holds_the_write_lock_only_to_delete_rows_it_found(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """No index leads by expires_at (it would cost every issuance insert), so a DELETE by it
+    scanned the whole table under SQLite's write lock and the store's, every issuance commit
+    waiting (over 100 ms at 1 M rows). Every statement the prune runs on the store's
+    connection (the one issuance commits on) finds its rows by rowid; exactly the expired
+    rows go."""
+    path = tmp_path / "db"
+    store = admit(SqliteDataStore(path, clock), AGENT)
+    now = NOW + 100_000
+    cut = int(revocation_needed_from(now))
+    rows, expired = _credentials_around(cut)
+    store.write_ledger(rows, [])
+    ran: list[str] = []
+    store._db.conn.set_trace_callback(ran.append)
+    try:
+        assert store.prune_credentials(now) == len(expired)
+    finally:
+        store._db.conn.set_trace_callback(None)
+        store.close()
+    assert _stored_values(path) == {c.value for c in rows} - expired
+    db = sqlite3.connect(path)
+    try:
+        for sql in ran:
+            if sql in ("BEGIN IMMEDIATE", "COMMIT"):
+                continue
+            steps = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            reads = [s for s in steps if s.startswith(("SCAN", "SEARCH")) and "credentials" in s]
+            assert reads, (sql, steps)
+            assert all(
+                s.startswith("SEARCH credentials USING INTEGER PRIMARY KEY") for s in reads
+            ), (sql, steps)
+    finally:
+        db.close()
+    deletes = [sql for sql in ran if sql.startswith("DELETE")]
+    assert len(deletes) > 1, ran  # chunk after chunk, each its own transaction
+    assert len([sql for sql in ran if sql == "BEGIN IMMEDIATE"]) == len(deletes), ran
+
+
+def test_a_credential_prune_that_fails_midway_deleted_only_expired_rows(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Each chunk commits on its own: a failure in the second leaves the first's rows deleted
+    (none of them needed), the rest in place, and the next prune deletes those."""
+    path = tmp_path / "db"
+    store = admit(SqliteDataStore(path, clock), AGENT)
+    now = NOW + 100_000
+    cut = int(revocation_needed_from(now))
+    rows, expired = _credentials_around(cut)
+    store.write_ledger(rows, [])
+    deletes = 0
+
+    def count(sql: str) -> None:
+        nonlocal deletes
+        deletes += sql.startswith("DELETE")
+
+    # SQLite interrupts the statement it runs when the handler says so: the second delete.
+    store._db.conn.set_trace_callback(count)
+    store._db.conn.set_progress_handler(lambda: deletes >= 2, 10)
+    try:
+        with pytest.raises(StorageError, match="cannot prune credentials: interrupted"):
+            store.prune_credentials(now)
+    finally:
+        store._db.conn.set_progress_handler(None, 0)
+        store._db.conn.set_trace_callback(None)
+    try:
+        left = _stored_values(path)
+        assert len(rows) - len(left) == sqlite_ledger.PRUNE_CHUNK
+        assert {c.value for c in rows} - left <= expired
+        assert store.prune_credentials(now) == len(expired) - sqlite_ledger.PRUNE_CHUNK
+    finally:
+        store.close()
+    assert _stored_values(path) == {c.value for c in rows} - expired
 
 
 def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
