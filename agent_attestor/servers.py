@@ -176,6 +176,7 @@ class ServerChooser:
         self._resolver = resolver
         self._answers: dict[str, list[str]] = {}  # the last good answer per name
         self._tried: frozenset[Server] = frozenset()
+        self._last: tuple[Server, ...] = ()  # what the targets stood for at the last pick
         self.current: Server | None = None
 
     async def candidates(self) -> tuple[Server, ...]:
@@ -189,7 +190,14 @@ class ServerChooser:
                 log.warning(
                     "cannot resolve the server name", extra={"host": host, "error": str(exc)}
                 )
-        return expand(self._targets, self._answers)
+        self._last = expand(self._targets, self._answers)
+        return self._last
+
+    def has_others(self) -> bool:
+        """Whether a move has somewhere to go: the servers the targets stood for at the last
+        pick (resolved then, not now: asking DNS here could hang on what only decides whether
+        to ask it again at the pick) hold one other than the current one."""
+        return any(server != self.current for server in self._last)
 
     async def first(self) -> Server:
         self.current = first_pick(await self.candidates(), self._rand)

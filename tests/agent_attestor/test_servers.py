@@ -171,6 +171,26 @@ def test_the_name_is_resolved_at_every_pick_and_a_new_answer_is_followed() -> No
     asyncio.run(scenario())
 
 
+def test_a_move_has_somewhere_to_go_when_the_last_answer_named_another_server() -> None:
+    """What a renewal that failed asks before it ends the connection (Syncer._renew_loop): a
+    name is as many servers as its addresses, one address is the only server there is."""
+    dns = _Dns(["10.0.0.1", "10.0.0.2"])
+    chooser = ServerChooser(
+        [Target("svid.internal:8081", "svid.internal:8082")], random.Random(1), dns
+    )
+
+    async def scenario() -> list[bool]:
+        seen = [chooser.has_others()]  # nothing picked, nothing resolved yet
+        await chooser.first()
+        seen.append(chooser.has_others())
+        dns.answer = ["10.0.0.3"]
+        await chooser.next()
+        seen.append(chooser.has_others())
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False]
+
+
 def test_the_chooser_stays_until_told_its_server_failed() -> None:
     chooser = ServerChooser(
         [Target(s.node, s.attest) for s in (A, B, C)], random.Random(5), _Dns([])
