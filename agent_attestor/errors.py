@@ -17,6 +17,14 @@ class AttestationError(AgentError):
     """Node attestation with the server failed."""
 
 
+class RenewalFailedError(AgentError):
+    """The agent SVID's renewal failed for a reason that is not the server's decision about
+    this agent (no answer within its deadline, the connection failed, an SVID that does not
+    parse), or the SVID expired while its renewals failed. It ends the connection as a failure:
+    the agent moves to another server while its SVID still lets it renew there. The renewal's
+    own failure is its cause (failure_code reads the gRPC status through it)."""
+
+
 class ServerNotVerifiedError(AttestationError):
     """The server's certificate did not verify against the roots the agent attested with: the
     TLS handshake failed, so nothing (no join token) reached the server."""

@@ -1,6 +1,12 @@
 """The agent's link to the server: identity (attest / load / renew), the Sync stream, reconnects,
 and failover to another server of the list when its server fails (servers.py decides where).
 
+A server that hangs without closing its connection (SIGSTOP, a network black hole) is noticed by
+keepalive about 20 s on, past the life of a short-lived agent SVID: so the agent SVID's renewal
+waits a third of the life its SVID has left (renewal_timeout), and a renewal that fails for any
+reason but the server's decision about the agent ends the connection as a failure, the agent
+moving to another server to renew there (_renew_loop).
+
 Also the SvidSigner the rotator and JWT cache use: it forwards to whichever connection is
 current, so renewing the agent SVID never disturbs them.
 """
@@ -37,6 +43,7 @@ from agent_attestor.errors import (
     ChannelNotVerifiedError,
     JoinTokenRefusedError,
     NotReadyError,
+    RenewalFailedError,
     ServerNotOursError,
     ServerNotVerifiedError,
     StateNotWritableError,
@@ -156,13 +163,52 @@ def renewal_wait(
     if arrival is not None:
         # The same fraction: at ROTATE_AT alone it cut every later point back to it, and the
         # SVIDs that arrived together renewed within half the jitter, all early.
-        # (Never under half its life: an SVID living less than the back-dating (an issuer
-        # that does not back-date) would be renewed on arrival, again and again.)
-        life = not_after - not_before
-        left = max(life - SERVER_BACKDATE, life * ROTATE_AT)
+        left = _left_at_arrival(not_after - not_before)
         by_elapsed = arrival.elapsed + left * rotate_fraction(jitter)
         wait = min(wait, by_elapsed - elapsed)
     return wait
+
+
+def _left_at_arrival(life: float) -> float:
+    """What an agent SVID of `life` seconds (NotBefore to NotAfter) has left when it arrives:
+    its life but the server's back-dating. Never under half its life: an SVID living less than
+    the back-dating (an issuer that does not back-date) would be renewed on arrival, again and
+    again."""
+    return max(life - SERVER_BACKDATE, life * ROTATE_AT)
+
+
+def life_left(
+    not_before: float, not_after: float, arrival: Arrival | None, now: float, elapsed: float
+) -> float:
+    """Seconds the agent SVID has left, at `now` on the wall clock and `elapsed` on the elapsed
+    clock. On the elapsed clock from its arrival when it came from the server in this run
+    (renewal_wait counts its renewal so): a wall clock ahead of the server's read a fresh SVID
+    as about to lapse, one behind it read a lapsed SVID as valid. By NotAfter on the wall
+    clock for an SVID loaded from disk, which came no one knows when."""
+    if arrival is None or arrival.wall is None:
+        return not_after - now
+    return arrival.elapsed + _left_at_arrival(not_after - not_before) - elapsed
+
+
+# A renewal waits at most this share of the life its SVID has left (renewal_timeout). It waited
+# 30 s, or until keepalive gave up on the connection (15 s to the ping, 5 s for its answer), for
+# a server that hangs without closing it (SIGSTOP, a network black hole): an SVID of under 40 s
+# lapsed first, and the agent had none to move to another server with (with a join token spent,
+# none ever again). A third leaves two thirds for the move (a reconnect backoff of about
+# reconnect_min, a connection, a renewal the next server answers at once: it is due), and a
+# renewal hanging there too waits a third of what is left then: every server tried in turn
+# gets its share before the SVID lapses.
+RENEW_SHARE = 1 / 3
+# Never less: a renewal is a CSR signed and recorded by a server that may be busy, and a
+# deadline of a few milliseconds (an SVID about to lapse) would fail a healthy one too.
+RENEW_FLOOR = 1.0
+# Never more: what a renewal of a long-lived SVID waited before.
+RENEW_CAP = 30.0
+
+
+def renewal_timeout(left: float) -> float:
+    """The deadline of a renewal of an agent SVID that has `left` seconds of life."""
+    return max(RENEW_FLOOR, min(RENEW_CAP, left * RENEW_SHARE))
 
 
 def failure_code(exc: BaseException) -> str | None:
@@ -173,6 +219,15 @@ def failure_code(exc: BaseException) -> str | None:
             return cause.code().name  # type: ignore[attr-defined,no-any-return]
         cause = cause.__cause__
     return None
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failure said, on one line: a gRPC status as its code and details (an RpcError's
+    own text adds lines of debug strings)."""
+    if isinstance(exc, grpc.RpcError):
+        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        return f"{code.name}: {details}"
+    return str(exc) or type(exc).__name__
 
 
 def rebootstrap_roots(tried: bytes, given: bytes, given_by_operator: bool) -> bytes | None:
@@ -627,7 +682,10 @@ class Syncer:
     async def renew_once(self) -> None:
         if self._client is None:
             return
-        svid, bundle = await self._client.renew()
+        # Its deadline within the life the SVID in use has left: one sent to a server that
+        # hangs leaves the time to renew at another (renewal_timeout).
+        timeout = RENEW_CAP if self._svid is None else renewal_timeout(self._life_left(self._svid))
+        svid, bundle = await self._client.renew(timeout=timeout)
         self._note_arrival(svid)
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
@@ -657,6 +715,15 @@ class Syncer:
             return self._arrived[1]
         return None
 
+    def _life_left(self, svid: AgentSvid) -> float:
+        return life_left(
+            svid.not_before,
+            svid.not_after,
+            self._arrival(svid),
+            self._clock.now(),
+            self._elapsed.monotonic(),
+        )
+
     async def _renew_loop(self, svid: AgentSvid) -> None:
         arrival = self._arrival(svid)
         jitter = jitter_for(svid)
@@ -678,19 +745,36 @@ class Syncer:
             try:
                 await self.renew_once()
                 return
-            # Any failure is retried after a backoff: one that ended the loop (no connection
-            # to check the server, an SVID that does not parse) left nothing renewing the SVID.
+            # No failure ends the loop silently: one that did (no connection to check the
+            # server, an SVID that does not parse) left nothing renewing the SVID.
             except (grpc.RpcError, SvidError, OSError) as exc:
+                if self._life_left(svid) <= 0:
+                    # Ended as a failure, not a clean reconnect: a move when it is not the
+                    # server's decision, and a backoff before the next connection either way.
+                    raise RenewalFailedError(
+                        f"the agent SVID expired while its renewal failed: {failure_text(exc)}"
+                    ) from exc
+                if should_move(failure_code(exc)) and self._servers.has_others():
+                    # The server did not answer (hung, gone) or answered nothing usable: the
+                    # connection ends as a failure, and the agent renews at another server
+                    # while its SVID lets it. Retried here, each try waited out its deadline
+                    # on the same server until the SVID lapsed.
+                    raise RenewalFailedError(
+                        f"agent SVID renewal failed at {self.server}: {failure_text(exc)}"
+                    ) from exc
+                # Retried here, after a backoff: the server's decision (another would decide
+                # the same), or the only server there is. Reconnecting to it would tear down a
+                # Sync stream that may still bring entries and revocations, for a new
+                # connection to the same server; one that is gone ends that stream by itself
+                # (keepalive), and the renewal is retried with a deadline within what is left.
                 delay = backoff_delay(
                     attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
                 )
                 attempt += 1
                 log.warning(
-                    "agent SVID renewal failed", extra={"error": str(exc), "retry_in": delay}
+                    "agent SVID renewal failed",
+                    extra={"error": failure_text(exc)[:300], "retry_in": delay},
                 )
-                if svid.not_after <= self._clock.now():
-                    self._reconnect.set()
-                    return
                 await asyncio.sleep(delay)
 
     # ---- the stream -------------------------------------------------------------------------
@@ -705,9 +789,12 @@ class Syncer:
         stream = asyncio.create_task(self._consume(self._client))
         silence = asyncio.create_task(self._watch_silence())
         try:
-            done, _ = await asyncio.wait({stream, reconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if stream in done:
-                stream.result()  # raise what ended it
+            done, _ = await asyncio.wait(
+                {stream, reconnect, renew}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for ended in (stream, renew):
+                if ended in done:
+                    ended.result()  # raise what ended it (a renewal done asked a reconnect)
         finally:
             for task in (renew, reconnect, stream, silence):
                 task.cancel()
@@ -935,6 +1022,16 @@ class Syncer:
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
+            except RenewalFailedError as exc:
+                log.warning(
+                    "agent SVID renewal failed: ending the connection to the server",
+                    extra={
+                        "server": self.server,
+                        "code": failure_code(exc) or "",
+                        "error": str(exc)[:300],
+                    },
+                )
+                await self._after_failure(failure_code(exc), "agent SVID renewal failed")
             except AttestationRefusedError as exc:
                 # Not a move: every server of the trust domain reads the same tokens, agents
                 # and x509pop CAs.

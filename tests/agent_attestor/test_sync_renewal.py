@@ -1,13 +1,15 @@
 """When the agent renews its own SVID (Syncer._renew_loop) under a wall clock skewed from the
-server's, and how a renewal that fails is retried. The renewals are the Syncer's own (renew_once,
-saving and installing what came); only the server's answer is stood in for, signed by a CA that
-dates the SVIDs by the server's clock."""
+server's, how long a renewal waits for its answer, and what a renewal that fails leads to: a
+retry after a backoff, or a move to another server. The renewals are the Syncer's own
+(renew_once, saving and installing what came); only the server's answer is stood in for, signed
+by a CA that dates the SVIDs by the server's clock."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,17 +20,19 @@ from agent_attestor import sync
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.cancel import cancel_all
+from agent_attestor.errors import RenewalFailedError
 from agent_attestor.model import TrustBundle
-from agent_attestor.node_client import NodeClient
+from agent_attestor.node_client import Heartbeat, NodeClient
 from agent_attestor.rotation import JITTER
 from agent_attestor.servers import Target
-from agent_attestor.sync import Syncer, SyncSettings
+from agent_attestor.sync import Syncer, SyncSettings, failure_code
 from svid._clock import FakeClock
 from svid._der import certs_to_pem
 from svid._errors import SvidParseError
 from tests.agent_attestor.harness import LoopThread
 from tests.agent_attestor.pki import LocalCa
 from tests.clocks import SteppedClock
+from tests.e2e.attestation_retries import running, until
 from tests.e2e.conftest import wait_for
 from tests.rpc_errors import rpc_error
 from tests.server.fixtures import TRUST_DOMAIN, bundle_pem, managed_server, short_tmpdir
@@ -39,19 +43,29 @@ SKEW = 1800.0  # half the TTL: the agent's clock this far from the server's
 
 
 class _Server:
-    """The server's side of RenewAgent: a fresh agent SVID of TTL seconds, dated by its clock,
-    or the failures queued in `failures` first."""
+    """The servers' side of RenewAgent: a fresh agent SVID of TTL seconds, dated by their clock;
+    first, `hangs` renewals that get no answer (their deadline passes on the clock), then the
+    failures queued in `failures`. `asked`: the address and deadline of every renewal."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.ca = LocalCa(clock, ttl=TTL)
         self.renewals = 0
+        self.hangs = 0
         self.failures: list[Exception] = []
+        self.asked: list[tuple[str, float]] = []
 
     def svid(self) -> AgentSvid:
         key = ec.generate_private_key(ec.SECP256R1())
         return AgentSvid(AGENT, (self.ca.sign_leaf(key.public_key(), AGENT),), key)
 
-    async def renew(self) -> tuple[AgentSvid, TrustBundle]:
+    async def renew(self, address: str, timeout: float) -> tuple[AgentSvid, TrustBundle]:
+        self.asked.append((address, timeout))
+        if self.hangs:
+            self.hangs -= 1
+            clock = self.ca.clock
+            assert isinstance(clock, FakeClock)
+            clock.advance(timeout)
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if self.failures:
             raise self.failures.pop(0)
         self.renewals += 1
@@ -65,24 +79,33 @@ def server(monkeypatch: pytest.MonkeyPatch) -> _Server:
     # At half the life exactly: these are about the clocks, and each SVID's own jitter would
     # move the points the tests step to (it is test_renewal_wait.py's).
     monkeypatch.setattr(sync, "jitter_for", lambda _svid: 0.0)
-    srv = _Server(FakeClock(start=time.time()))
+    # On a whole second: a certificate's validity is in whole seconds, and the life an SVID has
+    # left (the deadlines of its renewals) is then what a test steps to.
+    srv = _Server(FakeClock(start=float(int(time.time()))))
 
     async def renew(client: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
-        return await srv.renew()
+        return await srv.renew(client.server_address, timeout)
 
     monkeypatch.setattr(NodeClient, "renew", renew)
     return srv
 
 
-def _syncer(tmp_path: Path, server: _Server, skew: float = 0.0) -> tuple[FakeClock, Syncer]:
-    """The server's clock, and an agent whose clock is `skew` s from it and whose data_dir
-    holds an agent SVID the server issued just now."""
+ONE = (Target("127.0.0.1:1", "127.0.0.1:1"),)
+TWO = (*ONE, Target("127.0.0.1:2", "127.0.0.1:2"))
+
+
+def _syncer(
+    tmp_path: Path, server: _Server, skew: float = 0.0, servers: tuple[Target, ...] = ONE
+) -> tuple[FakeClock, Syncer]:
+    """The servers' clock, and an agent of `servers` whose clock is `skew` s from it and whose
+    data_dir holds an agent SVID the server issued just now."""
     base = server.ca.clock
     assert isinstance(base, FakeClock)
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
     store.save_svid(server.svid())
     clock = SteppedClock(base, skew)
-    syncer = Syncer(SyncSettings((Target("127.0.0.1:1", "127.0.0.1:1"),)), store, Cache(), clock)
+    settings = SyncSettings(servers, reconnect_min=0.01, reconnect_max=0.01)
+    syncer = Syncer(settings, store, Cache(), clock)
     syncer.set_bootstrap_roots(certs_to_pem([server.ca.cert]))
     return base, syncer
 
@@ -217,21 +240,28 @@ def _unavailable() -> Exception:
 
 
 @pytest.mark.parametrize(
-    "failure",
+    ("failure", "servers"),
     [
-        _unavailable,
-        lambda: ConnectionError("no connection to 127.0.0.1:1 within 5 s"),
-        lambda: SvidParseError("SVID for entry 'agent' has no SPIFFE ID"),
+        (_unavailable, ONE),
+        (lambda: ConnectionError("no connection to 127.0.0.1:1 within 5 s"), ONE),
+        (lambda: SvidParseError("SVID for entry 'agent' has no SPIFFE ID"), ONE),
+        (lambda: rpc_error(grpc.StatusCode.PERMISSION_DENIED, "agent banned"), TWO),
     ],
-    ids=["rpc", "connection", "unusable"],
+    ids=["rpc", "connection", "unusable", "decision"],
 )
 def test_a_renewal_that_fails_is_retried_after_a_backoff(
-    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch, failure: object
+    tmp_path: Path,
+    server: _Server,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: object,
+    servers: tuple[Target, ...],
 ) -> None:
-    """Every failed renewal waits a growing backoff before the next. A failure other than a
-    gRPC error or an attestation error (the server check found no connection, the server sent
-    an SVID that does not parse) ended the renewal loop with no word: nothing renewed the agent
-    SVID on that connection again, and it lapsed."""
+    """A failed renewal the agent does not move for (the only server there is, or the server's
+    decision about it, which any other would make alike) is retried on its connection, each
+    time after a growing backoff. A failure other than a gRPC error or an attestation error
+    (the server check found no connection, the server sent an SVID that does not parse) ended
+    the renewal loop with no word: nothing renewed the agent SVID on that connection again, and
+    it lapsed."""
     assert callable(failure)
     server.failures = [failure(), failure()]
     waited: list[int] = []
@@ -241,7 +271,7 @@ def test_a_renewal_that_fails_is_retried_after_a_backoff(
         return 0.0
 
     monkeypatch.setattr(sync, "backoff_delay", backoff)
-    base, syncer = _syncer(tmp_path, server)
+    base, syncer = _syncer(tmp_path, server, servers=servers)
     base.advance(2400)
 
     async def scenario() -> None:
@@ -252,6 +282,103 @@ def test_a_renewal_that_fails_is_retried_after_a_backoff(
     asyncio.run(scenario())
     assert waited == [0, 1]  # one backoff before each retry, growing
     assert server.renewals == 1
+    assert len({address for address, _ in server.asked}) == 1
+    assert syncer.moves == 0
+
+
+@pytest.fixture
+def hung_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every server's Sync stream as a hung server's: connected at once (its check passed),
+    open, and silent."""
+
+    async def connect(client: NodeClient) -> None:
+        return None
+
+    async def sync(
+        client: NodeClient, since_revision: int = 0, epoch: str = ""
+    ) -> AsyncIterator[Heartbeat]:
+        await asyncio.Event().wait()
+        yield Heartbeat(5.0)  # never: the generator only has to be one
+
+    monkeypatch.setattr(NodeClient, "connect", connect)
+    monkeypatch.setattr(NodeClient, "sync", sync)
+
+
+@pytest.mark.usefixtures("hung_streams")
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "hang",
+        _unavailable,
+        lambda: ConnectionError("no connection to 127.0.0.1:1 within 5 s"),
+    ],
+    ids=["deadline", "unavailable", "connection"],
+)
+def test_a_renewal_its_server_fails_is_made_at_another_server_before_the_svid_lapses(
+    tmp_path: Path, server: _Server, failure: object
+) -> None:
+    """A renewal its server did not answer (hung without closing the connection, whose Sync
+    stream stays open: SIGSTOP, a network black hole), or failed for a reason that is not its
+    decision about the agent, was retried with backoff on the same server until the SVID
+    lapsed: each try waited 30 s, or until keepalive gave up on the connection (~20 s), and
+    only then did the agent move. An agent attested by join token had no SVID left to move
+    with, and no token either. The renewal's deadline is a third of the life the SVID has left,
+    and its failure moves the agent to the other server, where it renews at once."""
+    if failure == "hang":
+        server.hangs = 1
+    else:
+        assert callable(failure)
+        server.failures = [failure()]
+    base, syncer = _syncer(tmp_path, server, servers=TWO)
+    base.advance(TTL - 45)  # overdue, 45 s of its life left
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        async with running(syncer):
+            await until(lambda: syncer.agent_svid is not loaded, "the agent SVID renewed")
+            assert syncer.agent_svid is not None
+            assert syncer.agent_svid.spiffe_id == loaded.spiffe_id
+
+    asyncio.run(scenario())
+    assert syncer.moves == 1
+    assert server.renewals == 1
+    (first, deadline), (second, _) = server.asked
+    assert first != second
+    assert syncer.server == second
+    assert deadline == pytest.approx(15.0)  # a third of the 45 s left, not 30 s
+
+
+def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it_lapsed(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no other server to move to, a renewal that hangs is retried on the same connection
+    (a reconnect would only dial the same server again), each waiting a third of what is left,
+    never under RENEW_FLOOR. Once the SVID has lapsed the connection ends as a failure: it was a
+    clean reconnect, and the next connection came with no backoff."""
+    monkeypatch.setattr(sync, "backoff_delay", lambda *_args: 0.0)
+    server.hangs = 100
+    base, syncer = _syncer(tmp_path, server)
+    base.advance(TTL - 9)  # overdue, 9 s of its life left
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        with pytest.raises(RenewalFailedError) as failed:
+            await asyncio.wait_for(syncer._renew_loop(loaded), 5)
+        assert failure_code(failed.value) == "DEADLINE_EXCEEDED"
+        await syncer.close()
+
+    asyncio.run(scenario())
+    deadlines = [deadline for _, deadline in server.asked]
+    assert deadlines == pytest.approx([3.0, 2.0, 4 / 3, 1.0, 1.0, 1.0])
+    assert len({address for address, _ in server.asked}) == 1
+    assert server.renewals == 0
+
+
+def test_a_renewal_waits_a_third_of_the_life_left_between_a_floor_and_the_old_cap() -> None:
+    assert sync.renewal_timeout(3600.0) == 30.0
+    assert sync.renewal_timeout(45.0) == pytest.approx(15.0)
+    assert sync.renewal_timeout(1.5) == 1.0
+    assert sync.renewal_timeout(-2.0) == 1.0
 
 
 def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(

@@ -2,7 +2,8 @@
 their workloads never lack a valid SVID, their Sync streams are up on the other server within
 10 s of a kill -9, new entries and their own renewals go through the survivor, and they stay
 there when the dead server comes back. A server that hangs without closing its connections is
-left too, once keepalive pings go unanswered.
+left too, once keepalive pings go unanswered, or sooner, once the agent SVID's renewal sent to
+it gets no answer within its deadline: the agent renews at the other server before it lapses.
 
 Both servers run from the start on one data directory (one SQLite file, one CA) and follow each
 other through the datastore's change feed: any server serves any agent.
@@ -27,6 +28,8 @@ import grpc
 import pytest
 from cryptography import x509
 
+from agent_attestor.rotation import jitter_for
+from agent_attestor.sync import SERVER_BACKDATE, Arrival, renewal_wait
 from svid._der import parse_der_certs
 from svid._proto import admin_pb2, workload_pb2
 from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry, new_token
@@ -37,10 +40,12 @@ FIRST = "spiffe://example.org/first"
 LATER = "spiffe://example.org/later"
 AGENT_TTL = 30  # the agent SVID renews about every 15 s: one renewal falls after the kill
 # The kill -9 test's: renewed 2 to 8 s after it is signed (0.4 to 0.6 of its life, its 10 s of
-# back-dating included), so the renewal it waits for comes soon. Not the hung server's: a
-# renewal sent to it waits out the keepalive (15 s to the ping, 5 s for its answer), which an
-# SVID of 20 s does not outlive, and the agent then has no SVID to move on with.
+# back-dating included), so the renewal it waits for comes soon.
 KILLED_AGENT_TTL = 20
+# The hung-at-renewal test's: the server's least. Renewed within 7 s of its arrival; a renewal
+# sent to a hung server waited out keepalive (15 s to the ping, 5 s for its answer) and the SVID
+# lapsed first. It now waits a third of the life left, then the agent renews at the other server.
+HUNG_AGENT_TTL = 11
 FAILOVER_GOAL = 10.0  # seconds from kill -9 to the Sync stream up on the other server
 QUIET = {"audit_checkpoint_interval": 3600.0}  # neither server writes checkpoint files
 
@@ -77,9 +82,30 @@ def leaf_not_after(svid: workload_pb2.X509SVID) -> float:
     return parse_der_certs(bytes(svid.x509_svid))[0].not_valid_after_utc.timestamp()
 
 
+def agent_cert(agent: AgentProcess) -> x509.Certificate:
+    return x509.load_der_x509_certificate((agent.data_dir / "agent_svid.der").read_bytes())
+
+
 def agent_serial(agent: AgentProcess) -> int:
-    der = (agent.data_dir / "agent_svid.der").read_bytes()
-    return x509.load_der_x509_certificate(der).serial_number
+    return agent_cert(agent).serial_number
+
+
+@dataclass(frozen=True)
+class _Serial:
+    serial_hex: str
+
+
+def renewal_due_in(cert: x509.Certificate) -> tuple[float, float]:
+    """(seconds since the agent SVID `cert` arrived, seconds until the agent renews it), as
+    the agent counts them (sync.renewal_wait); its arrival is taken as its NotBefore plus the
+    server's back-dating, on this host's clock, which the agent and the servers share."""
+    not_before = cert.not_valid_before_utc.timestamp()
+    not_after = cert.not_valid_after_utc.timestamp()
+    arrived = not_before + SERVER_BACKDATE
+    now = time.time()
+    jitter = jitter_for(_Serial(format(cert.serial_number, "x")))
+    due = renewal_wait(not_before, not_after, Arrival(arrived, arrived), now, now, jitter=jitter)
+    return now - arrived, due
 
 
 @dataclass
@@ -284,3 +310,62 @@ def test_an_agent_leaves_a_server_that_hangs_without_closing_its_connection(pair
         took = time.monotonic() - stopped
         print(f"failover from a hung server: {took:.2f} s after SIGSTOP")
         assert took < 30  # 15 s to the ping, 5 s for its answer, then the jittered reconnect
+
+
+@pytest.mark.parametrize("pair", [HUNG_AGENT_TTL], indirect=True)
+def test_an_agent_whose_server_hangs_before_its_renewal_renews_at_the_other_server(
+    pair: Pair,
+) -> None:
+    """The agent's server is stopped (SIGSTOP) with the agent's Sync stream up on it, before
+    the agent SVID's renewal is due: the renewal waited out the keepalive, the 11 s SVID lapsed
+    meanwhile, and the agent, its join token spent, could not attest again. It now gives up on
+    the renewal within a third of the life left, moves, and renews at the other server: the
+    same agent ID, its SVID renewed there, its workloads served all along."""
+    any_server = next(iter(pair.servers.values()))
+    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
+        (pair.root / "agent").mkdir(exist_ok=True)
+        agent.start("--metrics-address", "127.0.0.1:0")
+        agent_id = agent.agent_id()
+        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
+        hung, survivor = pair.by_address(home), pair.other(home)
+        create_entry(hung, FIRST, agent_id)
+        agent.wait_svid(FIRST)
+        workload = Workload(agent).start()
+
+        def renewal_next() -> x509.Certificate | None:
+            # Its stream up on the SVID in use (a renewal moves it to a new connection at
+            # once), whose renewal comes next. As late as that: stopped earlier, keepalive
+            # (a ping every 15 s, 5 s for its answer) had more chances to end the connection
+            # before the SVID lapsed, and the agent moved before its renewal had to.
+            cert = agent_cert(agent)
+            since, due = renewal_due_in(cert)
+            if since > 0.5 and 0.3 < due <= 1.5 and synced_on(agent) == home:
+                return cert
+            return None
+
+        cert = wait_for(renewal_next, 3 * HUNG_AGENT_TTL, "the renewal about to be due")
+        assert hung.proc is not None
+        os.kill(hung.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        survivor_address = addresses(survivor)[0]
+        try:
+            wait_for(
+                lambda: (
+                    synced_on(agent) == survivor_address
+                    and agent_serial(agent) != cert.serial_number
+                ),
+                2 * HUNG_AGENT_TTL,
+                "the agent on the other server with its SVID renewed",
+                interval=0.05,
+            )
+        finally:
+            os.kill(hung.proc.pid, signal.SIGCONT)
+        print(f"renewed at the other server {time.monotonic() - stopped:.2f} s after SIGSTOP")
+        logs = agent.logs()
+        assert logs.count("agent attested") == 1  # renewed, never attested anew
+        shown = survivor.admin("GetAgent", admin_pb2.GetAgentRequest(spiffe_id=agent_id))
+        assert int(shown.serial, 16) == agent_serial(agent)
+
+        workload.stop.set()
+        assert workload.polls > 0
+        assert workload.gaps == []
