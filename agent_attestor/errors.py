@@ -25,6 +25,13 @@ class RenewalFailedError(AgentError):
     own failure is its cause (failure_code reads the gRPC status through it)."""
 
 
+class ServerSilentError(AgentError, ConnectionError):
+    """The server of a live Sync stream sent nothing for longer than its heartbeats promise
+    (server_link.ServerLink): stopped, its loop stuck, or behind a network that dropped the
+    connection without a word. Keepalive would end the stream some 20 s on; this ends it as a
+    failure at once, and the agent moves to another server (or reconnects to its only one)."""
+
+
 class ServerNotVerifiedError(AttestationError):
     """The server's certificate did not verify against the roots the agent attested with: the
     TLS handshake failed, so nothing (no join token) reached the server."""

@@ -90,6 +90,17 @@ class ServerLink:
         self.changed.bump()
         return None
 
+    @property
+    def silent(self) -> bool:
+        """The stream is still open but its server fell silent past its heartbeats' promise
+        (check counted the link lost): the stream is to be ended, not waited on."""
+        return self._live and self._lost_at is not None
+
+    @property
+    def silence(self) -> float | None:
+        """The seconds of silence the current stream's heartbeats allow (None: it sent none)."""
+        return self._silence
+
     def out_of_sync_ms(self) -> int:
         """0 while in sync; else milliseconds since the link was lost, at least 1 (0 would say
         in sync)."""

@@ -46,6 +46,7 @@ from agent_attestor.errors import (
     RenewalFailedError,
     ServerNotOursError,
     ServerNotVerifiedError,
+    ServerSilentError,
     StateNotWritableError,
 )
 from agent_attestor.model import TrustBundle
@@ -790,9 +791,9 @@ class Syncer:
         silence = asyncio.create_task(self._watch_silence())
         try:
             done, _ = await asyncio.wait(
-                {stream, reconnect, renew}, return_when=asyncio.FIRST_COMPLETED
+                {stream, reconnect, renew, silence}, return_when=asyncio.FIRST_COMPLETED
             )
-            for ended in (stream, renew):
+            for ended in (stream, renew, silence):
                 if ended in done:
                     ended.result()  # raise what ended it (a renewal done asked a reconnect)
         finally:
@@ -823,11 +824,18 @@ class Syncer:
 
     async def _watch_silence(self) -> None:
         """Count the link lost once its server, which sends heartbeats, falls silent
-        (ServerLink.check): the stream stays open until keepalive fails, ~20 s on, and
-        verifiers were told all along that the agent was in sync."""
+        (ServerLink.check), and end the stream then (ServerSilentError): left open, it lasted
+        until keepalive failed, ~20 s on, the agent served by no server meanwhile (no entry,
+        no revocation, no renewal), though another was there to move to, or a new connection
+        to the same one would have worked (a connection a network dropped without a word)."""
         while True:
             heard = self.link.heard.version
             due = self.link.check()
+            if self.link.silent:
+                raise ServerSilentError(
+                    f"the server sent nothing for {self.link.silence or 0:g} s, past what its "
+                    "heartbeats promise"
+                )
             if due is None:
                 await self.link.heard.wait(heard)
             else:
@@ -1022,6 +1030,12 @@ class Syncer:
                 else:
                     log.warning("lost the server", extra={"server": self.server, "code": code.name})
                 await self._after_failure(code.name, code.name)
+            except ServerSilentError as exc:
+                log.warning(
+                    "the server fell silent: ending its Sync stream",
+                    extra={"server": self.server, "error": str(exc)[:300]},
+                )
+                await self._after_failure(None, "server silent")
             except RenewalFailedError as exc:
                 log.warning(
                     "agent SVID renewal failed: ending the connection to the server",

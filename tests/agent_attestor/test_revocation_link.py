@@ -148,6 +148,33 @@ def test_a_server_sending_heartbeats_counts_lost_once_silent_since_it_was_last_h
     assert link.changed.version == 2
 
 
+def test_only_a_live_stream_whose_server_fell_silent_is_to_be_ended() -> None:
+    """ServerLink.silent, which has the agent end the stream (sync.Syncer._watch_silence): not
+    while the stream is catching up, not within the heartbeats' promise, not for a server that
+    sends none, and no more once the stream ended."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.beat(0.5)  # a heartbeat before the stream is caught up: not yet a live stream
+    clock.advance(5)
+    link.check()
+    assert not link.silent
+    link.up()
+    link.beat(0.5)
+    clock.advance(0.9)
+    link.check()
+    assert not link.silent
+    assert link.silence == 1.0
+    clock.advance(0.2)
+    link.check()
+    assert link.silent
+    link.down()
+    assert not link.silent
+    link.up()  # another server, which sends no heartbeats
+    clock.advance(3600)
+    link.check()
+    assert not link.silent
+
+
 def test_a_stream_ended_within_its_heartbeats_promise_is_lost_from_its_end() -> None:
     clock = FakeClock()
     link = ServerLink(clock)
