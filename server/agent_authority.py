@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from server.restore_adoption import CertificateAdoption
 from server.state import ServerState, agent_refusal
 from server.view_freshness import ViewFreshness
 from svid._clock import Clock
+
+_log = logging.getLogger("svid.server.agent_authority")
 
 # The stored record of an agent, None when there is none.
 ReadAgent = Callable[[str], Awaitable[AttestedAgent | None]]
@@ -90,10 +93,39 @@ class AgentAuthority:
         self._verdicts: dict[tuple[str, str], _Verdict] = {}
         # One read per certificate at a time, however many of its calls wait on it.
         self._reading: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        # One drop of a previous certificate per agent at a time (_drop_previous).
+        self._dropping: dict[str, asyncio.Future[bool]] = {}
 
     async def authorize(self, peer: AgentPeer) -> AttestedAgent:
         """The agent's record in memory; PermissionDenied when the datastore refuses it too,
-        Unavailable when only memory does (its record not brought in yet)."""
+        Unavailable when only memory does (its record not brought in yet). Its first call
+        with a renewed certificate drops the one it renewed with (_drop_previous)."""
+        agent = await self._authorize(peer)
+        if peer.serial == agent.serial and agent.previous_serial:
+            return await self._drop_previous(agent)
+        return agent
+
+    async def _drop_previous(self, agent: AttestedAgent) -> AttestedAgent:
+        """The agent holds its newest certificate: the one it renewed with is dropped from its
+        record (ServerState.drop_previous_certificate), so a renewal with that one answered
+        late supersedes nothing the agent uses. One write per renewal, whatever calls wait on
+        it; one that fails leaves the record as it was, and the call goes on."""
+        dropping = self._dropping.get(agent.spiffe_id)
+        if dropping is None:
+            dropping = asyncio.ensure_future(self._state.drop_previous_certificate(agent))
+            self._dropping[agent.spiffe_id] = dropping
+            dropping.add_done_callback(lambda _: self._dropping.pop(agent.spiffe_id, None))
+        try:
+            await asyncio.shield(dropping)
+        except StorageError as exc:
+            _log.warning(
+                "cannot drop an agent's previous certificate from its record",
+                extra={"agent_id": agent.spiffe_id, "error": str(exc)[:200]},
+            )
+        current = self._state.agents.get(agent.spiffe_id)
+        return current if current is not None and current.serial == agent.serial else agent
+
+    async def _authorize(self, peer: AgentPeer) -> AttestedAgent:
         try:
             agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)
         except PermissionDeniedError:

@@ -422,6 +422,16 @@ class ServerState:
             await self._after_write()
             return True
 
+    async def drop_previous_certificate(self, agent: AttestedAgent) -> bool:
+        """The agent presented its newest certificate (`agent.serial`): the one it renewed with
+        is no longer taken. Kept, a renewal with it answered late (its server hung or slow,
+        the agent renewed again meanwhile, there or elsewhere) superseded the certificate the
+        agent went on with, and the agent was refused with it. The same compare-and-swap as
+        an adoption: False, nothing written, when the record moved on meanwhile."""
+        return await self.adopt_agent_certificate(
+            agent.adopted(agent.serial, agent.expires_at), agent
+        )
+
     async def evict_agent(self, spiffe_id: str, *, unless_banned: bool = False) -> Removal:
         """Delete the agent's row, storing its removal with it: once the caller has revoked
         what the agent holds, `end_removal(removal)`; one left stored (the server died midway)

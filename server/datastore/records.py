@@ -119,7 +119,9 @@ class AttestedAgent:
 
     `previous_serial` (until `previous_expires_at`) is the one it renewed with: it is still
     good for open connections, and it is all the agent holds when the renewal's answer was lost.
-    Kept in the record, so a server restart or a failover does not lock such an agent out.
+    Kept in the record, so a server restart or a failover does not lock such an agent out; and
+    dropped once the agent calls with its newest (server/agent_authority.py), so a renewal
+    with it answered late supersedes nothing the agent uses.
     """
 
     spiffe_id: str

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from server.ca.signer import IssuedSvid, X509Request, X509Signer
 from server.datastore.records import REMOVAL_EVICTED, EventFilter, Removal
 from server.issuance import AgentAdmission, Issuer
+from server.state import agent_refusal
 from server.tasks.model import TaskState
 from server.tasks.service import TaskService
 from server.tasks.store import TaskStore
@@ -1243,3 +1244,42 @@ def test_the_entitlement_memo_keeps_no_second_but_the_current_one() -> None:
             own.clock.advance(1)
             assert stub.NewJWTSVID(asked, timeout=10).token
         assert len(own.server.issuer._entitled_cache) == 1
+
+
+def test_a_renewal_given_up_on_and_saved_late_leaves_the_agents_new_certificate_usable(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent gives up on a renewal whose save is held up at its server (a stalled disk or
+    # database, a process stopped), renews again with the same certificate (there or at
+    # another server) and goes on with the SVID that brought. The first save, landing later
+    # for no one, must not supersede that SVID: the agent was refused with it by any server
+    # reading the record, and dropped its identity (with a join token, for good).
+    agent = srv.attest()
+    store = type(srv.server.datastore)
+    saving, release, saved = threading.Event(), threading.Event(), threading.Event()
+    original = store.upsert_agent
+
+    def first_held(self: Any, *args: Any) -> None:
+        if saving.is_set():
+            return original(self, *args)
+        saving.set()
+        release.wait(10)
+        try:
+            original(self, *args)
+        finally:
+            saved.set()
+
+    monkeypatch.setattr(store, "upsert_agent", first_held)
+    given_up = srv.node_stub(agent).RenewAgent.future(
+        node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10
+    )
+    assert saving.wait(10)
+    given_up.cancel()  # as its deadline passing does: the server's handler is cancelled
+    renewed = _renew(srv, agent)
+    stream = srv.node_stub(renewed).Sync(node_pb2.SyncRequest(), timeout=10)
+    assert next(stream).revision  # the agent's connection on its new SVID
+    stream.cancel()
+    release.set()
+    assert saved.wait(10)
+    stored = srv.server.datastore.get_agent(agent.spiffe_id)
+    assert agent_refusal(stored, agent.spiffe_id, renewed.serial, time.time()) is None
