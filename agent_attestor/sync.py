@@ -3,9 +3,10 @@ and failover to another server of the list when its server fails (servers.py dec
 
 A server that hangs without closing its connection (SIGSTOP, a network black hole) is noticed by
 keepalive about 20 s on, past the life of a short-lived agent SVID: so the agent SVID's renewal
-waits a third of the life its SVID has left (renewal_timeout), and a renewal that fails for any
-reason but the server's decision about the agent ends the connection as a failure, the agent
-moving to another server to renew there (_renew_loop).
+waits a third of the life its SVID has left when there is another server to renew at
+(renewal_timeout; with none, what is left), and a renewal that fails for any reason but the
+server's decision about the agent ends the connection as a failure, the agent moving to
+another server to renew there (_renew_loop).
 
 Also the SvidSigner the rotator and JWT cache use: it forwards to whichever connection is
 current, so renewing the agent SVID never disturbs them.
@@ -207,9 +208,12 @@ RENEW_FLOOR = 1.0
 RENEW_CAP = 30.0
 
 
-def renewal_timeout(left: float) -> float:
-    """The deadline of a renewal of an agent SVID that has `left` seconds of life."""
-    return max(RENEW_FLOOR, min(RENEW_CAP, left * RENEW_SHARE))
+def renewal_timeout(left: float, *, elsewhere: bool = True) -> float:
+    """The deadline of a renewal of an agent SVID that has `left` seconds of life; with no
+    other server to renew at (`elsewhere` False), all of it: the share kept for a move cut
+    short what the only server, busy, would have answered, and each retry there had less."""
+    share = RENEW_SHARE if elsewhere else 1.0
+    return max(RENEW_FLOOR, min(RENEW_CAP, left * share))
 
 
 def failure_code(exc: BaseException) -> str | None:
@@ -685,7 +689,10 @@ class Syncer:
             return
         # Its deadline within the life the SVID in use has left: one sent to a server that
         # hangs leaves the time to renew at another (renewal_timeout).
-        timeout = RENEW_CAP if self._svid is None else renewal_timeout(self._life_left(self._svid))
+        timeout = RENEW_CAP
+        if self._svid is not None:
+            left = self._life_left(self._svid)
+            timeout = renewal_timeout(left, elsewhere=self._servers.has_others())
         svid, bundle = await self._client.renew(timeout=timeout)
         self._note_arrival(svid)
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its

@@ -51,6 +51,7 @@ class _Server:
         self.ca = LocalCa(clock, ttl=TTL)
         self.renewals = 0
         self.hangs = 0
+        self.slow = 0.0  # seconds each renewal takes to be answered (on the clock)
         self.failures: list[Exception] = []
         self.asked: list[tuple[str, float]] = []
 
@@ -68,6 +69,12 @@ class _Server:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if self.failures:
             raise self.failures.pop(0)
+        if self.slow:
+            clock = self.ca.clock
+            assert isinstance(clock, FakeClock)
+            clock.advance(min(self.slow, timeout))
+            if timeout < self.slow:
+                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         self.renewals += 1
         return self.svid(), self.ca.bundle()
 
@@ -352,9 +359,10 @@ def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it
     tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no other server to move to, a renewal that hangs is retried on the same connection
-    (a reconnect would only dial the same server again), each waiting a third of what is left,
-    never under RENEW_FLOOR. Once the SVID has lapsed the connection ends as a failure: it was a
-    clean reconnect, and the next connection came with no backoff."""
+    (a reconnect would only dial the same server again), each waiting what is left (never
+    under RENEW_FLOOR): no share of it is kept for a move. Once the SVID has lapsed the
+    connection ends as a failure: it was a clean reconnect, and the next connection came with
+    no backoff."""
     monkeypatch.setattr(sync, "backoff_delay", lambda *_args: 0.0)
     server.hangs = 100
     base, syncer = _syncer(tmp_path, server)
@@ -369,9 +377,32 @@ def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it
 
     asyncio.run(scenario())
     deadlines = [deadline for _, deadline in server.asked]
-    assert deadlines == pytest.approx([3.0, 2.0, 4 / 3, 1.0, 1.0, 1.0])
+    assert deadlines == pytest.approx([9.0])
     assert len({address for address, _ in server.asked}) == 1
     assert server.renewals == 0
+
+
+def test_a_renewal_at_the_only_server_waits_what_its_svid_has_left_for_a_slow_answer(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third of the life left is the time a renewal leaves for another server. With none to
+    move to it cut short what the only server would have answered (busy: 4 s to sign and
+    record, with 9 s left), each retry there had less, and the SVID lapsed where one renewal
+    waiting up to 30 s had renewed it."""
+    monkeypatch.setattr(sync, "backoff_delay", lambda *_args: 0.0)
+    server.slow = 4.0
+    base, syncer = _syncer(tmp_path, server)
+    base.advance(TTL - 9)  # overdue, 9 s of its life left
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        await asyncio.wait_for(syncer._renew_loop(loaded), 5)
+        assert syncer.agent_svid is not loaded
+        await syncer.close()
+
+    asyncio.run(scenario())
+    assert server.renewals == 1
+    assert [deadline for _, deadline in server.asked] == pytest.approx([9.0])
 
 
 def test_a_renewal_waits_a_third_of_the_life_left_between_a_floor_and_the_old_cap() -> None:
@@ -379,6 +410,8 @@ def test_a_renewal_waits_a_third_of_the_life_left_between_a_floor_and_the_old_ca
     assert sync.renewal_timeout(45.0) == pytest.approx(15.0)
     assert sync.renewal_timeout(1.5) == 1.0
     assert sync.renewal_timeout(-2.0) == 1.0
+    assert sync.renewal_timeout(9.0, elsewhere=False) == 9.0
+    assert sync.renewal_timeout(3600.0, elsewhere=False) == 30.0
 
 
 def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(
