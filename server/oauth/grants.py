@@ -752,13 +752,17 @@ class Grants:
         """The task a verified token names, by its SPIFFE ID and ID: as its granting events
         name it when this server holds it active (memory: no read for a refusal); else (it
         ended, or is another server's or trust domain's) its runtime and ID as the SPIFFE ID
-        says them, `<runtime>/task/<id>`, without its agent."""
+        says them, `<runtime>/task/<id>`, without its agent. A ``task_id`` the SPIFFE ID does
+        not end in names no task: a trusted partner's ``txn`` is its own text (a JWT's shape
+        failed the event, a NUL the PostgreSQL ledger, another task's ID put the refusal on that
+        task's record), where the SPIFFE ID's path was checked when it was verified."""
         task = self._tasks.active_task(spiffe_id)
         if task is not None and task.task_id == task_id:
             return _Whose.of_task(task, actor)
         suffix = TASK_PATH + task_id
-        runtime = spiffe_id[: -len(suffix)] if spiffe_id.endswith(suffix) else ""
-        return _Whose(runtime or spiffe_id, None, task_id, None, actor)
+        if not spiffe_id.endswith(suffix):
+            return _Whose(spiffe_id, actor=actor)
+        return _Whose(spiffe_id[: -len(suffix)], None, task_id, None, actor)
 
     # -- shared -------------------------------------------------------------------------------
 

@@ -116,7 +116,5 @@ def test_a_task_this_server_does_not_hold_is_named_by_its_spiffe_id() -> None:
     runtime = "spiffe://example.org/agents/bot"
     named = grants._task_named(f"{runtime}/task/t1", "t1", MCP_ID)
     assert named == _Whose(runtime, None, "t1", None, MCP_ID)
-    # A SPIFFE ID that does not end in its txn names itself as the workload.
-    assert grants._task_named(f"{runtime}/task/t2", "t1") == _Whose(
-        f"{runtime}/task/t2", task_id="t1"
-    )
+    # A SPIFFE ID that does not end in its txn names itself as the workload, and no task.
+    assert grants._task_named(f"{runtime}/task/t2", "t1") == _Whose(f"{runtime}/task/t2")

@@ -506,3 +506,40 @@ def test_a_partner_token_whose_claim_looks_like_a_token_is_refused_not_a_server_
     assert claim in reply.json()["error_description"]
     assert jwt_like not in reply.text
     assert refusals == ["deny"]  # on the record, without the value
+
+
+@pytest.mark.parametrize("txn", ["jwt", "nul", "other"])
+def test_a_partner_task_token_names_no_task_its_spiffe_id_does_not(
+    issuer: Issuer, txn: str
+) -> None:
+    # A refusal names the task of a verified token (its txn), as far as the token says it. A
+    # partner's txn is its own text: one shaped like a JWT failed the refusal's event (a 500,
+    # nothing on record), one with a NUL the PostgreSQL ledger, and one naming another task
+    # than the SPIFFE ID's put the refusal on that task's record.
+    from svid import sign_jws
+
+    key = issuer.add_key("p1")
+    said = {
+        "jwt": "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+        "nul": "t1\x00",
+        "other": "victim",
+    }[txn]
+    with _serving(issuer) as server:
+        wait_for(lambda: _holds(server, "p1"), 10, "the keys of p1")
+        now = int(server.running.clock.now())
+        claims = {
+            "sub": f"{WORKLOAD}/task/t1",
+            "aud": [server.issuer],
+            "iss": issuer.url,
+            "exp": now + 120,
+            "iat": now,
+            "jti": "partner-jti-1",
+            "txn": said,
+        }
+        reply = _exchange(server, sign_jws({"kid": "p1", "typ": "JWT"}, claims, key))
+        refusals = _audited(server, "oauth_jwt_bearer")
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == "invalid_grant"
+    assert [(e["decision"], e["agent_id"], e["task_id"]) for e in refusals] == [
+        ("deny", f"{WORKLOAD}/task/t1", None)
+    ]
