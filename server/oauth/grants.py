@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -500,13 +500,20 @@ class Grants:
         one was kept from it; tools are of one resource each (``tool:read_ticket`` at the
         tickets server says nothing of the orders API's tools), and a resource the task reaches
         by its tools alone never carries an action: neither limits the other resource's grant.
-        Raises InvalidGrantError when nothing is left."""
+        Unless the token was itself delegated: one for such a resource came of a token that
+        may have been kept from actions, which it cannot show (it carries none), so it hands
+        on none. Raises InvalidGrantError when nothing is left."""
         ceiling = self._tasks.scope_ceiling(task_sid, held_at)
         held = subject.scopes
         decided_tokens = decided.scope.split()
         # An active task's ceiling says which actions the token could have carried; one that
-        # ended meanwhile (refused once recorded) carries only what the token does.
-        could = decided_tokens if ceiling is None else ceiling
+        # ended meanwhile (refused once recorded) carries only what the token does, and so
+        # does a delegated token whose resource carries none (the task's own token is the
+        # first of its chain: its actor is the task).
+        could: Iterable[str] = decided_tokens if ceiling is None else ceiling
+        delegated = subject.act_chain[:1] != (task_sid,)
+        if delegated and not any(not t.startswith(TOOL_SCOPE_PREFIX) for t in could):
+            could = decided_tokens
         withheld = {t for t in could if not t.startswith(TOOL_SCOPE_PREFIX) and t not in held}
         kept = [t for t in decided_tokens if t not in withheld]
         if len(kept) == len(decided_tokens):

@@ -193,6 +193,35 @@ def test_a_delegation_hands_on_no_action_its_narrowed_subject_token_was_kept_fro
         assert reply.json()["scope"] == "read"
 
 
+def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
+    """A token narrowed with `scope`, acted for towards a resource the task reaches by its tools
+    alone, came out with those tools and no action (none is the task's there); acted for again
+    from there, it limited nothing, and the third resource got the task's whole decision: the
+    action the client kept from the first token came back two hops on. A delegated token for
+    a resource that carries no action hands on none: what its chain was kept from is not on it."""
+    from tests.server.oauth.conftest import serving_oauth
+    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
+
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    with serving_oauth(
+        "osc", [RESOURCE, OTHER_RESOURCE, THIRD], oauth_resource_workloads=workloads
+    ) as oauth:
+        world = begin_task(
+            oauth,
+            actions=("read", "write"),
+            resources=(oauth.issuer, RESOURCE, THIRD),  # the orders API by its tool alone
+            tools=(f"{RESOURCE}#read_ticket", f"{OTHER_RESOURCE}#list_orders"),
+        )
+        narrow = exchange(world, world.subject_token(), scope="read").json()["access_token"]
+        reply = delegate(world, narrow, actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "tool:list_orders"
+        orders = reply.json()["access_token"]
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
+        assert "lacks" in refused(reply, "invalid_grant")  # not write, nor read: unknown here
+        assert exchange_events(world)[-1]["decision"] == "deny"
+
+
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
     signer = oauth_server.running.server.ca.jwt_signer()
     workload = SpiffeId.parse("spiffe://example.org/workload")
