@@ -219,7 +219,12 @@ def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
         orders = reply.json()["access_token"]
         reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
         assert "lacks" in refused(reply, "invalid_grant")  # not write, nor read: unknown here
-        assert exchange_events(world)[-1]["decision"] == "deny"
+        event = exchange_events(world)[-1]
+        assert (event["decision"], event["task_id"], event["actor"]) == (
+            "deny",
+            world.task.task_id,
+            OTHER_ID,
+        )
 
 
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
