@@ -42,6 +42,8 @@ for a task; refused once the task ends)::
 
     tokens = source.access_token_verifier("https://svidd.example", audience="https://tickets/mcp")
     token = tokens.verify(bearer)           # svid.VerifiedAccessToken: subject, act_chain, scopes
+    if not token.allows("read"):            # a tool: token.grants_tool("read_ticket"); not by
+        return 403, "read"                  # membership in token.scopes
 
 Results are cached by the exact credential bytes until the earliest of expiry, a bundle change for
 the trust domain, or a revocation; a cached answer is never more permissive than a fresh one.
