@@ -405,7 +405,9 @@ class Grants:
             actor_agent = self._agent_of(actor, claimed=False)
             task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
             whose = _Whose.of_task(task, actor_id)
-            carried = self._carried(decided, subject, held_at, task_sid, resource)
+            carried = self._carried(
+                decided, subject, held_at, task_sid, resource=resource, actor=actor_id
+            )
             grant = _narrowed(carried, asked, resource)
         except (UnavailableError, RateLimitedError):
             # The ledger cannot be read, or the task's agent spent its decision budget: not
@@ -490,19 +492,22 @@ class Grants:
         subject: VerifiedAccessToken,
         held_at: str,
         task_sid: str,
+        *,
         resource: str,
+        actor: str,
     ) -> TaskJwtGrant:
-        """The task's decision for ``resource`` less the actions the subject token (an access
-        token for ``held_at``) could have carried and does not: a token narrowed by its
-        request's ``scope`` (scope.py), or by policy for its resource, hands on no more of the
-        task's actions to the workload acting for it. Actions (``read``, ``invoke_tool``, ...)
-        are the task's on every resource of its intent, so a token for one of them that lacks
-        one was kept from it; tools are of one resource each (``tool:read_ticket`` at the
-        tickets server says nothing of the orders API's tools), and a resource the task reaches
-        by its tools alone never carries an action: neither limits the other resource's grant.
-        Unless the token was itself delegated: one for such a resource came of a token that
-        may have been kept from actions, which it cannot show (it carries none), so it hands
-        on none. Raises InvalidGrantError when nothing is left."""
+        """The task's decision for ``resource`` less the actions the subject token (an
+        access token for ``held_at``) could have carried and does not: a token narrowed by its
+        request's ``scope`` (scope.py) hands on no more of the task's actions to the workload
+        acting for it. One policy kept an action from is not narrowed: its resource's decision
+        grants the action no more than the token does, and that says nothing of the task's
+        grant elsewhere (least privilege per resource took from every delegation what the task
+        was granted at the other resource). Tools are of one resource each (``tool:read_ticket``
+        at the tickets server says nothing of the orders API's tools), and a resource the task
+        reaches by its tools alone never carries an action: neither limits the other resource's
+        grant. Unless the token was itself delegated: one for such a resource came of a token
+        that may have been kept from actions, which it cannot show (it carries none), so it
+        hands on none. Raises InvalidGrantError when nothing is left."""
         ceiling = self._tasks.scope_ceiling(task_sid, held_at)
         held = subject.scopes
         decided_tokens = decided.scope.split()
@@ -514,6 +519,12 @@ class Grants:
         delegated = subject.act_chain[:1] != (task_sid,)
         if delegated and not any(not t.startswith(TOOL_SCOPE_PREFIX) for t in could):
             could = decided_tokens
+        elif ceiling is not None and any(
+            t in ceiling and t not in held and not t.startswith(TOOL_SCOPE_PREFIX)
+            for t in decided_tokens
+        ):
+            # The token lacks an action granted here: narrowed by its client, or by policy?
+            could = self._decided_at(held_at, task_sid, actor, ceiling)
         withheld = {t for t in could if not t.startswith(TOOL_SCOPE_PREFIX) and t not in held}
         kept = [t for t in decided_tokens if t not in withheld]
         if len(kept) == len(decided_tokens):
@@ -524,6 +535,19 @@ class Grants:
                 f"lacks {' '.join(sorted(withheld.intersection(decided_tokens)))[:300]}"
             )
         return _with_scope(decided, " ".join(kept))
+
+    def _decided_at(
+        self, held_at: str, task_sid: str, actor: str, ceiling: frozenset[str]
+    ) -> Iterable[str]:
+        """What the task's decision at ``held_at`` grants now: the actions a token for it could
+        have carried. Decided as the delegation's own decision is, on the actor's budget; a
+        refusal there (policy grants the task nothing at ``held_at`` now, audited by the task
+        layer) leaves the ``ceiling``: every action the token lacks withheld."""
+        try:
+            _, there = self._exchange_grant(task_sid, held_at, actor=actor)
+        except InvalidGrantError:
+            return ceiling
+        return there.scope.split()
 
     def _task_claims(
         self,

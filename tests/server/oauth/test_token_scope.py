@@ -6,6 +6,7 @@ JWT-SVID presented unspent; a workload's own grant carries no scope, and asking 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -191,6 +192,43 @@ def test_a_delegation_hands_on_no_action_its_narrowed_subject_token_was_kept_fro
         reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
         assert reply.status_code == 200, reply.text
         assert reply.json()["scope"] == "read"
+
+
+def test_an_action_policy_kept_from_the_subject_tokens_resource_is_handed_on(
+    tmp_path: Path,
+) -> None:
+    """Policy keeps writes off the tickets server and lets the task write to the orders API:
+    the tickets server's token lacks write, as its resource's decision says, not because the
+    client kept it from it, and the workload acting for it is handed the task's decision at
+    the orders API whole. (Read as narrowed, it got read alone: least privilege per resource,
+    the usual policy, took from every delegation what the task was granted.) A token the
+    client did narrow is still handed on no more (the test above)."""
+    import server.policy
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "default.cedar").write_text(
+        (Path(server.policy.__file__).parent / "default.cedar").read_text()
+        + f'''
+@id("no_writes_to_tickets")
+forbid (principal, action == Action::"write", resource == Resource::"{RESOURCE}");
+'''
+    )
+    with serving_delegation("opk", policy_dir=str(policy)) as oauth:
+        world = begin_task(
+            oauth, actions=("read", "write"), resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE)
+        )
+        whole = world.exchange().json()
+        assert set(whole["scope"].split()) == {"read", "tool:read_ticket"}  # policy's
+        reply = delegate(world, whole["access_token"], actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert set(reply.json()["scope"].split()) == {"read", "write"}
+        assert "granted" not in exchange_events(world)[-1]
+        # Narrowed by the client to a tool: read is kept from it, write was never its to keep.
+        narrow = exchange(world, world.subject_token(), scope="tool:read_ticket")
+        reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "write"
 
 
 def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
