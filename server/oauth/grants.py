@@ -505,19 +505,19 @@ class Grants:
         was granted at the other resource). Tools are of one resource each (``tool:read_ticket``
         at the tickets server says nothing of the orders API's tools), and a resource the task
         reaches by its tools alone never carries an action: neither limits the other resource's
-        grant. Unless the token was itself delegated: one for such a resource came of a token
-        that may have been kept from actions, which it cannot show (it carries none), so it
-        hands on none. Raises InvalidGrantError when nothing is left."""
+        grant. Unless the token was itself delegated: it came of a token that may have been
+        kept from actions, which it cannot show when its own resource's decision did not grant
+        them (or grants no action at all: tools alone), so it hands on only the actions it
+        holds. Raises InvalidGrantError when nothing is left."""
         ceiling = self._tasks.scope_ceiling(task_sid, held_at)
         held = subject.scopes
         decided_tokens = decided.scope.split()
         # An active task's ceiling says which actions the token could have carried; one that
         # ended meanwhile (refused once recorded) carries only what the token does, and so
-        # does a delegated token whose resource carries none (the task's own token is the
-        # first of its chain: its actor is the task).
+        # does a delegated one (the task's own token is the first of its chain: its actor is
+        # the task).
         could: Iterable[str] = decided_tokens if ceiling is None else ceiling
-        delegated = subject.act_chain[:1] != (task_sid,)
-        if delegated and not any(not t.startswith(TOOL_SCOPE_PREFIX) for t in could):
+        if subject.act_chain[:1] != (task_sid,):
             could = decided_tokens
         elif ceiling is not None and any(
             t in ceiling and t not in held and not t.startswith(TOOL_SCOPE_PREFIX)

@@ -194,6 +194,18 @@ def test_a_delegation_hands_on_no_action_its_narrowed_subject_token_was_kept_fro
         assert reply.json()["scope"] == "read"
 
 
+def _forbidding_writes_to(tmp_path: Path, resource: str) -> Path:
+    """A policy directory: the shipped policy, and writes to ``resource`` forbidden."""
+    import server.policy
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    shipped = (Path(server.policy.__file__).parent / "default.cedar").read_text()
+    forbid = f'forbid (principal, action == Action::"write", resource == Resource::"{resource}");'
+    (policy / "default.cedar").write_text(f'{shipped}\n@id("no_writes")\n{forbid}\n')
+    return policy
+
+
 def test_an_action_policy_kept_from_the_subject_tokens_resource_is_handed_on(
     tmp_path: Path,
 ) -> None:
@@ -203,17 +215,7 @@ def test_an_action_policy_kept_from_the_subject_tokens_resource_is_handed_on(
     the orders API whole. (Read as narrowed, it got read alone: least privilege per resource,
     the usual policy, took from every delegation what the task was granted.) A token the
     client did narrow is still handed on no more (the test above)."""
-    import server.policy
-
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    (policy / "default.cedar").write_text(
-        (Path(server.policy.__file__).parent / "default.cedar").read_text()
-        + f'''
-@id("no_writes_to_tickets")
-forbid (principal, action == Action::"write", resource == Resource::"{RESOURCE}");
-'''
-    )
+    policy = _forbidding_writes_to(tmp_path, RESOURCE)
     with serving_delegation("opk", policy_dir=str(policy)) as oauth:
         world = begin_task(
             oauth, actions=("read", "write"), resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE)
@@ -229,6 +231,40 @@ forbid (principal, action == Action::"write", resource == Resource::"{RESOURCE}"
         reply = delegate(world, narrow.json()["access_token"], actor_token(oauth))
         assert reply.status_code == 200, reply.text
         assert reply.json()["scope"] == "write"
+
+
+def test_a_delegated_token_policy_kept_an_action_from_hands_it_on_no_more(
+    tmp_path: Path,
+) -> None:
+    """A token the client narrowed to read, acted for towards the orders API, where policy
+    forbids writes: the delegated token lacks write, and the orders API's decision does not
+    grant it either, so its lack did not tell whether its chain was kept from write. Acted for
+    again, it got write at the third resource. A delegated token hands on the actions it holds,
+    no more."""
+    from tests.server.oauth.conftest import serving_oauth
+    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
+
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    policy = _forbidding_writes_to(tmp_path, OTHER_RESOURCE)
+    with serving_oauth(
+        "osp",
+        [RESOURCE, OTHER_RESOURCE, THIRD],
+        oauth_resource_workloads=workloads,
+        policy_dir=str(policy),
+    ) as oauth:
+        world = begin_task(
+            oauth,
+            actions=("read", "write"),
+            resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, THIRD),
+        )
+        narrow = exchange(world, world.subject_token(), scope="read").json()["access_token"]
+        reply = delegate(world, narrow, actor_token(oauth))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+        orders = reply.json()["access_token"]
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"  # not write, which the client kept from it
 
 
 def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
