@@ -57,6 +57,13 @@ class ServerLink:
             self._lost_at = None
             self.changed.bump()
 
+    def hear(self) -> None:
+        """A message came on a live stream (any: a part of a run not applied yet too): its
+        server was heard now. Whether the agent is in sync is up()'s to say."""
+        if self._live and self._lost_at is None:
+            self._heard_at = self._elapsed.monotonic()
+            self.heard.bump()
+
     def beat(self, interval: float) -> None:
         """A heartbeat came, promising another within `interval` seconds. Before the stream is
         caught up it only says that this server sends them."""

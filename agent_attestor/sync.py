@@ -857,6 +857,11 @@ class Syncer:
             # Attested anew under another ID: what the old one reached says nothing here.
             self.revision, self.epoch = 0, ""
         async for message in client.sync(self.revision, self.epoch):
+            # Heard, whatever it is: a run's parts come back to back without a heartbeat
+            # between them, and its last part is applied only after the others (and a bundle
+            # saved): counted from the last heartbeat alone, a long one ended the stream as
+            # silent, and every reconnect asked for it again.
+            self.link.hear()
             if isinstance(message, Heartbeat):
                 self.link.beat(message.interval)
                 continue

@@ -175,6 +175,27 @@ def test_only_a_live_stream_whose_server_fell_silent_is_to_be_ended() -> None:
     assert not link.silent
 
 
+def test_every_message_of_a_live_stream_is_heard_not_only_its_heartbeats() -> None:
+    """The parts of a long run come back to back, without a heartbeat between them, and only
+    its last one is applied (up): each part is the server heard, so silence is not counted
+    while they come, and the stream is not ended as silent."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(0.5)
+    for _ in range(10):  # a part every 0.3 s for 3 s: silent at none of them
+        clock.advance(0.3)
+        link.hear()
+        assert link.check() == pytest.approx(1.0)  # two intervals from the part
+        assert not link.silent
+    clock.advance(1.1)
+    link.check()
+    assert link.silent  # and then nothing: silent, since the last part
+    assert link.out_of_sync_ms() == 1100
+    link.hear()  # heard only while in sync: a message after the loss is up()'s to count
+    assert link.silent
+
+
 def test_a_stream_ended_within_its_heartbeats_promise_is_lost_from_its_end() -> None:
     clock = FakeClock()
     link = ServerLink(clock)

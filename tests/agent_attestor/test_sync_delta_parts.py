@@ -251,3 +251,71 @@ def test_a_message_of_a_kind_the_agent_does_not_know_is_skipped_not_read_as_a_sn
         return set(cache.entries())
 
     assert asyncio.run(scenario()) == {"kept", "new"}
+
+
+class _LongRun(node_pb2_grpc.NodeServicer):
+    """A snapshot, a heartbeat promising one every 0.1 s, then a delta whose parts come further
+    apart than that (the agent's clock moved on by 0.15 s before each), with no heartbeat between
+    them, as a server streams a long run; then the stream is held open."""
+
+    def __init__(
+        self, snapshot: list[node_pb2.SyncUpdate], run: list[node_pb2.SyncUpdate], clock: FakeClock
+    ) -> None:
+        self.snapshot = snapshot
+        self.run = run
+        self.clock = clock
+        self.requests = 0
+
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: Any
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        self.requests += 1
+        for message in self.snapshot:
+            yield message
+        yield node_pb2.SyncUpdate(kind=node_pb2.SyncUpdate.HEARTBEAT, heartbeat_interval_ms=100)
+        for part in self.run:
+            await asyncio.sleep(0.05)
+            self.clock.advance(0.15)
+            yield part
+        await asyncio.Event().wait()
+
+
+def test_the_parts_of_a_long_run_are_the_server_heard_not_silence(tmp_path: Path) -> None:
+    """A stream whose server falls silent past its heartbeats' promise is ended (the agent moves
+    on); the parts of a run are messages too. Counted from the last heartbeat alone, a run longer
+    than two intervals ended the stream before its last part, and each reconnect asked for the
+    same run again."""
+    clock = FakeClock(start=time.time())
+    ca, store, bundle = _agent(tmp_path, clock)
+    snapshot = list(
+        snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep")
+    )
+    names = [f"n{i}" for i in range(6)]
+    run = list(
+        delta_messages(
+            [_entry(n) for n in names], [], [], [], Shared(), revision=6, epoch="ep", max_items=1
+        )
+    )
+    assert len(run) == 6  # 0.9 s of the agent's clock from the first part to the last
+
+    async def scenario() -> tuple[list[str], set[str], int]:
+        node = _LongRun(snapshot, run, clock)
+        cache = Cache(clock)
+        events: list[str] = []
+        whole = asyncio.Event()
+
+        def on_change(event: str) -> None:
+            events.append(event)
+            # The run whole, or the stream ended before it: either is the answer.
+            if event == "disconnected" or (event == "sync" and set(names) <= set(cache.entries())):
+                whole.set()
+
+        await _sync_until(
+            whole, node, ca, store=store, cache=cache, clock=clock, on_change=on_change
+        )
+        return events, set(cache.entries()), node.requests
+
+    events, held, requests = asyncio.run(scenario())
+    assert "disconnected" not in events
+    assert requests == 1
+    assert held == {"kept", *names}
