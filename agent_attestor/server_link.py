@@ -40,6 +40,10 @@ class ServerLink:
         # Seconds of silence past which a live stream's server counts lost; None: its server
         # sent no heartbeat on this stream, so silence says nothing.
         self._silence: float | None = None
+        # The agent is handling a message it read (hear to handled): its own time, a bundle
+        # saved on a slow disk, is no silence of the server's to end the stream for.
+        self._handling = False
+        self._listening_since = self._lost_at  # when the agent last went back to reading
         self.changed = Signal()  # bumped when the link is lost or back, not in between
         self.heard = Signal()  # bumped by every message of a live stream (check's wake-up)
 
@@ -58,11 +62,19 @@ class ServerLink:
             self.changed.bump()
 
     def hear(self) -> None:
-        """A message came on a live stream (any: a part of a run not applied yet too): its
-        server was heard now. Whether the agent is in sync is up()'s to say."""
+        """A message came on the stream (any: a part of a run not applied yet too), which the
+        agent handles until handled(): on a live stream its server was heard now. Whether the
+        agent is in sync is up()'s to say."""
         if self._live and self._lost_at is None:
             self._heard_at = self._elapsed.monotonic()
             self.heard.bump()
+        self._handling = True
+
+    def handled(self) -> None:
+        """The agent is done with the message hear() announced and reads the stream again."""
+        self._handling = False
+        self._listening_since = self._elapsed.monotonic()
+        self.heard.bump()  # a silence counted meanwhile is looked at again (silent_left)
 
     def beat(self, interval: float) -> None:
         """A heartbeat came, promising another within `interval` seconds. Before the stream is
@@ -97,11 +109,18 @@ class ServerLink:
         self.changed.bump()
         return None
 
-    @property
-    def silent(self) -> bool:
-        """The stream is still open but its server fell silent past its heartbeats' promise
-        (check counted the link lost): the stream is to be ended, not waited on."""
-        return self._live and self._lost_at is not None
+    def silent_left(self) -> float | None:
+        """Seconds until the stream, still open, is to be ended for its server's silence (0 or
+        less: now), once check() counted the link lost; None while it is not, or while the
+        agent handles a message (hear to handled). Counted from the server's last message or
+        the agent's return to reading, whichever is later: a message the agent was slow to
+        handle (a bundle saved on a stalled disk) counts the link lost on time, as check()
+        does, but ends the stream only if nothing comes once the agent reads again (a
+        heartbeat sent meanwhile is waiting there)."""
+        if not self._live or self._lost_at is None or self._handling or self._silence is None:
+            return None
+        since = max(self._heard_at, self._listening_since or self._heard_at)
+        return since + self._silence - self._elapsed.monotonic()
 
     @property
     def silence(self) -> float | None:

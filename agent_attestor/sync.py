@@ -838,11 +838,14 @@ class Syncer:
         while True:
             heard = self.link.heard.version
             due = self.link.check()
-            if self.link.silent:
-                raise ServerSilentError(
-                    f"the server sent nothing for {self.link.silence or 0:g} s, past what its "
-                    "heartbeats promise"
-                )
+            left = self.link.silent_left()
+            if left is not None:
+                if left <= 0:
+                    raise ServerSilentError(
+                        f"the server sent nothing for {self.link.silence or 0:g} s, past what "
+                        "its heartbeats promise"
+                    )
+                due = left
             if due is None:
                 await self.link.heard.wait(heard)
             else:
@@ -862,48 +865,51 @@ class Syncer:
             # saved): counted from the last heartbeat alone, a long one ended the stream as
             # silent, and every reconnect asked for it again.
             self.link.hear()
-            if isinstance(message, Heartbeat):
-                self.link.beat(message.interval)
-                continue
-            if isinstance(message, PushedCheckpoint):
-                await self._offer_checkpoint(message)
-                continue
-            if isinstance(message, SyncState):
-                # A snapshot replaces everything at once, when its last part is in; delta
-                # parts held before it (the server never sends them so) are replaced with it.
-                deltas = []
-                parts.append(message)
-                if message.more:
+            try:
+                if isinstance(message, Heartbeat):
+                    self.link.beat(message.interval)
                     continue
-                state = join_parts(parts)
-                parts = []
-                await self._save_bundle(state.bundle)
-                self._cache.apply_sync(state)
-            else:
-                # A delta in parts too is applied whole, when its last part is in.
-                if parts:
-                    # Joined to a snapshot it does not follow, it would be applied to state
-                    # the agent never had: the reconnect asks for both again.
-                    raise ConnectionError("server sent a delta inside a snapshot's parts")
-                deltas.append(message)
-                if message.more:
+                if isinstance(message, PushedCheckpoint):
+                    await self._offer_checkpoint(message)
                     continue
-                delta = join_deltas(deltas)
-                deltas = []
-                if delta.bundle is not None:
-                    await self._save_bundle(delta.bundle)
-                self._cache.apply_delta(delta)
-            self.revision, self.epoch = message.revision, message.epoch
-            self._revision_of = self.agent_id
-            if not self.connected:
-                self._servers.connected()
-                log.info("Sync stream up", extra={"server": self.server})
-                # The next outage is news: its first failure said at once.
-                self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, self._clock)
-            self.connected = True
-            self.link.up()
-            self.syncs += 1
-            self._on_change("sync")
+                if isinstance(message, SyncState):
+                    # A snapshot replaces everything at once, when its last part is in; delta
+                    # parts held before it (the server never sends them so) are replaced with it.
+                    deltas = []
+                    parts.append(message)
+                    if message.more:
+                        continue
+                    state = join_parts(parts)
+                    parts = []
+                    await self._save_bundle(state.bundle)
+                    self._cache.apply_sync(state)
+                else:
+                    # A delta in parts too is applied whole, when its last part is in.
+                    if parts:
+                        # Joined to a snapshot it does not follow, it would be applied to state
+                        # the agent never had: the reconnect asks for both again.
+                        raise ConnectionError("server sent a delta inside a snapshot's parts")
+                    deltas.append(message)
+                    if message.more:
+                        continue
+                    delta = join_deltas(deltas)
+                    deltas = []
+                    if delta.bundle is not None:
+                        await self._save_bundle(delta.bundle)
+                    self._cache.apply_delta(delta)
+                self.revision, self.epoch = message.revision, message.epoch
+                self._revision_of = self.agent_id
+                if not self.connected:
+                    self._servers.connected()
+                    log.info("Sync stream up", extra={"server": self.server})
+                    # The next outage is news: its first failure said at once.
+                    self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, self._clock)
+                self.connected = True
+                self.link.up()
+                self.syncs += 1
+                self._on_change("sync")
+            finally:
+                self.link.handled()
         raise ConnectionError("server ended the Sync stream")
 
     async def _save_bundle(self, bundle: TrustBundle) -> None:

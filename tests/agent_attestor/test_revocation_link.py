@@ -149,30 +149,30 @@ def test_a_server_sending_heartbeats_counts_lost_once_silent_since_it_was_last_h
 
 
 def test_only_a_live_stream_whose_server_fell_silent_is_to_be_ended() -> None:
-    """ServerLink.silent, which has the agent end the stream (sync.Syncer._watch_silence): not
-    while the stream is catching up, not within the heartbeats' promise, not for a server that
-    sends none, and no more once the stream ended."""
+    """ServerLink.silent_left, by which the agent ends the stream (sync.Syncer._watch_silence):
+    not while the stream is catching up, not within the heartbeats' promise, not for a server
+    that sends none, and no more once the stream ended."""
     clock = FakeClock()
     link = ServerLink(clock)
     link.beat(0.5)  # a heartbeat before the stream is caught up: not yet a live stream
     clock.advance(5)
     link.check()
-    assert not link.silent
+    assert link.silent_left() is None
     link.up()
     link.beat(0.5)
     clock.advance(0.9)
     link.check()
-    assert not link.silent
+    assert link.silent_left() is None
     assert link.silence == 1.0
     clock.advance(0.2)
     link.check()
-    assert link.silent
+    assert link.silent_left() == pytest.approx(-0.1, abs=1e-3)  # due since the promise ran out
     link.down()
-    assert not link.silent
+    assert link.silent_left() is None
     link.up()  # another server, which sends no heartbeats
     clock.advance(3600)
     link.check()
-    assert not link.silent
+    assert link.silent_left() is None
 
 
 def test_every_message_of_a_live_stream_is_heard_not_only_its_heartbeats() -> None:
@@ -186,14 +186,39 @@ def test_every_message_of_a_live_stream_is_heard_not_only_its_heartbeats() -> No
     for _ in range(10):  # a part every 0.3 s for 3 s: silent at none of them
         clock.advance(0.3)
         link.hear()
+        link.handled()
         assert link.check() == pytest.approx(1.0)  # two intervals from the part
-        assert not link.silent
+        assert link.silent_left() is None
     clock.advance(1.1)
     link.check()
-    assert link.silent  # and then nothing: silent, since the last part
+    assert link.silent_left() == pytest.approx(-0.1, abs=1e-3)  # nothing more: since the last
     assert link.out_of_sync_ms() == 1100
-    link.hear()  # heard only while in sync: a message after the loss is up()'s to count
-    assert link.silent
+
+
+def test_the_agents_own_time_on_a_message_ends_no_stream_but_counts_the_link_lost() -> None:
+    """A message the agent is slow to handle (its bundle saved on a stalled disk): verifiers are
+    told of the silence on time (check counts the link lost, as before), but the stream is ended
+    only if the server says nothing once the agent reads again: a heartbeat it sent meanwhile is
+    waiting there."""
+    clock = FakeClock()
+    link = ServerLink(clock)
+    link.up()
+    link.beat(0.5)
+    link.hear()  # a delta with a bundle, saved slowly
+    clock.advance(3.0)
+    assert link.check() is None
+    assert not link.in_sync  # stale for verifiers since the delta came
+    assert link.silent_left() is None  # but not ended while the agent is busy with it
+    link.handled()
+    assert link.silent_left() == pytest.approx(1.0, abs=1e-3)  # a whole promise from reading again
+    link.hear()  # the heartbeat sent meanwhile
+    link.beat(0.5)
+    link.handled()
+    assert link.in_sync
+    assert link.silent_left() is None
+    clock.advance(1.5)
+    link.check()
+    assert link.silent_left() == pytest.approx(-0.5, abs=1e-3)  # then silent for real
 
 
 def test_a_stream_ended_within_its_heartbeats_promise_is_lost_from_its_end() -> None:

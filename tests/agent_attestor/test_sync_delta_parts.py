@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -319,3 +320,54 @@ def test_the_parts_of_a_long_run_are_the_server_heard_not_silence(tmp_path: Path
     assert "disconnected" not in events
     assert requests == 1
     assert held == {"kept", *names}
+
+
+def test_a_message_the_agent_is_slow_to_handle_does_not_end_its_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta whose bundle the agent saves on a stalled disk (its clock 1 s on, five times the
+    heartbeats' promise): the agent's own time is no silence of the server's, and the stream is
+    not ended for it (the link counts lost meanwhile, for verifiers, as before)."""
+    clock = FakeClock(start=time.time())
+    ca, store, bundle = _agent(tmp_path, clock)
+    messages = [
+        *snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep"),
+        node_pb2.SyncUpdate(kind=node_pb2.SyncUpdate.HEARTBEAT, heartbeat_interval_ms=100),
+        *delta_messages([_entry("new")], [], [], [], Shared(bundle=bundle), revision=6, epoch="ep"),
+    ]
+    saves: list[float] = []
+    save = Syncer._save_bundle
+
+    async def stalled(self: Syncer, roots: Any) -> None:
+        saves.append(clock.monotonic())
+        if len(saves) == 2:  # the delta's: the snapshot's comes before the stream is live
+            clock.advance(1.0)
+            await asyncio.sleep(0.4)  # past the silence watch's own wake-up (0.2 s)
+        await save(self, roots)
+
+    monkeypatch.setattr(Syncer, "_save_bundle", stalled)
+
+    async def scenario() -> list[str]:
+        cache = Cache(clock)
+        events: list[str] = []
+        answered = asyncio.Event()
+
+        def on_change(event: str) -> None:
+            events.append(event)
+            if event == "disconnected" or (event == "sync" and "new" in cache.entries()):
+                answered.set()
+
+        await _sync_until(
+            answered,
+            _NewerServer(messages),
+            ca,
+            store=store,
+            cache=cache,
+            clock=clock,
+            on_change=on_change,
+        )
+        return events
+
+    events = asyncio.run(scenario())
+    assert len(saves) == 2
+    assert events == ["sync", "sync"]
