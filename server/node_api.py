@@ -444,7 +444,25 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     # Attested again with other selectors (its node aliases may all differ),
                     # or too far behind to keep its backlog: start again from a snapshot.
                     self._propagator.unsubscribe(sub)
-                    agent = await self._current(peer)
+                    # Beating while the view catches up (a slow feed read, up to the staleness
+                    # bound): the agent, caught up, ended the stream as its server's silence,
+                    # every overflowed stream of the server at once, all onto the next server.
+                    catch_up = asyncio.ensure_future(self._current(peer))
+                    try:
+                        while request.heartbeats and not catch_up.done():
+                            await asyncio.wait(
+                                {catch_up}, timeout=self._settings.heartbeat_interval
+                            )
+                            if not catch_up.done():
+                                # As any heartbeat: of a view that is not stale, to an agent
+                                # still served. What the backlog dropped comes with the
+                                # snapshot, within the bound.
+                                self._view.check()
+                                self._state.authorize_agent(peer.spiffe_id, peer.serial)
+                                yield self._heartbeat
+                        agent = await catch_up
+                    finally:
+                        catch_up.cancel()  # the stream ended while the view caught up
                     sub = self._propagator.subscribe(agent, request.heartbeats)
                     messages = self._snapshot(agent, log.head)
                     continue

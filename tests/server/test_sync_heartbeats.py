@@ -5,12 +5,17 @@ older than heartbeats) is sent none: it reads an unknown kind as an empty snapsh
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 
+from server import propagation
 from server.config import MIN_OWN_SVID_TTL
 from svid._proto import node_pb2
 from tests.server.fixtures import managed_server
+from tests.waits import wait_for
 
 HEARTBEAT = node_pb2.SyncUpdate.HEARTBEAT
 
@@ -52,3 +57,64 @@ def test_a_stream_woken_for_heartbeats_alone_ends_once_its_agent_svid_expires() 
             list(stream)
         assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "expired SVID" in (ended.value.details() or "")
+
+
+def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catches_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A live stream whose backlog overflowed (a bulk change) starts again from a snapshot,
+    and first waits for the view to catch up with the datastore: a slow feed read, on a busy
+    database, up to the staleness bound. Its agent, caught up and counting silence, ended the
+    stream as its server's silence past two intervals and moved: every overflowed stream of the
+    server at once, onto the next one, while the server was healthy. Heartbeats go on while it
+    waits; the snapshot follows once the view is current."""
+    monkeypatch.setattr(propagation, "MAX_INBOX", 0)  # every change overflows the backlog
+    with managed_server(sync_heartbeat_interval=0.1) as server:
+        node = server.server.node
+        assert node is not None
+        gate: asyncio.Event = server.call(_new_event())
+        waiting = 0
+
+        async def held_catch_up() -> None:
+            nonlocal waiting
+            waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                waiting -= 1
+
+        agent = server.attest()
+        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+        try:
+            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+            assert next(stream).kind == HEARTBEAT
+            node._view._catch_up = held_catch_up
+            node._view.bound = 60.0  # the stream waits for the gate, not for the bound
+            entry = server.create_entry("/bulk", agent.spiffe_id)
+            wait_for(lambda: waiting == 1, 10, "the stream to wait for the view")
+            with ThreadPoolExecutor(1) as reader:
+                # Twenty intervals: beats then, or none until the view caught up.
+                beats = reader.submit(lambda: [next(stream).kind for _ in range(3)])
+                try:
+                    kinds = beats.result(timeout=2)
+                except TimeoutError:
+                    pytest.fail("no heartbeat while the view caught up: the agent ends the stream")
+                finally:
+                    server.call(_set(gate))
+            assert kinds == [HEARTBEAT] * 3
+            for update in stream:
+                if update.kind == node_pb2.SyncUpdate.SNAPSHOT:
+                    assert [e.id for e in update.entries] == [entry.id]
+                    break
+                assert update.kind == HEARTBEAT
+        finally:
+            server.call(_set(gate))
+            stream.cancel()
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()  # made on the server's loop
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
