@@ -102,28 +102,33 @@ class AgentAuthority:
         with a renewed certificate drops the one it renewed with (_drop_previous)."""
         agent = await self._authorize(peer)
         if peer.serial == agent.serial and agent.previous_serial:
-            return await self._drop_previous(agent)
+            self._drop_previous(agent)
         return agent
 
-    async def _drop_previous(self, agent: AttestedAgent) -> AttestedAgent:
+    def _drop_previous(self, agent: AttestedAgent) -> None:
         """The agent holds its newest certificate: the one it renewed with is dropped from its
         record (ServerState.drop_previous_certificate), so a renewal with that one answered
-        late supersedes nothing the agent uses. One write per renewal, whatever calls wait on
-        it; one that fails leaves the record as it was, and the call goes on."""
-        dropping = self._dropping.get(agent.spiffe_id)
-        if dropping is None:
-            dropping = asyncio.ensure_future(self._state.drop_previous_certificate(agent))
-            self._dropping[agent.spiffe_id] = dropping
-            dropping.add_done_callback(lambda _: self._dropping.pop(agent.spiffe_id, None))
-        try:
-            await asyncio.shield(dropping)
-        except StorageError as exc:
+        late supersedes nothing the agent uses. One write per renewal, whatever calls start
+        it; one that fails leaves the record as it was. Not awaited by the call: a datastore
+        write behind every agent write of the server, it held a renewed agent's mints and its
+        Sync stream's opening for as long as the datastore was slow or stalled, where memory
+        answered them before."""
+        if agent.spiffe_id in self._dropping:
+            return
+        dropping = asyncio.ensure_future(self._state.drop_previous_certificate(agent))
+        self._dropping[agent.spiffe_id] = dropping
+        dropping.add_done_callback(lambda done: self._dropped(agent.spiffe_id, done))
+
+    def _dropped(self, spiffe_id: str, done: asyncio.Future[bool]) -> None:
+        self._dropping.pop(spiffe_id, None)
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:  # the next call with the certificate tries again
             _log.warning(
                 "cannot drop an agent's previous certificate from its record",
-                extra={"agent_id": agent.spiffe_id, "error": str(exc)[:200]},
+                extra={"agent_id": spiffe_id, "error": f"{type(exc).__name__}: {str(exc)[:200]}"},
             )
-        current = self._state.agents.get(agent.spiffe_id)
-        return current if current is not None and current.serial == agent.serial else agent
 
     async def _authorize(self, peer: AgentPeer) -> AttestedAgent:
         try:

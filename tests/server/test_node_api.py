@@ -1279,7 +1279,52 @@ def test_a_renewal_given_up_on_and_saved_late_leaves_the_agents_new_certificate_
     stream = srv.node_stub(renewed).Sync(node_pb2.SyncRequest(), timeout=10)
     assert next(stream).revision  # the agent's connection on its new SVID
     stream.cancel()
+    # The drop, not awaited by the call, lands before the held save does.
+    wait_for(
+        lambda: srv.server.state.agents[agent.spiffe_id].previous_serial == "",
+        10,
+        "the previous certificate dropped",
+    )
     release.set()
     assert saved.wait(10)
     stored = srv.server.datastore.get_agent(agent.spiffe_id)
     assert agent_refusal(stored, agent.spiffe_id, renewed.serial, time.time()) is None
+
+
+def test_a_renewed_agents_first_calls_wait_for_no_datastore_write(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first call with a renewed certificate drops the one it renewed with from the record:
+    # a datastore write, behind every agent write of the server (one at a time). Awaited by
+    # the call, a stalled or slow datastore held every renewed agent's mints and its Sync
+    # stream's opening for as long, where memory answered them before; the drop is the
+    # record's housekeeping, not the call's answer.
+    agent = srv.attest()
+    entry = srv.create_entry("/renewed/mint", agent.spiffe_id)
+    renewed = _renew(srv, agent)
+    store = type(srv.server.datastore)
+    dropping, release = threading.Event(), threading.Event()
+    original = store.adopt_agent_certificate
+
+    def held(self: Any, *args: Any) -> bool:
+        dropping.set()
+        release.wait(10)
+        return bool(original(self, *args))
+
+    monkeypatch.setattr(store, "adopt_agent_certificate", held)
+    stub = srv.node_stub(renewed)
+    try:
+        asked = node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"])
+        assert stub.NewJWTSVID(asked, timeout=3).token
+        assert dropping.wait(10)  # the drop is under way meanwhile
+        stream = stub.Sync(node_pb2.SyncRequest(), timeout=3)
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        stream.cancel()
+    finally:
+        release.set()
+    # The drop lands once the datastore answers: the certificate renewed with is refused.
+    wait_for(
+        lambda: srv.server.datastore.get_agent(agent.spiffe_id).previous_serial == "",
+        10,
+        "the previous certificate dropped",
+    )
