@@ -36,6 +36,7 @@ from server.datastore.records import AttestedAgent, Entry, Revocation
 from server.entitlement import agent_parents, entitled_entries
 from server.errors import (
     InvalidRequestError,
+    PermissionDeniedError,
     RateLimitedError,
     UnavailableError,
 )
@@ -146,12 +147,23 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             bundle=self._bundle_proto(),
         )
 
-    def _still_authorized(self, peer: AgentPeer) -> None:
+    def _still_authorized(self, peer: AgentPeer, agent: AttestedAgent) -> None:
         """Checked again once an issuance is recorded, before anything is sent: a ban or an
         eviction meanwhile revoked the agent's credentials as the ledger held them then,
         perhaps without these. Refused now, they stay on record and never leave; a ban after
-        this check finds them in the ledger and revokes them."""
-        self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        this check finds them in the ledger and revokes them. `agent`: the record the call was
+        authorized on. The certificate the agent renewed with, dropped meanwhile as the agent
+        called with its newest (AgentAuthority), is no such refusal: the call was the agent's
+        own, begun before its renewal's answer moved it on, and refused it told the workload
+        it had no identity."""
+        try:
+            self._state.authorize_agent(peer.spiffe_id, peer.serial)
+        except PermissionDeniedError:
+            current = self._state.agents.get(peer.spiffe_id)
+            # Nothing else moved: not banned, evicted, attested again or renewed again since.
+            dropped = agent.adopted(agent.serial, agent.expires_at)
+            if not (peer.serial == agent.previous_serial and current == dropped):
+                raise
 
     # -- Attest -------------------------------------------------------------------------------
 
@@ -488,7 +500,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         outcomes = await self._issuer.issue_x509(
             agent, [(item.entry_id, item.csr) for item in params]
         )
-        self._still_authorized(peer)
+        self._still_authorized(peer, agent)
         response = node_pb2.BatchNewX509SVIDResponse()
         add = response.results.add
         for outcome in outcomes:
@@ -517,7 +529,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not self._limits.jwt.try_take(agent.spiffe_id):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         issued = await self._issuer.issue_jwt(agent, entry, wanted.audience)
-        self._still_authorized(peer)
+        self._still_authorized(peer, agent)
         return node_pb2.NewJWTSVIDResponse(
             token=issued.token, issued_at=int(issued.issued_at), expires_at=int(issued.expires_at)
         )
@@ -533,7 +545,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not self._limits.jwt.try_take(agent.spiffe_id, len(requests)):
             raise RateLimitedError(f"JWT signing rate limit exceeded for {agent.spiffe_id}")
         outcomes = await self._issuer.issue_jwts(agent, requests)
-        self._still_authorized(peer)
+        self._still_authorized(peer, agent)
         response = node_pb2.BatchNewJWTSVIDResponse()
         add = response.results.add
         for outcome in outcomes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -1328,3 +1329,57 @@ def test_a_renewed_agents_first_calls_wait_for_no_datastore_write(
         10,
         "the previous certificate dropped",
     )
+
+
+@pytest.mark.parametrize("banned", [False, True])
+def test_a_mint_in_flight_on_the_certificate_renewed_with_is_answered_once_it_is_dropped(
+    srv: RunningServer, banned: bool
+) -> None:
+    # A workload's JWT mint goes out on the agent's channel of the certificate it renews with
+    # (A); the renewal answers meanwhile, and the agent's Sync on the new certificate drops A
+    # from the record while the mint is signed. The check after signing (a ban, an eviction
+    # meanwhile) refused the mint as superseded: the agent told its workload "no identity",
+    # a decision, for its own renewal, and the SVID signed for it stayed on record unsent.
+    # A ban meanwhile still refuses it.
+    agent = srv.attest()
+    entry = srv.create_entry("/renewing/mint", agent.spiffe_id)
+    renewed = _renew(srv, agent)
+    node = srv.server.node
+    assert node is not None
+    signing, release = threading.Event(), threading.Event()
+    original = node._issuer.issue_jwt
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        signing.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return await original(*args, **kwargs)
+
+    node._issuer.issue_jwt = held  # type: ignore[method-assign]
+    try:
+        asked = node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"])
+        mint = srv.node_stub(agent).NewJWTSVID.future(asked, timeout=10)
+        assert signing.wait(10)
+        stream = srv.node_stub(renewed).Sync(node_pb2.SyncRequest(), timeout=10)
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        stream.cancel()
+        wait_for(
+            lambda: srv.server.state.agents[agent.spiffe_id].previous_serial == "",
+            10,
+            "the previous certificate dropped",
+        )
+        if banned:
+            srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+    finally:
+        release.set()
+    if banned:
+        with pytest.raises(grpc.RpcError) as refused:
+            mint.result(timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "banned" in (refused.value.details() or "")
+        return
+    assert mint.result(timeout=10).token
+    # A new call with it is refused: the drop holds.
+    with pytest.raises(grpc.RpcError) as refused:
+        srv.node_stub(agent).NewJWTSVID(asked, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
