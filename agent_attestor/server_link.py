@@ -76,6 +76,12 @@ class ServerLink:
         self._listening_since = self._elapsed.monotonic()
         self.heard.bump()  # a silence counted meanwhile is looked at again (silent_left)
 
+    def resumed(self) -> None:
+        """The agent's loop ran again after it was held up (a stalled host, a long pause): as
+        after a message it was slow to handle, what the server sent meanwhile waits unread,
+        and the silence that ends the stream is counted from now (silent_left)."""
+        self._listening_since = self._elapsed.monotonic()
+
     def beat(self, interval: float) -> None:
         """A heartbeat came, promising another within `interval` seconds. Before the stream is
         caught up it only says that this server sends them."""

@@ -371,3 +371,70 @@ def test_a_message_the_agent_is_slow_to_handle_does_not_end_its_stream(
     events = asyncio.run(scenario())
     assert len(saves) == 2
     assert events == ["sync", "sync"]
+
+
+class _BeatingServer(node_pb2_grpc.NodeServicer):
+    """Sends its messages, then a heartbeat every `interval` seconds, as a healthy server does."""
+
+    def __init__(self, messages: list[node_pb2.SyncUpdate], interval: float) -> None:
+        self.messages = messages
+        self.interval = interval
+        self.streams = 0
+
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: Any
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        self.streams += 1
+        beat = node_pb2.SyncUpdate(
+            kind=node_pb2.SyncUpdate.HEARTBEAT,
+            heartbeat_interval_ms=round(self.interval * 1000),
+        )
+        for message in self.messages:
+            yield message
+        while True:
+            yield beat
+            await asyncio.sleep(self.interval)
+
+
+def test_the_agents_own_stalled_loop_is_no_silence_of_its_server(tmp_path: Path) -> None:
+    """The agent's loop held up past the heartbeats' promise (a stalled host, a long pause,
+    its clock 1 s on, five times the promise) while the server beat all along: the silence
+    watch woke first and ended the stream before the agent read what came meanwhile, and the
+    agent moved from a healthy server. Its own stall is no silence of the server's: the
+    stream ends only if nothing comes within the promise once the loop runs again."""
+    clock = FakeClock(start=time.time())
+    ca, store, bundle = _agent(tmp_path, clock)
+    messages = list(
+        snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep")
+    )
+    server = _BeatingServer(messages, 0.1)
+
+    def stall() -> None:
+        clock.advance(1.0)
+        time.sleep(0.6)  # past the silence watch's wake-up (0.2 s): it is the first to run
+
+    async def scenario() -> list[str]:
+        cache = Cache(clock)
+        events: list[str] = []
+        done = asyncio.Event()
+        syncs = 0
+
+        def on_change(event: str) -> None:
+            nonlocal syncs
+            events.append(event)
+            if event == "sync":
+                syncs += 1
+                if syncs == 1:
+                    asyncio.get_running_loop().call_later(0.3, stall)
+                    asyncio.get_running_loop().call_later(1.5, done.set)
+            if event == "disconnected":
+                done.set()
+
+        await _sync_until(
+            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
+        )
+        return events
+
+    events = asyncio.run(scenario())
+    assert "disconnected" not in events
+    assert server.streams == 1
