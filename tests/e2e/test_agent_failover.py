@@ -21,6 +21,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,17 @@ class Pair:
     def addresses(self) -> tuple[tuple[str, str], ...]:
         return tuple(addresses(s) for s in self.servers.values())
 
+    @contextmanager
+    def synced_agent(self) -> Iterator[tuple[AgentProcess, str]]:
+        """An agent listing both servers (its metrics served), and the node address of the one
+        its Sync stream came up on."""
+        any_server = next(iter(self.servers.values()))
+        root = self.root / "agent"
+        with agent_stack(root, any_server, start=False, servers=self.addresses) as agent:
+            root.mkdir(exist_ok=True)
+            agent.start("--metrics-address", "127.0.0.1:0")
+            yield agent, wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
+
 
 @pytest.fixture
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
@@ -203,12 +215,8 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
 def test_an_agent_fails_over_when_its_server_is_killed_and_stays_on_the_survivor(
     pair: Pair,
 ) -> None:
-    any_server = next(iter(pair.servers.values()))
-    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
-        (pair.root / "agent").mkdir(exist_ok=True)
-        agent.start("--metrics-address", "127.0.0.1:0")
+    with pair.synced_agent() as (agent, home):
         agent_id = agent.agent_id()
-        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
         doomed, survivor = pair.by_address(home), pair.other(home)
         create_entry(doomed, FIRST, agent_id)
         agent.wait_svid(FIRST)
@@ -294,11 +302,7 @@ def test_an_agent_leaves_a_server_that_hangs_without_closing_its_connection(pair
     """A stopped (SIGSTOP) server keeps its connections open and answers nothing: its Sync
     stream's heartbeats stop, the agent ends the stream and moves on. It waited for keepalive
     (15 s to the ping, 5 s for its answer) before."""
-    any_server = next(iter(pair.servers.values()))
-    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
-        (pair.root / "agent").mkdir(exist_ok=True)
-        agent.start("--metrics-address", "127.0.0.1:0")
-        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
+    with pair.synced_agent() as (agent, home):
         hung = pair.by_address(home).proc
         assert hung is not None
         survivor_address = addresses(pair.other(home))[0]
@@ -329,12 +333,8 @@ def test_an_agent_whose_server_hangs_before_its_renewal_renews_at_the_other_serv
     meanwhile, and the agent, its join token spent, could not attest again. It now gives up on
     the renewal within a third of the life left, moves, and renews at the other server: the
     same agent ID, its SVID renewed there, its workloads served all along."""
-    any_server = next(iter(pair.servers.values()))
-    with agent_stack(pair.root / "agent", any_server, start=False, servers=pair.addresses) as agent:
-        (pair.root / "agent").mkdir(exist_ok=True)
-        agent.start("--metrics-address", "127.0.0.1:0")
+    with pair.synced_agent() as (agent, home):
         agent_id = agent.agent_id()
-        home = wait_for(lambda: synced_on(agent), 30, "the agent's Sync stream")
         hung, survivor = pair.by_address(home), pair.other(home)
         create_entry(hung, FIRST, agent_id)
         agent.wait_svid(FIRST)
