@@ -206,6 +206,13 @@ RENEW_SHARE = 1 / 3
 RENEW_FLOOR = 1.0
 # Never more: what a renewal of a long-lived SVID waited before.
 RENEW_CAP = 30.0
+# A renewed agent SVID the disk refuses waits, unused, while the one on disk has more than this
+# share of its life left (Syncer._adopt): the server drops the old one from the agent's record
+# at the first call with the new one, and a restart before the new one is saved found only the
+# old one on disk, refused as superseded (a join token spent: the agent out for good). Unused,
+# the new one supersedes nothing, and the old one is taken until it lapses. Past this share the
+# new one is used all the same: the old one, on disk or not, would be of no use for long.
+HOLD_SHARE = 0.25
 
 
 def renewal_timeout(left: float, *, elsewhere: bool = True) -> float:
@@ -279,6 +286,12 @@ class Syncer:
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
         self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
+        # The agent SVID on disk, as far as this run knows (loaded or saved by it).
+        self._on_disk: AgentSvid | None = None
+        # A renewed agent SVID the disk refused, not used while the one on disk has life left
+        # (_adopt), with its roots and arrival; _held_saved is set once a save writes it.
+        self._held: tuple[AgentSvid, TrustBundle, Arrival] | None = None
+        self._held_saved = asyncio.Event()
         self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._svid_save_failed = False  # an agent SVID refused was said, its save not yet
         self._save_wanted = asyncio.Event()
@@ -376,8 +389,9 @@ class Syncer:
     async def _persist(self, svid: AgentSvid, bundle: TrustBundle, how: str) -> None:
         """The agent SVID (`how` it came) and the roots that came with it, on disk for the next
         start. A disk that refuses them (full, read-only) must not lose them: the server has
-        spent the join token or replaced the old SVID already. So they are used from memory,
-        said once, and _save_loop saves them once the disk takes them."""
+        spent the join token or replaced the old SVID already. So they are used from memory
+        (a renewed one held unused while the one on disk has life left: _adopt), said once,
+        and _save_loop saves them once the disk takes them."""
         self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
         self._unsaved_how = how
         # A new SVID refused is news: said at once, not an interval after an older one's line.
@@ -410,6 +424,17 @@ class Syncer:
         count = self._svid_save_log.due()
         if not count:
             return
+        if self._held is not None and self._held[0] is self._unsaved:
+            log.error(
+                "cannot save the renewed agent SVID; going on with the one saved before it "
+                "until it is saved (or that one's life runs short), saving it again with backoff",
+                extra={
+                    "svid_file": str(self._store.svid_path),
+                    "failures": count,
+                    "error": str(exc)[:200],
+                },
+            )
+            return
         log.error(
             "cannot save the %s agent SVID; using it from memory and saving it again with "
             "backoff (a restart before it is saved cannot use it)",
@@ -440,6 +465,9 @@ class Syncer:
             svid = self._unsaved
             if svid is not None:
                 await _off_loop(self._store.save_svid, svid)
+                self._on_disk = svid
+                if self._held is not None and self._held[0] is svid:
+                    self._held_saved.set()  # to be used now (_hold)
                 if self._unsaved is svid:
                     self._unsaved = None
                     self._svid_saved()  # whichever save it was, a refused SVID is mended
@@ -516,6 +544,8 @@ class Syncer:
         if self._servers.current is None:
             server = await self._servers.first()
             log.info("chose a server", extra={"server": server.node})
+        if self._held is not None and not self._holds():
+            self._use_held()  # saved meanwhile, or the one in use runs short
         now = self._clock.now()
         if self._fallback is None:
             if self._svid is not None and self._svid.not_after > now:
@@ -527,6 +557,7 @@ class Syncer:
             stored = None  # set aside: see _set_aside_saved_svid
         if stored is not None and stored.not_after > now + 1:
             log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
+            self._on_disk = stored
             # It came before now at the latest: its renewal is counted from here on the elapsed
             # clock too (renewal_wait), not from its validity alone on a skewed wall clock.
             self._arrived = (stored, Arrival(None, self._elapsed.monotonic()))
@@ -677,6 +708,14 @@ class Syncer:
             if self._unsaved is None:  # only roots were waiting: the agent SVID is on disk
                 self._bundle_refused(exc)
                 return
+            if self._held is not None and self._held[0] is self._unsaved:
+                log.warning(
+                    "stopping with the renewed agent SVID unsaved: the next start uses the one "
+                    "saved before it, which the server still takes (the renewed one was never "
+                    "used), and renews it",
+                    extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
+                )
+                return
             log.error(
                 "stopping with the agent SVID in use unsaved: the next start cannot use it, only "
                 "one saved before it (which the server may no longer take), and may have to "
@@ -694,21 +733,84 @@ class Syncer:
             left = self._life_left(self._svid)
             timeout = renewal_timeout(left, elsewhere=self._servers.has_others())
         svid, bundle = await self._client.renew(timeout=timeout)
-        self._note_arrival(svid)
+        arrival = Arrival(self._clock.now(), self._elapsed.monotonic())
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
         # beside it had this run and the next start use two different ones.
-        self._adopting = asyncio.ensure_future(self._adopt(svid, bundle))
+        self._adopting = asyncio.ensure_future(self._adopt(svid, bundle, arrival))
         await to_its_end(self._adopting)
 
-    async def _adopt(self, svid: AgentSvid, bundle: TrustBundle) -> None:
-        # The server has replaced the old SVID already (it works only until it expires):
-        # dropping the new one for a disk that refuses it would leave nothing to renew with.
+    async def _adopt(self, svid: AgentSvid, bundle: TrustBundle, arrival: Arrival) -> None:
+        """Save the renewed `svid` and use it. One the disk refuses is held unused while the
+        SVID in use is the one on disk and has life left (_holds): the server drops that one
+        at the first call with the new one, and a restart before the disk took the new one
+        found only a superseded SVID. Held, a restart loads the old one, which the server
+        still takes, and renews it. Past that, the new one is used from memory: the server
+        has replaced the old one already, and it works only until it expires."""
+        in_use = self._svid
+        on_disk = in_use is not None and in_use is self._on_disk and self._unsaved is None
+        if on_disk and self._hold_left() > 0:
+            # Before the save, so that a refusal is said as what it is (_svid_refused).
+            self._held = (svid, bundle, arrival)
+            self._held_saved.clear()
         await self._persist(svid, bundle, "renewed")
+        if self._held is not None and self._held[0] is svid and self._holds():
+            if bundle.x509_authorities:
+                self._cache.set_bundle(bundle)  # roots are news whichever SVID is in use
+            log.info(
+                "agent SVID renewed; the disk refused it, so the one saved before it stays in "
+                "use until it is saved",
+                extra={"agent_id": svid.spiffe_id},
+            )
+            return
+        self._held = None
+        self._put_in_use(svid, bundle, arrival)
+
+    def _put_in_use(self, svid: AgentSvid, bundle: TrustBundle, arrival: Arrival) -> None:
+        self._arrived = (svid, arrival)
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")
         self._reconnect.set()  # move the Sync stream to the new certificate
+
+    def _holds(self) -> bool:
+        """The renewed SVID held (_adopt) stays unused: still unsaved, and the one in use has
+        more than HOLD_SHARE of its life left."""
+        if self._held is None or self._svid is None or self._unsaved is not self._held[0]:
+            return False
+        return self._hold_left() > 0
+
+    def _hold_left(self) -> float:
+        """Seconds the SVID in use may go on while a renewed one is held."""
+        svid = self._svid
+        assert svid is not None
+        return self._life_left(svid) - HOLD_SHARE * (svid.not_after - svid.not_before)
+
+    def _use_held(self) -> None:
+        held, self._held = self._held, None
+        assert held is not None
+        if self._unsaved is held[0]:
+            # Said: the operator was told the one saved before stays in use, which a restart
+            # could use; from now a restart before the save cannot.
+            log.error(
+                "the agent SVID in use runs short and the disk still refuses the renewed one: "
+                "using it from memory, saving it again with backoff (a restart before it is "
+                "saved cannot use it)",
+                extra={"svid_file": str(self._store.svid_path)},
+            )
+        self._put_in_use(*held)
+
+    async def _hold(self) -> None:
+        """Until the renewed SVID held is saved or the one in use runs short: the renewal loop
+        waits here, not renewing again (each renewal a new certificate and a datastore write
+        at the server, each one refused by the disk again), then uses it."""
+        while self._holds():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._held_saved.wait(), max(0.0, min(self._hold_left(), RECHECK))
+                )
+        if self._held is not None:
+            self._use_held()
 
     def _note_arrival(self, svid: AgentSvid) -> None:
         """`svid` came from the server now: its renewal is counted from here too."""
@@ -737,6 +839,9 @@ class Syncer:
         jitter = jitter_for(svid)
         attempt = 0
         while True:
+            if self._held is not None:
+                await self._hold()
+                return  # the stream moves to the renewed SVID (_put_in_use)
             due = renewal_wait(
                 svid.not_before,
                 svid.not_after,
@@ -752,6 +857,8 @@ class Syncer:
                 continue
             try:
                 await self.renew_once()
+                if self._held is not None:
+                    continue  # held unused: waits for its save, not renewed again
                 return
             # No failure ends the loop silently: one that did (no connection to check the
             # server, an SVID that does not parse) left nothing renewing the SVID.
@@ -984,6 +1091,7 @@ class Syncer:
             await asyncio.wait({adopting})
         async with self._saving:
             self._unsaved = None
+            self._held = None  # nothing backs it either
             self._svid_save_failed = False  # nothing of it to be said saved
             self._remove_refused()
         self._svid = None
@@ -991,6 +1099,7 @@ class Syncer:
 
     def _remove_refused(self) -> None:
         refused = self._svid
+        self._on_disk = None
         try:
             self._store.remove_svid()
         except OSError as exc:

@@ -7,6 +7,7 @@ by a CA that dates the SVIDs by the server's clock."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -452,3 +453,111 @@ def test_an_agent_ahead_of_a_real_server_by_half_the_ttl_keeps_its_stream(
             loop.run(syncer.close())
             loop.stop()
             shutil.rmtree(data, ignore_errors=True)
+
+
+def _disk_refuses(tmp_path: Path) -> None:
+    """A directory stands where a save writes the new key first, as a full disk refuses it (the
+    tests run as root, whom a read-only chmod does not stop)."""
+    (tmp_path / "key.der.next").mkdir()
+    (tmp_path / "key.der.next" / "in-the-way").write_text("")
+
+
+def _disk_mended(tmp_path: Path) -> None:
+    shutil.rmtree(tmp_path / "key.der.next")
+
+
+def test_a_renewal_the_disk_refuses_keeps_the_saved_svid_in_use_until_it_is_saved(
+    tmp_path: Path, server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server drops the SVID an agent renewed with at its first call with the new one: used
+    from memory while the disk refused it, the new one superseded the one on disk, and a
+    restart before the save loaded that one, was refused and attested again (a join-token agent
+    out for good). Held unused while the one on disk has life left, the renewal is not asked
+    again meanwhile, and the new one is used once saved."""
+    base, syncer = _syncer(tmp_path, server)
+    store = syncer._store
+    syncer._s.save_retry_first = 0.01
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        _disk_refuses(tmp_path)
+        loop = asyncio.create_task(syncer._renew_loop(loaded))
+        base.advance(TTL / 2)
+        await until(lambda: server.renewals == 1, "the renewal")
+        await asyncio.sleep(0.2)  # the loop reads the clocks many times meanwhile
+        assert not loop.done()
+        assert server.renewals == 1  # held, not renewed again and again
+        assert syncer.agent_svid is loaded  # the one on disk, which the server still takes
+        saved = store.load_svid()
+        assert saved is not None
+        assert saved.chain == loaded.chain
+        _disk_mended(tmp_path)
+        saver = asyncio.create_task(syncer._save_loop())
+        await asyncio.wait_for(loop, 5)  # saved: the stream moves to the new one
+        renewed = syncer.agent_svid
+        assert renewed is not None
+        assert renewed is not loaded
+        saved = store.load_svid()
+        assert saved is not None
+        assert saved.chain == renewed.chain
+        assert server.renewals == 1
+        await cancel_all([saver])
+        await syncer.close()
+
+    with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert "going on with the one saved before it" in caplog.text
+    assert "saved the agent SVID the disk refused before" in caplog.text
+
+
+def test_a_renewal_the_disk_refuses_is_used_once_the_saved_svid_runs_short(
+    tmp_path: Path, server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held for as long as the SVID on disk has more than a quarter of its life left: past that
+    it would be of no use to a restart for long, and the renewed one, used from memory, is the
+    one the agent goes on with."""
+    base, syncer = _syncer(tmp_path, server)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        _disk_refuses(tmp_path)
+        loop = asyncio.create_task(syncer._renew_loop(loaded))
+        base.advance(TTL / 2)
+        await until(lambda: server.renewals == 1, "the renewal")
+        await asyncio.sleep(0.1)
+        assert not loop.done()
+        assert syncer.agent_svid is loaded
+        base.advance(TTL / 4)  # NotBefore back-dated 10 s: under a quarter left
+        await asyncio.wait_for(loop, 5)
+        assert syncer.agent_svid is not loaded
+        assert server.renewals == 1
+        await syncer.close()
+
+    with caplog.at_level(logging.ERROR, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert "runs short and the disk still refuses the renewed one" in caplog.text
+
+
+def test_a_restart_with_a_held_renewal_unsaved_loads_the_svid_saved_before_it(
+    tmp_path: Path, server: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop while the renewed SVID is held and the disk still refuses it: what is on disk is
+    the SVID in use, which the server still takes (the renewed one was never used), and the
+    stop says so rather than that the next start cannot use it."""
+    base, syncer = _syncer(tmp_path, server)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        _disk_refuses(tmp_path)
+        loop = asyncio.create_task(syncer._renew_loop(loaded))
+        base.advance(TTL / 2)
+        await until(lambda: server.renewals == 1, "the renewal")
+        await cancel_all([loop])
+        await syncer.settle(1)
+        await syncer.close()
+        assert syncer.agent_svid is loaded
+
+    with caplog.at_level(logging.WARNING, logger="agent_attestor.sync"):
+        asyncio.run(scenario())
+    assert "the next start uses the one saved before it" in caplog.text
+    assert "cannot use it" not in caplog.text

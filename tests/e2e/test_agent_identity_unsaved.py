@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_attestor.agent_store import AgentStore
+from agent_attestor import sync
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.model import TrustBundle
+from agent_attestor.node_client import NodeClient
 from agent_attestor.sync import Syncer
 from svid._clock import FakeClock
 from tests.e2e.agent_process import new_token
@@ -126,3 +129,65 @@ def test_a_restart_with_the_svid_the_token_bought_unsaved_says_why_and_stops_ask
     assert "an earlier run of this agent" in said
     assert str(tmp_path / "svid.der") in said
     assert token.partition(".")[2] not in said
+
+
+def test_a_restart_while_the_disk_refuses_a_renewal_comes_back_with_an_svid_the_server_takes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server drops the SVID an agent renewed with at its first call with the new one: used
+    from memory while the disk refused it, the new one superseded the one on disk, and a
+    restart before the save loaded that one, was refused, and asked to attest again with the
+    spent join token (out for good). The new one held unused, the restart goes on with the one
+    on disk, which the server still takes, and renews it."""
+    monkeypatch.setattr(sync, "RECHECK", 0.05)  # the renewal loop reads the moved clock soon
+    root = short_tmpdir()
+    server = make_server(root).start()
+    try:
+        token = new_token(server)
+        attempts = Attempts(monkeypatch)
+        renewals: list[AgentSvid] = []
+        real_renew = NodeClient.renew
+
+        async def renew(client: NodeClient, timeout: float = 30.0) -> tuple[AgentSvid, TrustBundle]:
+            svid, bundle = await real_renew(client, timeout=timeout)
+            renewals.append(svid)
+            return svid, bundle
+
+        monkeypatch.setattr(NodeClient, "renew", renew)
+        clock = FakeClock(start=time.time())
+        first = in_process_syncer(server, tmp_path, clock, join_token=token)
+        store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+
+        async def renewed_unsaved() -> None:
+            async with running(first):
+                await until(lambda: first.syncs >= 1, "a Sync message")
+                _block_the_key(tmp_path)
+                clock.advance(3600 * 0.6 + 10)  # past its renewal point, whatever its jitter
+                await until(lambda: len(renewals) == 1, "the renewal")
+                await asyncio.sleep(1.0)  # the save retried in vain, the stream held meanwhile
+            await first.settle(1)
+
+        again = in_process_syncer(server, tmp_path, FakeClock(start=time.time()), join_token=token)
+
+        async def restarted() -> None:
+            async with running(again):
+                await until(lambda: again.syncs >= 1, "a Sync message after the restart")
+                shutil.rmtree(tmp_path / "key.der.next")  # the disk mended
+                await again.renew_once()  # with the SVID on disk, which the server takes
+                await until(lambda: again.syncs >= 2, "a Sync message on the renewed SVID")
+
+        with caplog.at_level(logging.INFO, logger="agent_attestor"):
+            asyncio.run(renewed_unsaved())
+            loaded = store.load_svid()
+            asyncio.run(restarted())
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert attempts.count == 1  # never attested again
+    assert len(renewals) == 2  # not renewed again while the first renewal waited
+    assert loaded is not None
+    assert loaded.chain != renewals[0].chain  # the renewed one never reached the disk
+    saved = store.load_svid()
+    assert saved is not None
+    assert saved.chain == renewals[1].chain
+    assert TOKEN_REFUSED not in caplog.text
