@@ -130,6 +130,17 @@ class AgentAuthority:
                 extra={"agent_id": spiffe_id, "error": f"{type(exc).__name__}: {str(exc)[:200]}"},
             )
 
+    async def drain(self) -> None:
+        """Wait for what runs on past its callers: the drops under way, and the datastore
+        reads (an adoption's writes with them) a cancelled call left. A stopping server
+        calls it once no call comes any more, before it closes the datastore: closed beneath
+        them, their writes ran on a closed datastore."""
+        while self._dropping or self._reading:
+            if self._dropping:
+                await asyncio.wait(set(self._dropping.values()))
+            if self._reading:
+                await asyncio.wait(set(self._reading.values()))
+
     async def _authorize(self, peer: AgentPeer) -> AttestedAgent:
         try:
             agent = self._state.authorize_agent(peer.spiffe_id, peer.serial)

@@ -244,6 +244,7 @@ class Server:
         self.propagator: Propagator | None = None
         self.follower: FeedFollower | None = None
         self.node: NodeServicer | None = None
+        self._authority: AgentAuthority | None = None
         self.oauth: OAuthService | None = None
         self.descriptor_limit = 0  # the soft RLIMIT_NOFILE once started
         self.grpc_max_connections = 0  # the agents' ports' connection cap once started
@@ -605,7 +606,7 @@ class Server:
         # Who calls as an agent, for the node API and the task layer alike.
         peers = PeerCache(self.ids, self.ca.issuing_cas)
         # Servers sharing a datastore: an old view's acceptance is checked with the datastore.
-        authority = AgentAuthority(
+        authority = self._authority = AgentAuthority(
             self.state,
             datastore_reader(self.datastore),
             self.clock,
@@ -916,6 +917,8 @@ class Server:
                 await server.stop(grace)
         # No call comes in any more; an end whose caller left runs on: done before the close.
         await self.tasks.drain()
+        if self._authority is not None:
+            await self._authority.drain()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
