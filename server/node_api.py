@@ -438,10 +438,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # The first heartbeat right after the first messages: the agent learns this server
             # sends them (an older one never does) and times its silence from there.
             beat = sub.heartbeats
+            # When the stream's last message went out, on the loop's clock as the heartbeats'
+            # schedule (Propagator.run_heartbeats): a catch-up's beats are timed from it.
+            clock = asyncio.get_running_loop().time
+            sent_at = clock()
             while True:
                 for message in messages:
+                    sent_at = clock()
                     yield message
                 if beat:
+                    sent_at = clock()
                     yield self._heartbeat
                 window = await sub.next()
                 beat, sub.beat = sub.beat, False
@@ -462,15 +468,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     catch_up = asyncio.ensure_future(self._current(peer))
                     try:
                         while request.heartbeats and not catch_up.done():
-                            await asyncio.wait(
-                                {catch_up}, timeout=self._settings.heartbeat_interval
-                            )
+                            # An interval after the last message, not after the catch-up
+                            # began: the beat due at the wake that found the overflow (the
+                            # subscription gone, it never came) and the next an interval on
+                            # made two intervals of silence, the very one the agent ends the
+                            # stream for.
+                            due = sent_at + self._settings.heartbeat_interval - clock()
+                            await asyncio.wait({catch_up}, timeout=max(0.0, due))
                             if not catch_up.done():
                                 # As any heartbeat: of a view that is not stale, to an agent
                                 # still served. What the backlog dropped comes with the
                                 # snapshot, within the bound.
                                 self._view.check()
                                 self._state.authorize_agent(peer.spiffe_id, peer.serial)
+                                sent_at = clock()
                                 yield self._heartbeat
                         agent = await catch_up
                     finally:

@@ -6,6 +6,7 @@ older than heartbeats) is sent none: it reads an unknown kind as an empty snapsh
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -107,6 +108,50 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
                     assert [e.id for e in update.entries] == [entry.id]
                     break
                 assert update.kind == HEARTBEAT
+        finally:
+            server.call(_set(gate))
+            stream.cancel()
+
+
+def test_the_first_beat_while_the_view_catches_up_comes_an_interval_after_the_last_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catch-up's heartbeats were timed from its start: a stream whose backlog overflowed
+    just before its next beat was due had that beat (its subscription gone) and the catch-up's
+    first only an interval later, near two intervals after the last message: the very silence
+    its agent ends the stream for, every overflowed stream of a healthy server that was about
+    to beat."""
+    monkeypatch.setattr(propagation, "MAX_INBOX", 0)  # every change overflows the backlog
+    interval = 1.0
+    with managed_server(sync_heartbeat_interval=interval) as server:
+        node = server.server.node
+        assert node is not None
+        gate: asyncio.Event = server.call(_new_event())
+        waiting = 0
+
+        async def held_catch_up() -> None:
+            nonlocal waiting
+            waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                waiting -= 1
+
+        agent = server.attest()
+        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+        try:
+            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+            assert next(stream).kind == HEARTBEAT  # right after the snapshot
+            assert next(stream).kind == HEARTBEAT  # on the stream's turn: the next one's due
+            last = time.monotonic()  # an interval from now
+            node._view._catch_up = held_catch_up
+            node._view.bound = 60.0
+            time.sleep(0.8 * interval)
+            server.create_entry("/bulk", agent.spiffe_id)
+            wait_for(lambda: waiting == 1, 10, "the stream to wait for the view")
+            assert next(stream).kind == HEARTBEAT
+            silent = time.monotonic() - last
+            assert silent < 1.4 * interval, f"{silent:.2f} s without a message"
         finally:
             server.call(_set(gate))
             stream.cancel()
