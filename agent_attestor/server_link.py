@@ -44,6 +44,8 @@ class ServerLink:
         # saved on a slow disk, is no silence of the server's to end the stream for.
         self._handling = False
         self._listening_since = self._lost_at  # when the agent last went back to reading
+        # resumed() counted the silence from then, and no message came since (hear).
+        self._resumed = False
         self.changed = Signal()  # bumped when the link is lost or back, not in between
         self.heard = Signal()  # bumped by every message of a live stream (check's wake-up)
 
@@ -69,6 +71,7 @@ class ServerLink:
             self._heard_at = self._elapsed.monotonic()
             self.heard.bump()
         self._handling = True
+        self._resumed = False
 
     def handled(self) -> None:
         """The agent is done with the message hear() announced and reads the stream again."""
@@ -79,7 +82,14 @@ class ServerLink:
     def resumed(self) -> None:
         """The agent's loop ran again after it was held up (a stalled host, a long pause): as
         after a message it was slow to handle, what the server sent meanwhile waits unread,
-        and the silence that ends the stream is counted from now (silent_left)."""
+        and the silence that ends the stream is counted from now (silent_left). Once until
+        a message comes: the loop ran since, and what was waiting was read; held up again
+        with nothing heard, the silence is the server's. Counted again at every late wake,
+        a hung server's stream lived as long as a loaded host held the loop up a little past
+        an interval at each (0.1 s for the shortest)."""
+        if self._resumed:
+            return
+        self._resumed = True
         self._listening_since = self._elapsed.monotonic()
 
     def beat(self, interval: float) -> None:
@@ -101,6 +111,7 @@ class ServerLink:
             self.changed.bump()
         self._live = False
         self._silence = None  # the next stream's server may send none
+        self._resumed = False
 
     def check(self) -> float | None:
         """Count the link lost, since the last message heard, if its server promised

@@ -438,3 +438,70 @@ def test_the_agents_own_stalled_loop_is_no_silence_of_its_server(tmp_path: Path)
     events = asyncio.run(scenario())
     assert "disconnected" not in events
     assert server.streams == 1
+
+
+class _HungServer(node_pb2_grpc.NodeServicer):
+    """Sends its messages and one heartbeat, then nothing, its stream left open: a server hung
+    (stopped, behind a black hole) that does not close it."""
+
+    def __init__(self, messages: list[node_pb2.SyncUpdate], interval: float) -> None:
+        self.messages = messages
+        self.interval = interval
+
+    async def Sync(  # type: ignore[override]
+        self, request: node_pb2.SyncRequest, context: Any
+    ) -> AsyncIterator[node_pb2.SyncUpdate]:
+        for message in self.messages:
+            yield message
+        yield node_pb2.SyncUpdate(
+            kind=node_pb2.SyncUpdate.HEARTBEAT, heartbeat_interval_ms=round(self.interval * 1000)
+        )
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("hung", [True, False])
+def test_a_hung_server_is_noticed_by_an_agent_whose_loop_is_late_at_every_wake(
+    tmp_path: Path, hung: bool
+) -> None:
+    """A loaded host holds the agent's loop up a little past a heartbeat interval again and
+    again (0.5 s by its clock every 0.1 s, intervals of 0.1 s). Each late wake of the silence
+    watch counted the silence from then, as the agent's own time, though nothing came once the
+    stream was read again: a hung server's stream was never ended, the agent served by no
+    server for as long as the load lasted. Once the loop ran, a second late wake with nothing
+    heard since the first is the server's silence; a server heard in between is kept."""
+    clock = FakeClock(start=time.time())
+    ca, store, bundle = _agent(tmp_path, clock)
+    messages = list(
+        snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep")
+    )
+    server: node_pb2_grpc.NodeServicer = (
+        _HungServer(messages, 0.1) if hung else _BeatingServer(messages, 0.1)
+    )
+
+    async def scenario() -> list[str]:
+        cache = Cache(clock)
+        events: list[str] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def lag() -> None:
+            clock.advance(0.5)
+            time.sleep(0.02)
+            if not done.is_set():
+                loop.call_later(0.1, lag)
+
+        def on_change(event: str) -> None:
+            events.append(event)
+            if event == "sync" and events.count("sync") == 1:
+                loop.call_soon(lag)
+                loop.call_later(3.0, done.set)
+            if event == "disconnected":
+                done.set()
+
+        await _sync_until(
+            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
+        )
+        return events
+
+    events = asyncio.run(scenario())
+    assert ("disconnected" in events) == hung
