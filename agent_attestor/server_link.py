@@ -23,6 +23,12 @@ SILENT_BEATS = 2
 # instead, it had the agent count lost between two beats of a server set to beat less often.
 # (server/config.py bounds sync_heartbeat_interval to the same.)
 MAX_HEARTBEAT_INTERVAL = 60.0
+# A silence watch woken later than this (seconds) found the agent's loop held up when it was
+# due: what came meanwhile may wait unread (ServerLink.resumed). Not an interval: a pause from
+# just after a beat past the next two (2.8 intervals) had the watch wake 0.8 of one late,
+# and it ended a healthy server's stream; a timer's own lateness on a busy loop is far less,
+# and one taken for a stall costs a hung server's agent one more silence at most (resumed).
+HELD_UP = 0.05
 # The shortest: a promise of a beat every few milliseconds counted every pause of the agent's
 # loop (a GC) as an outage and every next beat as its end, each turn told to every verifier.
 MIN_HEARTBEAT_INTERVAL = 0.1

@@ -54,7 +54,7 @@ from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
 from agent_attestor.rotation import ROTATE_AT, jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
-from agent_attestor.server_link import SILENT_BEATS, ServerLink
+from agent_attestor.server_link import HELD_UP, ServerLink
 from agent_attestor.servers import (
     Resolver,
     Server,
@@ -958,11 +958,11 @@ class Syncer:
                 continue
             woke_at = self._elapsed.monotonic() + due
             await asyncio.sleep(due)
-            silence = self.link.silence
-            if silence is not None and self._elapsed.monotonic() - woke_at > silence / SILENT_BEATS:
-                # Woken a heartbeat interval late: the agent's loop was held up, and the watch
-                # runs before the stream reads what came meanwhile. The agent's own time, as a
-                # message it was slow to handle: a healthy server's stream was ended for it.
+            if self._elapsed.monotonic() - woke_at > HELD_UP:
+                # Woken late: the agent's loop was held up, and the watch runs before the
+                # stream reads what came meanwhile. The agent's own time, as a message it was
+                # slow to handle: a healthy server's stream was ended for it. Once until a
+                # message comes (ServerLink.resumed), so a hung server is still noticed.
                 self.link.resumed()
 
     async def _consume(self, client: NodeClient) -> None:

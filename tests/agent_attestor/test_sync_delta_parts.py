@@ -505,3 +505,47 @@ def test_a_hung_server_is_noticed_by_an_agent_whose_loop_is_late_at_every_wake(
 
     events = asyncio.run(scenario())
     assert ("disconnected" in events) == hung
+
+
+@pytest.mark.parametrize("interval", [0.1, 1.0])
+def test_a_pause_that_hides_a_heartbeat_is_no_silence_however_late_the_watch_wakes(
+    tmp_path: Path, interval: float
+) -> None:
+    """The agent's loop paused 2.8 intervals (a GC, a stalled host) from just after a beat:
+    the next two beats came during the pause, unread, and the silence watch, due two intervals
+    after the last beat, woke 0.8 of an interval late, under the threshold it took for a
+    stalled loop (more than an interval): it ran first and ended a healthy server's stream. Its
+    lateness says the loop was held up when it was due, however little it is."""
+    clock = FakeClock(start=time.time())
+    ca, store, bundle = _agent(tmp_path, clock)
+    messages = list(
+        snapshot_messages([_entry("kept")], [], Shared(bundle=bundle), revision=5, epoch="ep")
+    )
+    server = _BeatingServer(messages, interval)
+    pause = 2.8 * interval
+
+    def stall() -> None:
+        clock.advance(pause)
+        time.sleep(pause)
+
+    async def scenario() -> list[str]:
+        cache = Cache(clock)
+        events: list[str] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_change(event: str) -> None:
+            events.append(event)
+            if event == "sync" and events.count("sync") == 1:
+                loop.call_later(0.1 * interval, stall)
+                loop.call_later(pause + 3 * interval, done.set)
+            if event == "disconnected":
+                done.set()
+
+        await _sync_until(
+            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
+        )
+        return events
+
+    assert "disconnected" not in asyncio.run(scenario())
+    assert server.streams == 1
