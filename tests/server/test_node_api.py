@@ -1331,16 +1331,17 @@ def test_a_renewed_agents_first_calls_wait_for_no_datastore_write(
     )
 
 
-@pytest.mark.parametrize("banned", [False, True])
+@pytest.mark.parametrize("moved", ["", "banned", "renewed again"])
 def test_a_mint_in_flight_on_the_certificate_renewed_with_is_answered_once_it_is_dropped(
-    srv: RunningServer, banned: bool
+    srv: RunningServer, moved: str
 ) -> None:
     # A workload's JWT mint goes out on the agent's channel of the certificate it renews with
     # (A); the renewal answers meanwhile, and the agent's Sync on the new certificate drops A
     # from the record while the mint is signed. The check after signing (a ban, an eviction
     # meanwhile) refused the mint as superseded: the agent told its workload "no identity",
     # a decision, for its own renewal, and the SVID signed for it stayed on record unsent.
-    # A ban meanwhile still refuses it.
+    # A ban meanwhile still refuses it, and so does another renewal (the record moved on past
+    # what the drop made of it: whoever holds A now is not the agent).
     agent = srv.attest()
     entry = srv.create_entry("/renewing/mint", agent.spiffe_id)
     renewed = _renew(srv, agent)
@@ -1368,15 +1369,17 @@ def test_a_mint_in_flight_on_the_certificate_renewed_with_is_answered_once_it_is
             10,
             "the previous certificate dropped",
         )
-        if banned:
+        if moved == "banned":
             srv.admin().BanAgent(admin_pb2.BanAgentRequest(spiffe_id=agent.spiffe_id), timeout=10)
+        elif moved == "renewed again":
+            _renew(srv, renewed)
     finally:
         release.set()
-    if banned:
+    if moved:
         with pytest.raises(grpc.RpcError) as refused:
             mint.result(timeout=10)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "banned" in (refused.value.details() or "")
+        assert ("banned" if moved == "banned" else "superseded") in (refused.value.details() or "")
         return
     assert mint.result(timeout=10).token
     # A new call with it is refused: the drop holds.
@@ -1426,3 +1429,47 @@ def test_a_stopping_server_closes_its_datastore_only_after_the_drop_under_way(
         release.set()
     stopping.result(30)
     assert order == ["dropped", "closed"]
+
+
+def test_a_stolen_certificate_the_agent_renewed_with_gets_nothing_once_it_is_dropped(
+    srv: RunningServer,
+) -> None:
+    # An attacker holds a copy of the certificate the agent renewed with (A). A mint in flight
+    # on it when the drop lands is answered (the agent's own, begun before its renewal moved
+    # it on); nothing begun after: no mint, no renewal to a certificate of its own, no Sync,
+    # and a stream it held open ends at its next wake.
+    agent = srv.attest()
+    entry = srv.create_entry("/stolen/mint", agent.spiffe_id)
+    stolen = srv.node_stub(agent)
+    held = stolen.Sync(node_pb2.SyncRequest(), timeout=10)
+    assert next(held).kind == node_pb2.SyncUpdate.SNAPSHOT
+    renewed = _renew(srv, agent)
+    asked = node_pb2.NewJWTSVIDRequest(entry_id=entry.id, audience=["a"])
+    assert srv.node_stub(renewed).NewJWTSVID(asked, timeout=10).token  # drops A
+    wait_for(
+        lambda: srv.server.datastore.get_agent(agent.spiffe_id).previous_serial == "",
+        10,
+        "the previous certificate dropped",
+    )
+    x509_asked = node_pb2.BatchNewX509SVIDRequest(
+        params=[node_pb2.X509SVIDParams(entry_id=entry.id, csr=make_csr()[1])]
+    )
+    calls = {
+        "jwt": lambda: stolen.NewJWTSVID(asked, timeout=10),
+        "x509": lambda: stolen.BatchNewX509SVID(x509_asked, timeout=10),
+        "renew": lambda: stolen.RenewAgent(
+            node_pb2.RenewAgentRequest(csr=make_csr()[1]), timeout=10
+        ),
+        "sync": lambda: next(stolen.Sync(node_pb2.SyncRequest(), timeout=10)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    srv.create_entry("/stolen/wake", agent.spiffe_id)
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in held:
+            pass
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The agent goes on with its newest.
+    assert srv.node_stub(renewed).NewJWTSVID(asked, timeout=10).token
