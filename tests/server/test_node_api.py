@@ -1389,46 +1389,47 @@ def test_a_mint_in_flight_on_the_certificate_renewed_with_is_answered_once_it_is
 
 
 def test_a_stopping_server_closes_its_datastore_only_after_the_drop_under_way(
-    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The drop of the certificate an agent renewed with runs on its own, not awaited by the
     # call that started it: a server stopping with one under way (a slow datastore) closed the
     # datastore beneath it, and its write ran on a closed datastore, the record left as it was.
-    agent = srv.attest()
-    renewed = _renew(srv, agent)
-    datastore = srv.server.datastore
-    store = type(datastore)
-    dropping, release = threading.Event(), threading.Event()
-    order: list[str] = []
-    adopt, close = store.adopt_agent_certificate, datastore.close
+    with managed_server() as srv:  # stopped here: not the module's
+        agent = srv.attest()
+        renewed = _renew(srv, agent)
+        datastore = srv.server.datastore
+        store = type(datastore)
+        dropping, release = threading.Event(), threading.Event()
+        order: list[str] = []
+        adopt, close = store.adopt_agent_certificate, datastore.close
 
-    def held(self: Any, *args: Any) -> bool:
-        dropping.set()
-        release.wait(10)
+        def held(self: Any, *args: Any) -> bool:
+            dropping.set()
+            release.wait(10)
+            try:
+                return bool(adopt(self, *args))
+            finally:
+                order.append("dropped")
+
+        def closing() -> None:
+            order.append("closed")
+            close()
+
+        monkeypatch.setattr(store, "adopt_agent_certificate", held)
+        monkeypatch.setattr(datastore, "close", closing)
         try:
-            return bool(adopt(self, *args))
+            stream = srv.node_stub(renewed).Sync(node_pb2.SyncRequest(), timeout=10)
+            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+            stream.cancel()
+            assert dropping.wait(10)
+            stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(), srv._loop)
+            deadline = time.monotonic() + 1.5  # a stop with nothing to wait for is done by then
+            while "closed" not in order and time.monotonic() < deadline:
+                time.sleep(0.02)
         finally:
-            order.append("dropped")
-
-    def closing() -> None:
-        order.append("closed")
-        close()
-
-    monkeypatch.setattr(store, "adopt_agent_certificate", held)
-    monkeypatch.setattr(datastore, "close", closing)
-    try:
-        stream = srv.node_stub(renewed).Sync(node_pb2.SyncRequest(), timeout=10)
-        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
-        stream.cancel()
-        assert dropping.wait(10)
-        stopping = asyncio.run_coroutine_threadsafe(srv.server.stop(), srv._loop)
-        deadline = time.monotonic() + 1.5  # a stop with nothing to wait for is done by then
-        while "closed" not in order and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        release.set()
-    stopping.result(30)
-    assert order == ["dropped", "closed"]
+            release.set()
+        stopping.result(30)
+        assert order == ["dropped", "closed"]
 
 
 def test_a_stolen_certificate_the_agent_renewed_with_gets_nothing_once_it_is_dropped(
