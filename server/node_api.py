@@ -442,6 +442,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # schedule (Propagator.run_heartbeats): a catch-up's beats are timed from it.
             clock = asyncio.get_running_loop().time
             sent_at = clock()
+            # What the agent holds is the view as of this mark: a heartbeat says no more.
+            freshness = self._view.freshness
+            held = woke = freshness.as_of
             while True:
                 for message in messages:
                     sent_at = clock()
@@ -450,6 +453,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     sent_at = clock()
                     yield self._heartbeat
                 window = await sub.next()
+                woke = freshness.as_of
                 beat, sub.beat = sub.beat, False
                 if self._state.shutting_down:
                     raise UnavailableError("server is shutting down; reconnect")
@@ -480,6 +484,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                                 # still served. What the backlog dropped comes with the
                                 # snapshot, within the bound.
                                 self._view.check()
+                                # What the backlog dropped is missing meanwhile: the agent
+                                # holds the view as of the last wake, in sync no longer than
+                                # that is within the bound (up to twice it, beating through
+                                # the catch-up).
+                                freshness.check_held(held)
                                 self._state.authorize_agent(peer.spiffe_id, peer.serial)
                                 sent_at = clock()
                                 yield self._heartbeat
@@ -488,10 +497,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         catch_up.cancel()  # the stream ended while the view caught up
                     sub = self._propagator.subscribe(agent, request.heartbeats)
                     messages = self._snapshot(agent, log.head)
+                    held = freshness.as_of
                     continue
                 # Woken for a heartbeat alone, every few seconds on every stream: the agent's
                 # reach (its node aliases) is not worked out again for nothing.
                 messages = self._delta(agent, window) if window else []
+                held = woke
         finally:
             self._propagator.unsubscribe(sub)
             self._metrics.sync_streams.dec()

@@ -67,6 +67,11 @@ class ViewFreshness:
         """Every change committed before `as_of` (a `now()`) is in the view."""
         self._as_of = max(self._as_of, as_of)
 
+    @property
+    def as_of(self) -> float:
+        """The mark of the last catch-up: every change committed before it is in the view."""
+        return self._as_of
+
     def age(self) -> float:
         return max(0.0, self._clock.monotonic() - self._as_of)
 
@@ -80,6 +85,17 @@ class ViewFreshness:
             raise UnavailableError(
                 f"this server's view is {self.age():.0f} s old: its datastore is unreachable; "
                 "use another server"
+            )
+
+    def check_held(self, as_of: float) -> None:
+        """As `check`, for what a Sync stream holds: the view as of `as_of` (an `as_of`) and
+        nothing since, its backlog overflowed while its snapshot waits for a catch-up. A
+        heartbeat tells the agent it holds the view: past the bound, it would be told so of
+        what is older than any view served."""
+        if self.limit is not None and self._clock.monotonic() - as_of >= self.limit:
+            raise UnavailableError(
+                f"this server could not bring a Sync stream up to its view within "
+                f"{self.limit:g} s (its datastore's changes read too slowly); use another server"
             )
 
     async def watch(

@@ -157,6 +157,57 @@ def test_the_first_beat_while_the_view_catches_up_comes_an_interval_after_the_la
             stream.cancel()
 
 
+def test_a_stream_catching_up_beats_no_longer_than_what_it_holds_is_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A heartbeat tells the agent it holds the server's view (its verifiers' staleness is
+    counted from the last one), and the view is never older than the staleness bound. A
+    stream whose backlog overflowed holds the view as of its last wake, without what the
+    backlog dropped (a revocation), until the snapshot comes: it beat for the whole catch-up,
+    its agent in sync with what it held growing past the bound, up to twice it. Once what it
+    holds is as old as the bound, it ends as a stale view does (UNAVAILABLE): the agent moves."""
+    monkeypatch.setattr(propagation, "MAX_INBOX", 0)  # every change overflows the backlog
+    with managed_server(sync_heartbeat_interval=0.1) as server:
+        node = server.server.node
+        assert node is not None
+        freshness = node._view.freshness
+        gate: asyncio.Event = server.call(_new_event())
+
+        async def followed() -> None:  # a healthy follower: the view always fresh
+            while not gate.is_set():
+                freshness.caught_up(freshness.now())
+                await asyncio.sleep(0.05)
+
+        async def held_catch_up() -> None:
+            await gate.wait()
+
+        freshness.limit = 1.0
+        following = asyncio.run_coroutine_threadsafe(followed(), server._loop)
+        agent = server.attest()
+        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+        try:
+            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+            assert next(stream).kind == HEARTBEAT
+            node._view._catch_up = held_catch_up
+            node._view.bound = 60.0
+            server.create_entry("/bulk", agent.spiffe_id)
+            began = time.monotonic()
+            with ThreadPoolExecutor(1) as reader:
+                ended = reader.submit(lambda: [update.kind for update in stream])
+                try:
+                    error = ended.exception(timeout=3)
+                except TimeoutError:
+                    pytest.fail("heartbeats went on past the bound while the stream caught up")
+                finally:
+                    stream.cancel()
+            assert time.monotonic() - began < 2.0
+            assert isinstance(error, grpc.RpcError)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            server.call(_set(gate))
+            following.result(10)
+
+
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()  # made on the server's loop
 
