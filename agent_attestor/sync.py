@@ -639,6 +639,9 @@ class Syncer:
             # On disk before anything else: the server has spent the join token, and a kill
             # before this line leaves the agent with no identity and no way to get one.
             self._token_used = bool(self._s.join_token)
+            # A renewal held (_adopt) came for the SVID this one replaces: put in use later
+            # (_hold, ensure_identity), it would supersede this one with a stale one.
+            self._held = None
             await self._persist(svid, bundle, "attested")
             self._fallback = None  # the SVID and bundle in use are the new ones
         finally:

@@ -561,3 +561,47 @@ def test_a_restart_with_a_held_renewal_unsaved_loads_the_svid_saved_before_it(
         asyncio.run(scenario())
     assert "the next start uses the one saved before it" in caplog.text
     assert "cannot use it" not in caplog.text
+
+
+def test_an_attestation_while_a_renewal_is_held_drops_the_held_one(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved SVID set aside (its bundle no longer verifies the server) while a renewal of it
+    is held: the agent attests anew, and the SVID it bought is the one in use. The held one,
+    renewed from the SVID set aside, was put in use over it by the next renewal loop (and by
+    the next ensure_identity once the one in use ran short): the attestation's SVID, the one
+    saved now, superseded by a stale one from memory."""
+    base, syncer = _syncer(tmp_path, server)
+    attested: list[AgentSvid] = []
+
+    async def attest(client: NodeClient, **_kw: object) -> tuple[AgentSvid, TrustBundle]:
+        attested.append(server.svid())
+        return attested[-1], server.ca.bundle()
+
+    monkeypatch.setattr(NodeClient, "attest", attest)
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        _disk_refuses(tmp_path)
+        loop = asyncio.create_task(syncer._renew_loop(loaded))
+        base.advance(TTL / 2)
+        await until(lambda: server.renewals == 1, "the renewal")
+        await cancel_all([loop])  # a reconnect
+        assert syncer.agent_svid is loaded
+        # As _set_aside_saved_svid does: the given bundle, to attest with.
+        syncer._fallback = certs_to_pem([server.ca.cert])
+        _disk_mended(tmp_path)
+        svid = await syncer.ensure_identity()
+        assert attested == [svid]
+        loop = asyncio.create_task(syncer._renew_loop(svid))
+        await asyncio.sleep(0.1)
+        assert syncer.agent_svid is svid  # not the renewal held
+        saved = syncer._store.load_svid()
+        assert saved is not None
+        assert saved.chain == svid.chain
+        base.advance(TTL / 4 + 20)  # the SVID loaded at the start would run short now
+        assert await syncer.ensure_identity() is svid
+        await cancel_all([loop])
+        await syncer.close()
+
+    asyncio.run(scenario())
