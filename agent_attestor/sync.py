@@ -289,8 +289,9 @@ class Syncer:
         # The agent SVID on disk, as far as this run knows (loaded or saved by it).
         self._on_disk: AgentSvid | None = None
         # A renewed agent SVID the disk refused, not used while the one on disk has life left
-        # (_adopt), with its roots and arrival; _held_saved is set once a save writes it.
-        self._held: tuple[AgentSvid, TrustBundle, Arrival] | None = None
+        # (_adopt), with its arrival; _held_saved is set once a save writes it. Its roots are
+        # not kept: set in the cache when it came, they may be older than the Sync's by its use.
+        self._held: tuple[AgentSvid, Arrival] | None = None
         self._held_saved = asyncio.Event()
         self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
         self._svid_save_failed = False  # an agent SVID refused was said, its save not yet
@@ -754,7 +755,7 @@ class Syncer:
         on_disk = in_use is not None and in_use is self._on_disk and self._unsaved is None
         if on_disk and self._hold_left() > 0:
             # Before the save, so that a refusal is said as what it is (_svid_refused).
-            self._held = (svid, bundle, arrival)
+            self._held = (svid, arrival)
             self._held_saved.clear()
         await self._persist(svid, bundle, "renewed")
         if self._held is not None and self._held[0] is svid and self._holds():
@@ -769,7 +770,7 @@ class Syncer:
         self._held = None
         self._put_in_use(svid, bundle, arrival)
 
-    def _put_in_use(self, svid: AgentSvid, bundle: TrustBundle, arrival: Arrival) -> None:
+    def _put_in_use(self, svid: AgentSvid, bundle: TrustBundle | None, arrival: Arrival) -> None:
         self._arrived = (svid, arrival)
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
@@ -801,7 +802,10 @@ class Syncer:
                 "saved cannot use it)",
                 extra={"svid_file": str(self._store.svid_path)},
             )
-        self._put_in_use(*held)
+        # Without the roots it came with: set in the cache then (_adopt), set again now they
+        # replaced newer ones a Sync message brought meanwhile (a CA rotation's next root).
+        svid, arrival = held
+        self._put_in_use(svid, None, arrival)
 
     async def _hold(self) -> None:
         """Until the renewed SVID held is saved or the one in use runs short: the renewal loop

@@ -11,10 +11,12 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor import sync
@@ -602,6 +604,40 @@ def test_an_attestation_while_a_renewal_is_held_drops_the_held_one(
         base.advance(TTL / 4 + 20)  # the SVID loaded at the start would run short now
         assert await syncer.ensure_identity() is svid
         await cancel_all([loop])
+        await syncer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_held_renewal_put_in_use_keeps_the_bundle_the_sync_brought_meanwhile(
+    tmp_path: Path, server: _Server
+) -> None:
+    """The roots that came with a held renewal are set at once; the Sync stream, still on the
+    SVID in use, may bring newer ones meanwhile (a CA rotation's next root). Put in use once
+    saved, the held one set its own roots again, and workloads were handed the older bundle,
+    without the next root, until the bundle changed again (a delta brings it only then)."""
+    base, syncer = _syncer(tmp_path, server)
+    syncer._s.save_retry_first = 0.01
+
+    async def scenario() -> None:
+        loaded = await syncer.ensure_identity()
+        _disk_refuses(tmp_path)
+        loop = asyncio.create_task(syncer._renew_loop(loaded))
+        base.advance(TTL / 2)
+        await until(lambda: server.renewals == 1, "the renewal")
+        came = syncer._cache.snapshot().bundle
+        assert came is not None
+        next_root = LocalCa(base, ttl=TTL).cert.public_bytes(serialization.Encoding.DER)
+        newer = replace(
+            came, x509_authorities=(*came.x509_authorities, next_root), sequence=came.sequence + 1
+        )
+        syncer._cache.set_bundle(newer)  # as a Sync message applied sets it
+        _disk_mended(tmp_path)
+        saver = asyncio.create_task(syncer._save_loop())
+        await asyncio.wait_for(loop, 5)
+        assert syncer.agent_svid is not loaded  # the renewal, saved, in use
+        assert syncer._cache.snapshot().bundle == newer
+        await cancel_all([saver])
         await syncer.close()
 
     asyncio.run(scenario())
