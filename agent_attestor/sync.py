@@ -737,7 +737,7 @@ class Syncer:
             left = self._life_left(self._svid)
             timeout = renewal_timeout(left, elsewhere=self._servers.has_others())
         svid, bundle = await self._client.renew(timeout=timeout)
-        arrival = Arrival(self._clock.now(), self._elapsed.monotonic())
+        arrival = self._arrival_now()
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
         # beside it had this run and the next start use two different ones.
@@ -821,7 +821,10 @@ class Syncer:
 
     def _note_arrival(self, svid: AgentSvid) -> None:
         """`svid` came from the server now: its renewal is counted from here too."""
-        self._arrived = (svid, Arrival(self._clock.now(), self._elapsed.monotonic()))
+        self._arrived = (svid, self._arrival_now())
+
+    def _arrival_now(self) -> Arrival:
+        return Arrival(self._clock.now(), self._elapsed.monotonic())
 
     def _arrival(self, svid: AgentSvid) -> Arrival | None:
         """When `svid` came from the server, or was loaded from disk (its wall time None);

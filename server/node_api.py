@@ -161,8 +161,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         except PermissionDeniedError:
             current = self._state.agents.get(peer.spiffe_id)
             # Nothing else moved: not banned, evicted, attested again or renewed again since.
-            dropped = agent.adopted(agent.serial, agent.expires_at)
-            if not (peer.serial == agent.previous_serial and current == dropped):
+            if not (peer.serial == agent.previous_serial and current == agent.without_previous()):
                 raise
 
     # -- Attest -------------------------------------------------------------------------------

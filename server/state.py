@@ -428,9 +428,7 @@ class ServerState:
         the agent renewed again meanwhile, there or elsewhere) superseded the certificate the
         agent went on with, and the agent was refused with it. The same compare-and-swap as
         an adoption: False, nothing written, when the record moved on meanwhile."""
-        return await self.adopt_agent_certificate(
-            agent.adopted(agent.serial, agent.expires_at), agent
-        )
+        return await self.adopt_agent_certificate(agent.without_previous(), agent)
 
     async def evict_agent(self, spiffe_id: str, *, unless_banned: bool = False) -> Removal:
         """Delete the agent's row, storing its removal with it: once the caller has revoked

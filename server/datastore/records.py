@@ -155,9 +155,12 @@ class AttestedAgent:
         restored from a backup lost (server/restore_adoption.py). No previous certificate:
         the one this record named was superseded by a renewal the backup does not hold, and
         whoever still holds it is not the agent."""
-        return replace(
-            self, serial=serial, expires_at=expires_at, previous_serial="", previous_expires_at=0
-        )
+        return replace(self, serial=serial, expires_at=expires_at).without_previous()
+
+    def without_previous(self) -> AttestedAgent:
+        """This record taking its current certificate only: the one it renewed with dropped
+        once the agent called with its newest (server/agent_authority.py)."""
+        return replace(self, previous_serial="", previous_expires_at=0)
 
 
 # The reasons an agent is removed; its removal's events and revocations carry them.

@@ -452,7 +452,7 @@ class Grants:
                 "actor_jti": str(actor.verified.claims.get("jti")),
                 "actor_node": actor_agent,
                 # Narrowed by the subject token or the request: the decision kept beside it.
-                **({"granted": decided.scope} if grant is not decided else {}),
+                **_granted(decided, grant),
             },
         )
 
@@ -600,6 +600,7 @@ class Grants:
             self._refused(kind, exc, call, subject.claim, self._presented(subject))
             raise
         decided = grant
+        whose = _Whose.of_task(task)
         try:
             grant = _narrowed(grant, asked, resource)
         except InvalidScopeError as exc:
@@ -610,7 +611,7 @@ class Grants:
             # token per resource still holds. A holder asking again and again gets only
             # refusals, each decided as any exchange is (policy's cache, or the decision
             # budget of the task's agent) and written within its client's refusal budget.
-            self._refused(kind, exc, call, whose=_Whose.of_task(task))
+            self._refused(kind, exc, call, whose=whose)
             self._replay.release(subject.claim)
             raise
         principal = task.on_behalf_of or task.runtime_id
@@ -630,11 +631,11 @@ class Grants:
             _Issue(principal, resource, claims, requested, kind),
             subject.claim,
             call,
-            whose=_Whose.of_task(task),
+            whose=whose,
             reason="task decision allowed the exchange",
             extra={
                 "subject_jti": str(subject.verified.claims.get("jti")),
-                **_granted(decided, asked),
+                **_granted(decided, grant),
             },
         )
 
@@ -941,10 +942,11 @@ def _with_scope(grant: TaskJwtGrant, scope: str) -> TaskJwtGrant:
     return replace(grant, scope=scope, claims={**grant.claims, "scope": scope})
 
 
-def _granted(decided: TaskJwtGrant, asked: tuple[str, ...] | None) -> dict[str, str]:
-    """For the event of a token narrowed to the scope ``asked``: what the task decision granted
-    (the event's action is then what was issued, and policy's answer would be lost)."""
-    return {} if asked is None else {"granted": decided.scope}
+def _granted(decided: TaskJwtGrant, issued: TaskJwtGrant) -> dict[str, str]:
+    """For the event of a token ``issued`` narrower than the task decision (a scope asked, or
+    what a delegation's subject token carries): what the decision granted (the event's action
+    is then what was issued, and policy's answer would be lost)."""
+    return {} if issued is decided else {"granted": decided.scope}
 
 
 def _audiences_named(token: str) -> tuple[str, ...]:
