@@ -468,6 +468,19 @@ def _disk_mended(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "key.der.next")
 
 
+async def _renewal_held(
+    syncer: Syncer, base: FakeClock, server: _Server, tmp_path: Path
+) -> tuple[AgentSvid, asyncio.Task[None]]:
+    """The agent SVID loaded from disk, and its renewal loop once it renewed it with the disk
+    refusing the new one (held unused: Syncer._adopt)."""
+    loaded = await syncer.ensure_identity()
+    _disk_refuses(tmp_path)
+    loop = asyncio.create_task(syncer._renew_loop(loaded))
+    base.advance(TTL / 2)
+    await until(lambda: server.renewals == 1, "the renewal")
+    return loaded, loop
+
+
 def test_a_renewal_the_disk_refuses_keeps_the_saved_svid_in_use_until_it_is_saved(
     tmp_path: Path, server: _Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -481,11 +494,7 @@ def test_a_renewal_the_disk_refuses_keeps_the_saved_svid_in_use_until_it_is_save
     syncer._s.save_retry_first = 0.01
 
     async def scenario() -> None:
-        loaded = await syncer.ensure_identity()
-        _disk_refuses(tmp_path)
-        loop = asyncio.create_task(syncer._renew_loop(loaded))
-        base.advance(TTL / 2)
-        await until(lambda: server.renewals == 1, "the renewal")
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
         await asyncio.sleep(0.2)  # the loop reads the clocks many times meanwhile
         assert not loop.done()
         assert server.renewals == 1  # held, not renewed again and again
@@ -521,11 +530,7 @@ def test_a_renewal_the_disk_refuses_is_used_once_the_saved_svid_runs_short(
     base, syncer = _syncer(tmp_path, server)
 
     async def scenario() -> None:
-        loaded = await syncer.ensure_identity()
-        _disk_refuses(tmp_path)
-        loop = asyncio.create_task(syncer._renew_loop(loaded))
-        base.advance(TTL / 2)
-        await until(lambda: server.renewals == 1, "the renewal")
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
         await asyncio.sleep(0.1)
         assert not loop.done()
         assert syncer.agent_svid is loaded
@@ -549,11 +554,7 @@ def test_a_restart_with_a_held_renewal_unsaved_loads_the_svid_saved_before_it(
     base, syncer = _syncer(tmp_path, server)
 
     async def scenario() -> None:
-        loaded = await syncer.ensure_identity()
-        _disk_refuses(tmp_path)
-        loop = asyncio.create_task(syncer._renew_loop(loaded))
-        base.advance(TTL / 2)
-        await until(lambda: server.renewals == 1, "the renewal")
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
         await cancel_all([loop])
         await syncer.settle(1)
         await syncer.close()
@@ -583,11 +584,7 @@ def test_an_attestation_while_a_renewal_is_held_drops_the_held_one(
     monkeypatch.setattr(NodeClient, "attest", attest)
 
     async def scenario() -> None:
-        loaded = await syncer.ensure_identity()
-        _disk_refuses(tmp_path)
-        loop = asyncio.create_task(syncer._renew_loop(loaded))
-        base.advance(TTL / 2)
-        await until(lambda: server.renewals == 1, "the renewal")
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
         await cancel_all([loop])  # a reconnect
         assert syncer.agent_svid is loaded
         # As _set_aside_saved_svid does: the given bundle, to attest with.
@@ -620,11 +617,7 @@ def test_a_held_renewal_put_in_use_keeps_the_bundle_the_sync_brought_meanwhile(
     syncer._s.save_retry_first = 0.01
 
     async def scenario() -> None:
-        loaded = await syncer.ensure_identity()
-        _disk_refuses(tmp_path)
-        loop = asyncio.create_task(syncer._renew_loop(loaded))
-        base.advance(TTL / 2)
-        await until(lambda: server.renewals == 1, "the renewal")
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
         came = syncer._cache.snapshot().bundle
         assert came is not None
         next_root = LocalCa(base, ttl=TTL).cert.public_bytes(serialization.Encoding.DER)

@@ -382,3 +382,32 @@ class SilentEndpoint:
         self._thread.join(10)
         for conn in self._conns:
             conn.close()
+
+
+class HeldCatchUp:
+    """A server view's catch-up (its `_catch_up`) held until released, counting the calls
+    waiting on it: what a slow feed read makes of a Sync stream's wait for its snapshot. `call`
+    runs a coroutine on the server's loop (ManagedServer.call), where its event lives."""
+
+    def __init__(self, call: Callable[[Any], Any]) -> None:
+        self._call = call
+        self.gate: asyncio.Event = call(_new_event())
+        self.waiting = 0
+
+    async def __call__(self) -> None:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._call(_set_event(self.gate))
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()  # made on the server's loop
+
+
+async def _set_event(event: asyncio.Event) -> None:
+    event.set()

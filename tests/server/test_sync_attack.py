@@ -7,7 +7,6 @@ server that lost its datastore.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import shutil
@@ -38,6 +37,7 @@ from tests.server.fixtures import (
     PEM,
     TRUST_DOMAIN,
     Agent,
+    HeldCatchUp,
     RunningServer,
     der_chain,
     make_csr,
@@ -426,41 +426,27 @@ def test_sync_streams_waiting_for_their_snapshot_s_catch_up_count_against_the_ca
     refused at once, not left to pile up waiters that each then build a snapshot."""
     node = srv.server.node
     assert node is not None
-    waiting = 0
-    gate: asyncio.Event = srv.call(_new_event())
-
-    async def held_catch_up() -> None:
-        nonlocal waiting
-        waiting += 1
-        try:
-            await gate.wait()
-        finally:
-            waiting -= 1
-
+    held_catch_up = HeldCatchUp(srv.call)
     node._view._catch_up = held_catch_up
     node._view.bound = 60.0  # the waiters wait for the gate, not for the bound
     agent = srv.attest()
     stub = srv.node_stub(agent)
     streams = [stub.Sync(node_pb2.SyncRequest(), timeout=30) for _ in range(MAX_STREAMS_PER_AGENT)]
     try:
-        wait_for(lambda: waiting == MAX_STREAMS_PER_AGENT, 10, "the streams to wait for the view")
+        wait_for(
+            lambda: held_catch_up.waiting == MAX_STREAMS_PER_AGENT,
+            10,
+            "the streams to wait for the view",
+        )
         fifth = stub.Sync(node_pb2.SyncRequest(), timeout=5)
         with pytest.raises(grpc.RpcError) as caught:
             next(fifth)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert "open Sync streams" in caught.value.details()  # type: ignore[attr-defined]
-        srv.call(_set(gate))
+        held_catch_up.release()
         for stream in streams:
             assert _refused(stream) == 0  # the waiters are served once the view caught up
     finally:
-        srv.call(_set(gate))
+        held_catch_up.release()
         for stream in streams:
             stream.cancel()
-
-
-async def _new_event() -> asyncio.Event:
-    return asyncio.Event()  # made on the server's loop
-
-
-async def _set(event: asyncio.Event) -> None:
-    event.set()

@@ -15,7 +15,7 @@ import pytest
 from server import propagation
 from server.config import MIN_OWN_SVID_TTL
 from svid._proto import node_pb2
-from tests.server.fixtures import managed_server
+from tests.server.fixtures import HeldCatchUp, managed_server
 from tests.waits import wait_for
 
 HEARTBEAT = node_pb2.SyncUpdate.HEARTBEAT
@@ -73,16 +73,7 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
     with managed_server(sync_heartbeat_interval=0.1) as server:
         node = server.server.node
         assert node is not None
-        gate: asyncio.Event = server.call(_new_event())
-        waiting = 0
-
-        async def held_catch_up() -> None:
-            nonlocal waiting
-            waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                waiting -= 1
+        held_catch_up = HeldCatchUp(server.call)
 
         agent = server.attest()
         stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
@@ -92,7 +83,7 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
             node._view._catch_up = held_catch_up
             node._view.bound = 60.0  # the stream waits for the gate, not for the bound
             entry = server.create_entry("/bulk", agent.spiffe_id)
-            wait_for(lambda: waiting == 1, 10, "the stream to wait for the view")
+            wait_for(lambda: held_catch_up.waiting == 1, 10, "the stream to wait for the view")
             with ThreadPoolExecutor(1) as reader:
                 # Twenty intervals: beats then, or none until the view caught up.
                 beats = reader.submit(lambda: [next(stream).kind for _ in range(3)])
@@ -101,7 +92,7 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
                 except TimeoutError:
                     pytest.fail("no heartbeat while the view caught up: the agent ends the stream")
                 finally:
-                    server.call(_set(gate))
+                    held_catch_up.release()
             assert kinds == [HEARTBEAT] * 3
             for update in stream:
                 if update.kind == node_pb2.SyncUpdate.SNAPSHOT:
@@ -109,7 +100,7 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
                     break
                 assert update.kind == HEARTBEAT
         finally:
-            server.call(_set(gate))
+            held_catch_up.release()
             stream.cancel()
 
 
@@ -126,16 +117,7 @@ def test_the_first_beat_while_the_view_catches_up_comes_an_interval_after_the_la
     with managed_server(sync_heartbeat_interval=interval) as server:
         node = server.server.node
         assert node is not None
-        gate: asyncio.Event = server.call(_new_event())
-        waiting = 0
-
-        async def held_catch_up() -> None:
-            nonlocal waiting
-            waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                waiting -= 1
+        held_catch_up = HeldCatchUp(server.call)
 
         agent = server.attest()
         stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
@@ -148,12 +130,12 @@ def test_the_first_beat_while_the_view_catches_up_comes_an_interval_after_the_la
             node._view.bound = 60.0
             time.sleep(0.8 * interval)
             server.create_entry("/bulk", agent.spiffe_id)
-            wait_for(lambda: waiting == 1, 10, "the stream to wait for the view")
+            wait_for(lambda: held_catch_up.waiting == 1, 10, "the stream to wait for the view")
             assert next(stream).kind == HEARTBEAT
             silent = time.monotonic() - last
             assert silent < 1.4 * interval, f"{silent:.2f} s without a message"
         finally:
-            server.call(_set(gate))
+            held_catch_up.release()
             stream.cancel()
 
 
@@ -171,15 +153,12 @@ def test_a_stream_catching_up_beats_no_longer_than_what_it_holds_is_within_the_b
         node = server.server.node
         assert node is not None
         freshness = node._view.freshness
-        gate: asyncio.Event = server.call(_new_event())
+        held_catch_up = HeldCatchUp(server.call)
 
         async def followed() -> None:  # a healthy follower: the view always fresh
-            while not gate.is_set():
+            while not held_catch_up.gate.is_set():
                 freshness.caught_up(freshness.now())
                 await asyncio.sleep(0.05)
-
-        async def held_catch_up() -> None:
-            await gate.wait()
 
         freshness.limit = 1.0
         following = asyncio.run_coroutine_threadsafe(followed(), server._loop)
@@ -204,13 +183,5 @@ def test_a_stream_catching_up_beats_no_longer_than_what_it_holds_is_within_the_b
             assert isinstance(error, grpc.RpcError)
             assert error.code() == grpc.StatusCode.UNAVAILABLE
         finally:
-            server.call(_set(gate))
+            held_catch_up.release()
             following.result(10)
-
-
-async def _new_event() -> asyncio.Event:
-    return asyncio.Event()  # made on the server's loop
-
-
-async def _set(event: asyncio.Event) -> None:
-    event.set()
