@@ -45,6 +45,15 @@ def _details(text: str) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + "..."
 
 
+def _reported(text: str) -> str:
+    """Free text from a refused token (its claims, the reason quoting them) as an audit report
+    carries it: cut, and with each lone surrogate (JSON's "\\ud800" escape, which no UTF-8
+    holds) replaced, since protobuf refuses to carry one and the whole report was lost with it:
+    a forged token with one in its `sub` or `jti` left no trace of its refusal."""
+    cut = text[:_REPORTED_CHARS]
+    return cut if cut.isascii() else cut.encode("utf-8", "replace").decode("utf-8")
+
+
 def _td_key(name: str) -> str:
     return f"spiffe://{name}"
 
@@ -426,14 +435,14 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             # A refused token's claims are the sender's words: bounded, or one caller could
             # queue gigabytes for the audit log (a token may be up to 64 KiB).
             value = claims.get(name)
-            return value[:_REPORTED_CHARS] if isinstance(value, str) else ""
+            return _reported(value) if isinstance(value, str) else ""
 
         try:
             self._on_validate(
                 subject=text("sub"),
                 audience=[request.audience],
                 ok=not failure,
-                reason=failure[:_REPORTED_CHARS],
+                reason=_reported(failure),
                 jti=text("jti"),
                 txn=text("txn"),
                 caller_id=entries[0].spiffe_id if entries else "",

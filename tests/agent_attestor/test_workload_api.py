@@ -643,6 +643,33 @@ def test_validation_reports_of_a_huge_forged_token_stay_small(agent: Harness) ->
     assert all(len(str(v)) <= 2048 for v in report.values())
 
 
+@pytest.mark.parametrize("claim", ["sub", "jti", "txn"])
+def test_a_forged_token_with_a_lone_surrogate_is_still_reported(agent: Harness, claim: str) -> None:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which protobuf refuses to carry: the
+    # audit report of the refusal raised, was dropped ("validation hook failed"), and a caller
+    # could have any number of forged tokens refused without a trace.
+    reporter = ValidationReporter(_unsent, agent.clock)
+    agent.api._on_validate = reporter.report
+    agent.add_entry("/w")
+    claims = {"sub": "spiffe://example.org/x", "aud": ["svc"], "exp": int(agent.clock.now()) + 60}
+    claims[claim] = "spiffe://example.org/x\ud800" if claim == "sub" else "j\ud800"
+    header = b64url_encode(json.dumps({"alg": "ES256", "kid": agent.ca.jwt_kid}).encode())
+    payload = b64url_encode(json.dumps(claims, ensure_ascii=True).encode())
+    forged = f"{header}.{payload}.{b64url_encode(b'0' * 64)}"
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="svc", svid=forged), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    [report] = reporter.queued()
+    assert not report.ok
+    assert getattr(report, "subject" if claim == "sub" else claim).endswith("?")
+
+
+async def _unsent(request: task_pb2.ReportValidationsRequest) -> None:
+    raise AssertionError("not flushed in this test")
+
+
 def test_the_largest_validation_request_fits_the_sockets_message_bound(agent: Harness) -> None:
     """endpoint.MAX_MESSAGE is sized for this: a token at svid._jwt.MAX_TOKEN_BYTES and an
     audience at its limit reach the handler (and are answered on the token's merits)."""
