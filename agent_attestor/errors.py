@@ -151,6 +151,11 @@ class NoIdentityError(AgentError):
     """The caller is entitled to no identity (or not to the one it asked for)."""
 
 
+class MintRefusedError(AgentError):
+    """A new JWT-SVID was not minted: the caller's uid is past its minting rate (mint_budget.py).
+    Raised before the server is asked; tokens already held are still served."""
+
+
 class NotReadyError(AgentError):
     """The agent has no SVIDs or bundle from the server yet."""
 

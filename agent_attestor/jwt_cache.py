@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from agent_attestor.errors import MintRefusedError
 from agent_attestor.signer import MintedJwt, SvidSigner
 from svid._clock import Clock, ElapsedClock
 from svid._errors import JwtSvidError
@@ -182,10 +183,17 @@ class JwtCache:
         return None
 
     async def get(
-        self, spiffe_id: str, audience: Sequence[str], entry_id: str, uid: int
+        self,
+        spiffe_id: str,
+        audience: Sequence[str],
+        entry_id: str,
+        uid: int,
+        admit: Callable[[], str | None] | None = None,
     ) -> MintedJwt:
         """A token for (ID, audiences) through `entry_id`: from the cache, or minted once even
-        under concurrency. `uid` is the caller's: a token minted for it is counted in its share."""
+        under concurrency. `uid` is the caller's: a token minted for it is counted in its share.
+        `admit`, asked only when this caller is the one to start a mint (not when it waits for
+        another's), says why it may not (MintRefusedError), or None."""
         key = (spiffe_id, audience_key(audience), entry_id)
         hit = self._hit(key)
         if hit is not None:
@@ -196,6 +204,9 @@ class JwtCache:
             if not pending.cancelled():
                 return pending.result()
             # Its minting caller went away, not this one: mint here (or wait for who does now).
+        refusal = admit() if admit is not None else None
+        if refusal is not None:
+            raise MintRefusedError(refusal)
         fut: asyncio.Future[MintedJwt] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         asked_at = self._clock.monotonic()

@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 
 from agent_attestor.cache import Cache, Identity, Snapshot
 from agent_attestor.caller_check import checked_caller, not_serving, open_stream
-from agent_attestor.errors import BadRequestError, NoIdentityError
+from agent_attestor.errors import BadRequestError, MintRefusedError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
@@ -365,11 +365,6 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         for entry in chosen:
             jwt = self._jwts.cached(entry.spiffe_id, audience, entry.id, snap.revoked_jtis)
             if jwt is None:
-                # Only a miss costs the caller's budget: it is what the server's per-agent
-                # limit counts, and what one workload could spend for all the others.
-                refused = self.mints.take(caller.uid)
-                if refused is not None:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
                 jwt = await self._mint(context, entry, audience, caller.uid)
             token_key = JwtCache.key(entry.spiffe_id, audience, entry.id)
             # The JWT cache's refresh point (its monotonic clock): not one read from the token.
@@ -386,9 +381,18 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         self, context: grpc.aio.ServicerContext, entry: Entry, audience: list[str], uid: int
     ) -> MintedJwt:
         """A token not in the cache: minted by the server (once, however many callers wait),
-        and kept in the share of the caller's uid."""
+        and kept in the share of the caller's uid.
+
+        Only a mint started costs the caller's budget: it is what the server's per-agent limit
+        counts, and what one workload could spend for all the others. A caller waiting for a
+        mint already out costs nothing: charged too, a burst of one uid's callers asking for
+        the same new audience at once was refused past the burst for a token minted once."""
         try:
-            return await self._jwts.get(entry.spiffe_id, audience, entry.id, uid)
+            return await self._jwts.get(
+                entry.spiffe_id, audience, entry.id, uid, lambda: self.mints.take(uid)
+            )
+        except MintRefusedError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except NoIdentityError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except BadRequestError as exc:

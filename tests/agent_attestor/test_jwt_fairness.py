@@ -15,16 +15,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_attestor.errors import MintRefusedError
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size, uid_share
-from agent_attestor.mint_budget import MINTS_PER_UID_BURST, MINTS_PER_UID_RATE
+from agent_attestor.mint_budget import MINTS_PER_UID_BURST, MINTS_PER_UID_RATE, MintBudget
 from agent_attestor.model import Selector
 from agent_attestor.signer import MintedJwt
 from svid._clock import FakeClock
@@ -32,6 +34,7 @@ from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness
 from tests.agent_attestor.pki import FakeSigner, LocalCa, SizedSigner
 from tests.users import NOBODY
+from tests.waits import wait_for
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,6 +176,74 @@ def test_one_uid_minting_fresh_audiences_leaves_the_others_their_cached_tokens(
     # generation moved on, so this asks the JWT cache itself).
     assert quiet_tokens() == first
     assert agent.signer.jwt_calls == mints + len(flood)
+
+
+def test_callers_waiting_for_a_mint_already_out_cost_no_budget(agent: Harness) -> None:
+    # A burst of one uid's callers asking for one new audience at once is one mint: each was
+    # charged anyway, and those past the burst were refused as "past its minting rate" for a
+    # token the server was asked for once.
+    agent.api.mints = MintBudget(agent.clock, rate=1, burst=1)  # the clock stands still
+    agent.add_entry("/w")
+    gate, called = asyncio.Event(), []
+    agent.api._on_call = called.append
+    mint = agent.signer.new_jwt
+
+    async def held_mint(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+        await gate.wait()
+        return await mint(spiffe_id, audience, entry_id)
+
+    agent.signer.new_jwt = held_mint  # type: ignore[method-assign]
+    stub = agent.stub()
+    request = workload_pb2.JWTSVIDRequest(audience=["new"])
+    calls = [stub.FetchJWTSVID.future(request, metadata=HEADER, timeout=20) for _ in range(5)]
+    # A handler runs from its start to the mint (or the wait for it) without yielding: once
+    # all five have started, the first mints and the others wait for it or were refused.
+    wait_for(lambda: agent.lt.call(lambda: len(called)) == 5, 20, "all five calls started")
+    agent.lt.call(gate.set)
+    tokens = {call.result().svids[0].svid for call in calls}
+    assert len(tokens) == 1
+    assert agent.signer.jwt_calls == 1
+    # A mint of its own is still charged: the budget is spent.
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["other"]), metadata=HEADER)
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert "jwt_mints_per_uid_rate" in exc.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_caller_taking_over_a_cancelled_mint_is_charged() -> None:
+    # Its minting caller went away and a waiter mints instead: that is a mint of the waiter's
+    # own, so a uid cannot have many minted on one charge by cancelling each minting caller.
+    signer = SizedSigner()
+    mint = signer.new_jwt
+    jwts = JwtCache(signer, FakeClock(start=0))
+    asks: list[str] = []
+
+    def admit(who: str) -> Callable[[], str | None]:
+        def ask() -> str | None:
+            asks.append(who)
+            return None if who == "first" else "spent"
+
+        return ask
+
+    async def run() -> None:
+        gate = asyncio.Event()
+
+        async def held(spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
+            await gate.wait()
+            return await mint(spiffe_id, audience, entry_id)
+
+        signer.new_jwt = held  # type: ignore[method-assign]
+        first = asyncio.ensure_future(jwts.get(SID, ["a"], "e", QUIET, admit("first")))
+        await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(jwts.get(SID, ["a"], "e", QUIET, admit("waiter")))
+        await asyncio.sleep(0)
+        assert asks == ["first"]  # waiting for a mint out costs nothing
+        first.cancel()
+        with pytest.raises(MintRefusedError, match="spent"):
+            await waiter
+        assert asks == ["first", "waiter"]
+
+    asyncio.run(run())
 
 
 # ---- the cache's shares, with a fake signer and clock ----------------------------------------
