@@ -71,19 +71,27 @@ def identify(
     pidfd = proc.peer_pidfd(sock, pid) if pid > 0 else None
     try:
         client_end: int | None = None
-        try:
-            client_end = peer_inode(sock)
-        except UnixDiagError as exc:
-            # The relay warned once at start if sock_diag is missing altogether.
-            log.debug("cannot check the caller's image", extra={"pid": pid, "reason": str(exc)})
+        if any(attestor.reads_process for attestor in attestors):
+            try:
+                client_end = peer_inode(sock)
+            except UnixDiagError as exc:
+                # The relay warned once at start if sock_diag is missing altogether.
+                log.debug("cannot check the caller's image", extra={"pid": pid, "reason": str(exc)})
 
-        def read() -> frozenset[Selector] | None:
-            first = _attest(attestors, pid, uid, gid)
-            if client_end is None or not proc.holds_close_on_exec(pid, client_end):
-                return None
-            if _attest(attestors, pid, uid, gid) != first:
-                return None  # it exec'd (or changed) while we read
-            return first
+            def read() -> frozenset[Selector] | None:
+                first = _attest(attestors, pid, uid, gid)
+                if client_end is None or not proc.holds_close_on_exec(pid, client_end):
+                    return None
+                if _attest(attestors, pid, uid, gid) != first:
+                    return None  # it exec'd (or changed) while we read
+                return first
+        else:
+            # Nothing read from the process can change what it gets (exe selectors off, the
+            # default wherever a user may make a user namespace): only whether it still lives.
+            # Its descriptors were listed anyway, ~10 us each, and any user may hold hundreds of
+            # thousands and connect in a loop: seconds of the agent's CPU (and GIL) a connection.
+            def read() -> frozenset[Selector] | None:
+                return _attest(attestors, 0, uid, gid)
 
         try:
             selectors = proc.read_stable(pid, pidfd, read)

@@ -61,6 +61,8 @@ _CHILD = textwrap.dedent(
 class _Gate:
     """An attestor that holds identification until the test opens it."""
 
+    reads_process = True
+
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.open = threading.Event()

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent_attestor import proc
 from agent_attestor.identify import caller_log, identify
 from agent_attestor.model import Selector
 from agent_attestor.peer import Caller, CallerRegistry
@@ -226,7 +227,10 @@ def test_another_user_gets_its_own_identity_not_ours(agent: Harness) -> None:
     assert result == {"ids": ["spiffe://example.org/nobody"]}
 
 
-def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exe_selectors", ["always", "never"])
+def test_a_caller_that_exited_before_attestation_gets_no_selectors(
+    tmp_path: Path, exe_selectors: str
+) -> None:
     path = str(tmp_path / "s")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
@@ -242,10 +246,36 @@ def test_a_caller_that_exited_before_attestation_gets_no_selectors(tmp_path: Pat
         child.wait(30)
         with conn:
             caller = identify(
-                conn, "c1", [UnixAttestor(exe_selectors="always")], caller_log(SystemClock())
+                conn, "c1", [UnixAttestor(exe_selectors=exe_selectors)], caller_log(SystemClock())
             )
     assert caller.pid == child.pid
     assert caller.selectors == frozenset()
+
+
+def test_a_callers_descriptors_are_listed_only_when_a_selector_depends_on_its_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Finding the connection among the caller's descriptors costs ~10 us for each one it holds,
+    # and any user may hold hundreds of thousands (its RLIMIT_NOFILE) and connect in a loop:
+    # seconds of the agent's CPU a connection, spent even where no selector is read from the
+    # process (exe selectors off, the default wherever a user may make a user namespace).
+    listed: list[int] = []
+    holds = proc.holds_close_on_exec
+
+    def counted(pid: int, ino: int) -> bool:
+        listed.append(pid)
+        return holds(pid, ino)
+
+    monkeypatch.setattr(proc, "holds_close_on_exec", counted)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        plain = identify(a, "c1", [UnixAttestor(exe_selectors="never")], caller_log(SystemClock()))
+        assert listed == []
+        exe = identify(a, "c2", [UnixAttestor(exe_selectors="always")], caller_log(SystemClock()))
+        assert listed == [os.getpid()]
+    kinds = {s.value.split(":", 1)[0] for s in plain.selectors}
+    assert kinds == {"uid", "gid", "user", "group"}
+    assert plain.selectors < exe.selectors
 
 
 def test_a_live_caller_gets_uid_gid_path_and_sha256(tmp_path: Path) -> None:

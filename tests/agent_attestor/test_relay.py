@@ -228,6 +228,8 @@ def test_a_workload_that_hangs_up_at_once_leaves_nothing_behind(root: Path) -> N
 class _HeldAttestor:
     """An attestor that holds each identification until the test lets it go."""
 
+    reads_process = True
+
     def __init__(self) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
