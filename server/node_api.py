@@ -48,6 +48,7 @@ from server.propagation import Propagator
 from server.state import ServerState
 from server.sync_delta import entry_delta, outweighs
 from server.sync_messages import DELTA, Shared, delta_messages, snapshot_messages
+from server.sync_pace import SyncPace
 from server.view_freshness import CurrentView, ViewFreshness
 from svid._clock import Clock
 from svid._der import der_concat
@@ -396,6 +397,23 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         await self._view.current()
         return self._state.authorize_agent(peer.spiffe_id, peer.serial)
 
+    def _woken(self, peer: AgentPeer) -> AttestedAgent:
+        """A Sync stream woken: the agent's record, or why the stream ends."""
+        if self._state.shutting_down:
+            raise UnavailableError("server is shutting down; reconnect")
+        # Woken when the view turned stale: the agent moves to a server that reads. A
+        # heartbeat too says the view is current, so none goes out before this.
+        self._view.check()
+        # Eviction and bans end the stream with PERMISSION_DENIED right here.
+        return self._state.authorize_agent(peer.spiffe_id, peer.serial)
+
+    def _still_served(self, peer: AgentPeer, held: float) -> None:
+        """Before a heartbeat while a stream catches up: as any heartbeat, of a view that is
+        not stale, to an agent still served; and what the agent holds (the view as of `held`,
+        without what the backlog dropped) within the bound too."""
+        self._view.check(held)
+        self._state.authorize_agent(peer.spiffe_id, peer.serial)
+
     @status.stream
     async def Sync(  # type: ignore[override]
         self, request: node_pb2.SyncRequest, context: grpc.aio.ServicerContext
@@ -437,71 +455,38 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # The first heartbeat right after the first messages: the agent learns this server
             # sends them (an older one never does) and times its silence from there.
             beat = sub.heartbeats
-            # When the stream's last message went out, on the loop's clock as the heartbeats'
-            # schedule (Propagator.run_heartbeats): a catch-up's beats are timed from it.
-            clock = asyncio.get_running_loop().time
-            sent_at = clock()
-            # What the agent holds is the view as of this mark: a heartbeat says no more.
-            freshness = self._view.freshness
-            held = woke = freshness.as_of
+            pace = SyncPace(
+                self._view.freshness,
+                self._heartbeat,
+                self._settings.heartbeat_interval,
+                beats=request.heartbeats,
+            )
             while True:
-                for message in messages:
-                    sent_at = clock()
+                for message in pace.sending(messages, beat):
                     yield message
-                if beat:
-                    sent_at = clock()
-                    yield self._heartbeat
                 window = await sub.next()
-                woke = freshness.as_of
                 beat, sub.beat = sub.beat, False
-                if self._state.shutting_down:
-                    raise UnavailableError("server is shutting down; reconnect")
-                # Woken when the view turned stale: the agent moves to a server that reads.
-                # A heartbeat too says the view is current, so none goes out before this.
-                self._view.check()
-                # Eviction and bans end the stream with PERMISSION_DENIED right here.
-                current = self._state.authorize_agent(peer.spiffe_id, peer.serial)
+                current = self._woken(peer)
                 if current.selectors != agent.selectors or sub.overflowed:
                     # Attested again with other selectors (its node aliases may all differ),
-                    # or too far behind to keep its backlog: start again from a snapshot.
+                    # or too far behind to keep its backlog: start again from a snapshot,
+                    # beating while the view catches up (server.sync_pace).
                     self._propagator.unsubscribe(sub)
-                    # Beating while the view catches up (a slow feed read, up to the staleness
-                    # bound): the agent, caught up, ended the stream as its server's silence,
-                    # every overflowed stream of the server at once, all onto the next server.
                     catch_up = asyncio.ensure_future(self._current(peer))
+                    beats = pace.during(catch_up, lambda held: self._still_served(peer, held))
                     try:
-                        while request.heartbeats and not catch_up.done():
-                            # An interval after the last message, not after the catch-up
-                            # began: the beat due at the wake that found the overflow (the
-                            # subscription gone, it never came) and the next an interval on
-                            # made two intervals of silence, the very one the agent ends the
-                            # stream for.
-                            due = sent_at + self._settings.heartbeat_interval - clock()
-                            await asyncio.wait({catch_up}, timeout=max(0.0, due))
-                            if not catch_up.done():
-                                # As any heartbeat: of a view that is not stale, to an agent
-                                # still served. What the backlog dropped comes with the
-                                # snapshot, within the bound.
-                                self._view.check()
-                                # What the backlog dropped is missing meanwhile: the agent
-                                # holds the view as of the last wake, in sync no longer than
-                                # that is within the bound (up to twice it, beating through
-                                # the catch-up).
-                                freshness.check_held(held)
-                                self._state.authorize_agent(peer.spiffe_id, peer.serial)
-                                sent_at = clock()
-                                yield self._heartbeat
+                        async with contextlib.aclosing(beats):
+                            async for heartbeat in beats:
+                                yield heartbeat
                         agent = await catch_up
                     finally:
                         catch_up.cancel()  # the stream ended while the view caught up
                     sub = self._propagator.subscribe(agent, request.heartbeats)
                     messages = self._snapshot(agent, log.head)
-                    held = freshness.as_of
                     continue
                 # Woken for a heartbeat alone, every few seconds on every stream: the agent's
                 # reach (its node aliases) is not worked out again for nothing.
                 messages = self._delta(agent, window) if window else []
-                held = woke
         finally:
             self._propagator.unsubscribe(sub)
             self._metrics.sync_streams.dec()

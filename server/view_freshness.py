@@ -72,31 +72,34 @@ class ViewFreshness:
         """The mark of the last catch-up: every change committed before it is in the view."""
         return self._as_of
 
-    def age(self) -> float:
-        return max(0.0, self._clock.monotonic() - self._as_of)
+    def age(self, as_of: float | None = None) -> float:
+        """Seconds since `as_of` (a `now()`); by default since the last catch-up."""
+        return max(0.0, self._clock.monotonic() - (self._as_of if as_of is None else as_of))
 
     def left(self) -> float:
         """Seconds until the view turns stale (<= 0: stale); infinite without a limit."""
         return float("inf") if self.limit is None else self.limit - self.age()
 
-    def check(self) -> None:
-        """UnavailableError when the view is stale: its agents should use another server."""
-        if self.left() <= 0:
+    def check(self, held: float | None = None) -> None:
+        """UnavailableError when the view is stale: its agents should use another server.
+        `held`: the mark of what a Sync stream holds, the view as of then and nothing since
+        (its backlog overflowed while its snapshot waits for a catch-up); stale as the view
+        is past the bound too. A heartbeat tells the agent it holds the view: past the bound,
+        it would be told so of what is older than any view served."""
+        if self._stale(self._as_of):
             raise UnavailableError(
                 f"this server's view is {self.age():.0f} s old: its datastore is unreachable; "
                 "use another server"
             )
-
-    def check_held(self, as_of: float) -> None:
-        """As `check`, for what a Sync stream holds: the view as of `as_of` (an `as_of`) and
-        nothing since, its backlog overflowed while its snapshot waits for a catch-up. A
-        heartbeat tells the agent it holds the view: past the bound, it would be told so of
-        what is older than any view served."""
-        if self.limit is not None and self._clock.monotonic() - as_of >= self.limit:
+        if held is not None and self._stale(held):
             raise UnavailableError(
                 f"this server could not bring a Sync stream up to its view within "
                 f"{self.limit:g} s (its datastore's changes read too slowly); use another server"
             )
+
+    def _stale(self, as_of: float) -> bool:
+        """Whether a view as of `as_of` is past the bound."""
+        return self.limit is not None and self.age(as_of) >= self.limit
 
     async def watch(
         self,
@@ -144,8 +147,8 @@ class CurrentView:
         # ask another server than wait longer.
         self.bound = freshness.limit if freshness.limit is not None else MIN_STALE_AFTER
 
-    def check(self) -> None:
-        self.freshness.check()
+    def check(self, held: float | None = None) -> None:
+        self.freshness.check(held)
 
     async def current(self) -> None:
         """Return once every change committed before the call is in the view; UnavailableError

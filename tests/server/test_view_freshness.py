@@ -41,6 +41,25 @@ def test_a_view_is_stale_past_its_bound_and_fresh_again_once_caught_up() -> None
     assert view.age() == pytest.approx(0.2)
 
 
+def test_what_a_stream_holds_is_stale_past_the_bound_though_the_view_is_fresh() -> None:
+    """A Sync stream catching up holds the view as of its last messages (`held`): the same
+    bound as the view's, each named apart, the view's own staleness first."""
+    clock = FakeClock()
+    view = ViewFreshness(clock, 3.0)
+    held = view.as_of
+    clock.advance(2.9)
+    view.caught_up(view.now())
+    view.check(held)
+    clock.advance(0.1)
+    view.check()  # the view was read 0.1 s ago
+    with pytest.raises(UnavailableError, match=r"could not bring a Sync stream up to its view"):
+        view.check(held)
+    clock.advance(3.0)
+    with pytest.raises(UnavailableError, match=r"view is 3 s old"):
+        view.check(held)
+    ViewFreshness(clock, None).check(held)  # no feed: nothing is ever stale
+
+
 def test_a_view_with_no_feed_to_lag_is_never_stale() -> None:
     clock = FakeClock()
     view = ViewFreshness(clock, None)
