@@ -39,6 +39,7 @@ from server.datastore.errors import (
     ChainMovedError,
     CommitUnknownError,
     DataStoreError,
+    DatastoreMovedError,
     HolderGoneError,
     JtiHeldError,
     RemovalClaimLostError,
@@ -218,6 +219,8 @@ RULES: Mapping[type[BaseException], Rule] = {
     # lost may have landed: neither done nor not done.
     CommitUnknownError: Rule(Code.UNAVAILABLE, _outcome_unknown_message),
     UnreachableError: _STORAGE,
+    # The datastore's file gone from its path under the server: no write is taken.
+    DatastoreMovedError: _STORAGE,
     # A replayed OAuth assertion lost its ledger write (server/oauth answers it; never gRPC).
     JtiHeldError: _STORAGE,
     # A credential's holder left while it was being issued (the two below): nothing was issued.

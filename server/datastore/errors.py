@@ -93,6 +93,14 @@ class CommitUnknownError(StorageError):
         self.server_stops = server_stops
 
 
+class DatastoreMovedError(StorageError):
+    """The datastore's file was deleted, moved away or replaced under the running server.
+    SQLite goes on writing to the file it has open, which no path names any more: a write
+    committed there was acknowledged and gone with it at the next start. None is taken (the
+    transaction rolled back); the server serves on from what it holds. The message names the
+    path and what is wrong, for the operator's log; a client is told only of an outage."""
+
+
 class UnreachableError(StorageError):
     """The backend did not answer in time, or the connection to it was lost: another request
     now would most likely wait, or fail, the same way."""

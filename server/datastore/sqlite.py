@@ -42,6 +42,7 @@ from server.datastore.errors import (
     AlreadyExistsError,
     CommitUnknownError,
     ConflictError,
+    DatastoreMovedError,
     NotFoundError,
     RemovalUnderWayError,
     StorageError,
@@ -311,6 +312,10 @@ def _make_private(companion: Path) -> None:
             os.close(fd)
 
 
+def _identity(found: os.stat_result) -> tuple[int, int]:
+    return found.st_dev, found.st_ino
+
+
 def outcome_unknown(error: sqlite3.Error) -> bool:
     """Whether a failed COMMIT may still have landed: an I/O error (SQLITE_IOERR and its
     extended codes, the fsync's among them) came after the WAL frames were written. A full
@@ -358,6 +363,9 @@ class SqliteDataStore(
         self._last_id_millis = self._last_created = 0
         self._closed = False
         self._closing = threading.Event()
+        # The file the connection has open (device, inode): None for a read-only store,
+        # which writes nothing to lose.
+        self._opened: tuple[int, int] | None = None
         if not migrate:
             self._db, versions = self._open_read_only()
             try:
@@ -382,6 +390,7 @@ class SqliteDataStore(
         )
         self._db = sqlite_utils.Database(conn, execute_plugins=False)
         try:
+            self._opened = _identity(os.stat(self._path))
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._db.enable_wal()
             # FULL: in WAL mode every commit fsyncs the log, so an acknowledged write survives
@@ -430,6 +439,8 @@ class SqliteDataStore(
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                # Last before the COMMIT: one made to a file gone from the path is lost.
+                self._refuse_moved()
                 # Inside the try: a COMMIT that fails (I/O error, busy) leaves the transaction
                 # open, and the next BEGIN on this connection would fail for good.
                 self._commit()
@@ -440,6 +451,35 @@ class SqliteDataStore(
                     with contextlib.suppress(*self._rollback_errors()):
                         self._db.execute("ROLLBACK")
                 raise
+
+    def _moved(self) -> str | None:
+        """What is wrong when the datastore's path no longer names the file this store has
+        open (None: it does, or this store writes nothing). Deleted or moved away, that file
+        still takes SQLite's writes, and they go with it: none is acknowledged then."""
+        if self._opened is None:
+            return None
+        try:
+            found = os.stat(self._path)
+        except FileNotFoundError:
+            return (
+                f"the datastore file at {self._path} is gone (deleted or moved away while "
+                f"the server ran on it): put it back at {self._path}"
+            )
+        except OSError:
+            return None  # unknown: SQLite's own error, if any, says what it met
+        if _identity(found) != self._opened:
+            return (
+                f"the datastore file at {self._path} is not the one the server opened (that "
+                "one was moved away or deleted, and another put in its place): put the "
+                "server's back, or restart the server to run on this one"
+            )
+        return None
+
+    def _refuse_moved(self, what: str = "write to the datastore") -> None:
+        """DatastoreMovedError naming the path when it names another file or none."""
+        moved = self._moved()
+        if moved is not None:
+            raise DatastoreMovedError(f"cannot {what}: {moved}")
 
     def _commit(self) -> None:
         try:

@@ -117,6 +117,9 @@ class SqliteLedger:
     def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         raise NotImplementedError  # SqliteDataStore's
 
+    def _refuse_moved(self, what: str = "write to the datastore") -> None:
+        raise NotImplementedError  # SqliteDataStore's
+
     def _append_feed(self, db: sqlite_utils.Database, kind: str, keys: Iterable[str]) -> None:
         raise NotImplementedError  # SqliteDataStore's
 
@@ -335,9 +338,12 @@ class SqliteLedger:
         rows nobody needs deleted, and the next prune takes the rest.
         """
         needed_from = revocation_needed_from(now)
+        # The reader opens the path: gone, SQLite says only that it cannot open a file.
+        self._refuse_moved("prune credentials")
         try:
             reader = sqlite_audit.connect_read_only(self._path)
         except sqlite3.Error as e:
+            self._refuse_moved("prune credentials")
             raise StorageError(f"cannot prune credentials: {e}") from e
         gone = 0
         after = -(2**63)
@@ -352,6 +358,7 @@ class SqliteLedger:
                     return gone
                 after = rowids[-1]
         except sqlite3.Error as e:
+            self._refuse_moved("prune credentials")
             raise StorageError(f"cannot prune credentials: {e}") from e
         finally:
             reader.close()
@@ -399,5 +406,7 @@ class SqliteLedger:
 
     def audit_snapshot(self) -> AbstractContextManager[AuditSnapshot]:
         # A connection of its own: a snapshot must not hold the writer's lock while a verify
-        # walks millions of rows.
+        # walks millions of rows. Opened by path: one naming another file, or none, would
+        # have it verify that file's log, or fail without saying why.
+        self._refuse_moved("read the audit log")
         return sqlite_audit.snapshot(self._path)

@@ -8,7 +8,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from server.datastore import (
     sqlite_ledger,
 )
 from server.datastore import sqlite as sqlite_module
-from server.datastore.errors import AgentReplacedError, StorageError
+from server.datastore.errors import AgentReplacedError, DatastoreMovedError, StorageError
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import EventFilter, TokenUse, revocation_needed_from
 from server.datastore.sqlite import SqliteDataStore
@@ -765,6 +765,79 @@ def test_a_credential_prune_that_fails_midway_deleted_only_expired_rows(
     finally:
         store.close()
     assert _stored_values(path) == {c.value for c in rows} - expired
+
+
+def _take_away(path: Path, how: str) -> Callable[[], None]:
+    """The datastore file at `path` deleted, moved away, or moved away with another
+    datastore put in its place, under the store that has it open; returns what puts the
+    store's own back (nothing, once deleted)."""
+    if how == "deleted":
+        path.unlink()
+        return lambda: None
+    aside = path.with_name("moved")
+    path.rename(aside)
+    if how == "replaced":
+        SqliteDataStore(path.with_name("other"), FakeClock()).close()
+        path.with_name("other").rename(path)
+    return lambda: aside.replace(path)
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+def test_a_credential_prune_on_a_datastore_file_gone_from_its_path_names_the_path(
+    tmp_path: Path, clock: FakeClock, how: str
+) -> None:
+    """The prune reads on a connection of its own, opened by path: with the file gone, SQLite
+    said only "unable to open database file", and nothing of which file or why. The error
+    names the path and what is wrong; the store serves reads on, and prunes again once its
+    file is back."""
+    path = tmp_path / "db"
+    store = admit(SqliteDataStore(path, clock), AGENT)
+    now = NOW + 100_000
+    rows, expired = _credentials_around(int(revocation_needed_from(now)))
+    store.write_ledger(rows, [])
+    put_back = _take_away(path, how)
+    try:
+        with pytest.raises(DatastoreMovedError, match="cannot prune credentials") as refused:
+            store.prune_credentials(now)
+        said = str(refused.value)
+        assert f"the datastore file at {path} " in said
+        assert ("not the one the server opened" if how == "replaced" else "is gone") in said
+        assert store.get_agent(AGENT).spiffe_id == AGENT  # reads go on
+        if how != "deleted":
+            put_back()
+            assert store.prune_credentials(now) == len(expired)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+def test_no_write_is_acknowledged_to_a_datastore_file_gone_from_its_path(
+    tmp_path: Path, clock: FakeClock, how: str
+) -> None:
+    """SQLite goes on writing to the file it has open, deleted or moved away: every write
+    succeeded, into a file no path names, and was gone at the next start (the datastore
+    missing, or another in its place). None is taken, each refused naming the path; the
+    store writes again once its own file is back."""
+    path = tmp_path / "db"
+    store = admit(SqliteDataStore(path, clock), AGENT)
+    put_back = _take_away(path, how)
+    try:
+        with pytest.raises(DatastoreMovedError, match=f"the datastore file at {path} "):
+            store.create_entry(entry("/lost"))
+        with pytest.raises(DatastoreMovedError):
+            store.write_ledger([Credential("jwt_id", "j", AGENT, RUNTIME, "", NOW)], [])
+        assert store.list_entries() == []  # nothing of the refused write, reads go on
+        if how != "deleted":
+            put_back()
+            kept = store.create_entry(entry("/kept"))
+    finally:
+        store.close()
+    if how != "deleted":
+        again = SqliteDataStore(path, clock)
+        try:
+            assert [e.id for e in again.list_entries()] == [kept.id]
+        finally:
+            again.close()
 
 
 def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
