@@ -22,6 +22,7 @@ from server.attestation.base import NodeAttestor
 from server.attestation.join_token import JoinTokenAttestor
 from server.attestation.x509pop import X509PopAttestor
 from server.audit.checkpoint import CHECKPOINT_FILE, KEY_DIR, CheckpointFile, CheckpointSigner
+from server.audit.outage import LedgerOutage
 from server.audit.retention import DAY, RetentionPolicy
 from server.audit.rollback import (
     Rollback,
@@ -61,7 +62,7 @@ from server.descriptor_budget import (
 from server.errors import ConfigError
 from server.events import ChangeNotifier
 from server.federation.wiring import Federation
-from server.health_reasons import DATASTORE_VIEW, HealthReasons
+from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
 from server.housekeeping import (
     HOUSEKEEPING_LEASE,
     Lease,
@@ -72,7 +73,6 @@ from server.ids import ServerIds
 from server.issuance import AgentAdmission, Issuer, IssuerSettings, MeteredLedger
 from server.issuance.datastore_ledger import DatastoreLedger
 from server.ledger import Ledger
-from server.ledger_health import LedgerHealth
 from server.metrics import Metrics, MetricsHttpServer
 from server.node_api import (
     SYNC_OPENS_BURST,
@@ -232,9 +232,7 @@ class Server:
         # Why a serving server should be sent no agents (a stale view, a ledger that cannot
         # commit): /healthz and the node service's gRPC health both follow it.
         self.health = HealthReasons(self._health_turned)
-        self.ledger_health = LedgerHealth(
-            self.clock, self.metrics.ledger_available, self.health, str(self.ids.server)
-        )
+        self.ledger_outage = LedgerOutage(self.clock, self._ledger_turned)
         self._executor: ThreadPoolExecutor | None = None
         self._jwt_executor: ThreadPoolExecutor | None = None
         self._workers: SigningWorkers | None = None
@@ -367,7 +365,7 @@ class Server:
             denials=self._refusal_budget(
                 "task", cfg.task_denial_rate_per_agent, cfg.task_denial_burst_per_agent
             ),
-            outage=self.ledger_health.outage,
+            outage=self.ledger_outage,
         )
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.
@@ -601,7 +599,7 @@ class Server:
             executor=self._executor,
             agent_svid_ttl=cfg.agent_svid_ttl,
             on_agent_removed=self.tasks.agent_removed,
-            outage=self.ledger_health.outage,
+            outage=self.ledger_outage,
         )
         # Who calls as an agent, for the node API and the task layer alike.
         peers = PeerCache(self.ids, self.ca.issuing_cas)
@@ -727,7 +725,8 @@ class Server:
             asyncio.create_task(self.checkpointer.run(self._stop), name="audit-checkpoints"),
             asyncio.create_task(self.pruner.run(self._stop), name="audit-retention"),
             asyncio.create_task(
-                self.ledger_health.run(self._stop, self.tasks.audit), name="ledger-health"
+                self.ledger_outage.run(self._stop, self.tasks.audit, str(self.ids.server)),
+                name="ledger-outage",
             ),
             asyncio.create_task(self.propagator.run_expiry(self._stop.is_set), name="entry-expiry"),
             asyncio.create_task(
@@ -819,6 +818,16 @@ class Server:
             self.health.set(DATASTORE_VIEW, "this server's view of the datastore is stale")
         else:
             self.health.clear(DATASTORE_VIEW)
+
+    def _ledger_turned(self, reason: str | None) -> None:
+        # The ledger's outage (LedgerOutage), on the committing thread: the metric, and no
+        # agent sent to a server that refuses every identity decision.
+        if reason is None:
+            self.metrics.ledger_available.set(1)
+            self.health.clear(LEDGER)
+        else:
+            self.metrics.ledger_available.set(0)
+            self.health.set(LEDGER, f"the audit ledger cannot commit ({reason})")
 
     def _health_turned(self, healthy: bool) -> None:
         """HealthReasons' turns, on whichever thread made them (the ledger's are a writer's)."""

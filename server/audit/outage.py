@@ -3,24 +3,45 @@ task begin and end, revocations, removals, policy reloads) tells this its outcom
 
 Storage that refuses writes (a full disk, a read-only file, a lock held past the busy timeout,
 a database gone) is one outage: one log line when commits start failing, one when they work
-again (with how long and how many failed), and `on_turn` at each turn for the metric and the
-server's health. A write refused for what it holds (a replay, an agent removed meanwhile) is
-no outage: the log never reports those here.
+again (with how long and how many failed), and `on_turn` at each turn for the server's report
+(`svid_server_ledger_available`, a reason on its health: /healthz 503, the node service
+NOT_SERVING). A write refused for what it holds (a replay, an agent removed meanwhile) is no
+outage: the log never reports those here.
+
+Each outage is recorded on the chain by one `ledger_outage` event once the ledger commits
+again: the auditor's word that identity decisions stopped from `began_at` on (every one
+refused, none unrecorded), and why. A server whose health says 503 gets no traffic from a
+balancer, so nothing of its callers' would ever find the ledger back: while an outage is
+unrecorded, `run` tries to commit its event every PROBE_INTERVAL. That commit, or any other,
+ends the outage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from server.audit.errors import LedgerError
+from server.audit.event import EventKind
 from server.datastore.errors import StorageError, UnreachableError
 from svid._clock import Clock
+from svid._waits import set_within
+
+if TYPE_CHECKING:
+    from server.audit.log import AuditLog  # which tells this its commits
 
 _log = logging.getLogger("svid.server.audit")
+
+# Seconds between tries to commit while the ledger is down: a balancer's next probe sees it
+# back about this soon after the storage is.
+PROBE_INTERVAL = 1.0
 
 # What a failed write means, from the words SQLite and the OS use for it.
 _REASONS = (
@@ -96,6 +117,12 @@ def telling(outage: LedgerOutage | None) -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True)
+class _Outage:
+    reason: str
+    began_at: float
+
+
 class LedgerOutage:
     """`on_turn(reason)`: the short reason when commits start failing, None when one works
     again; called on the committing thread under this object's lock, so that turns reach it
@@ -108,6 +135,12 @@ class LedgerOutage:
         self._reason: str | None = None
         self._since = 0.0
         self._failures = 0
+        # The oldest outage no event records yet (None: all are), the newest outage, and how
+        # many have begun: an outage that begins while the probe's event is being written is
+        # told apart from the one that event records.
+        self._unrecorded: _Outage | None = None
+        self._latest: _Outage | None = None
+        self._begun = 0
 
     @property
     def reason(self) -> str | None:
@@ -126,6 +159,11 @@ class LedgerOutage:
             if self._reason is not None:
                 return
             self._reason, self._since = reason, self._clock.now()
+            self._latest = _Outage(reason, self._since)
+            self._begun += 1
+            # An outage begun before the last one's event was written goes on from it.
+            if self._unrecorded is None:
+                self._unrecorded = self._latest
             _log.error(
                 "the ledger cannot commit; every identity decision is refused until storage "
                 "recovers",
@@ -150,3 +188,30 @@ class LedgerOutage:
             )
             if self._on_turn is not None:
                 self._on_turn(None)
+
+    async def run(self, stop: asyncio.Event, audit: AuditLog, node_id: str) -> None:
+        """Until `stop`: every PROBE_INTERVAL while an outage is unrecorded, try to commit its
+        `ledger_outage` event through `audit` (which tells this its outcome), `node_id` the
+        server's."""
+        while not await set_within(stop, PROBE_INTERVAL):
+            with self._lock:
+                outage, begun = self._unrecorded, self._begun
+            if outage is None:
+                continue
+            try:
+                await asyncio.to_thread(
+                    audit.append,
+                    EventKind.LEDGER_OUTAGE,
+                    node_id=node_id,
+                    decision="deny",
+                    reason=outage.reason,
+                    extra={"began_at": int(outage.began_at)},
+                )
+            except LedgerError:
+                continue  # still down: its log line and health say so
+            with self._lock:
+                # One begun meanwhile may have begun after this event committed: which side
+                # of the commit it fell on cannot be told, so it gets an event of its own.
+                # Dropped, nothing would probe for its end (a balancer sends no call to a
+                # server answering 503), and /healthz would say 503 for good.
+                self._unrecorded = None if self._begun == begun else self._latest

@@ -1,6 +1,6 @@
 """LedgerOutage and HealthReasons, the pieces behind the server's word on its ledger: one log
 line when commits start failing and one when they work again, each turn told once, in order,
-the health reasons of several causes standing together, and LedgerHealth's probe on a real
+the health reasons of several causes standing together, and LedgerOutage's probe on a real
 SQLite file finding each outage's end and recording each."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from psycopg import errors as pg_errors
 
-from server import ledger_health
 from server.audit import AuditEvent, AuditLog, EventKind
+from server.audit import outage as audit_outage
 from server.audit.errors import LedgerError
 from server.audit.outage import LedgerOutage, failure_reason, storage_fault
 from server.datastore.errors import StorageError, UnreachableError
@@ -25,8 +25,6 @@ from server.datastore.postgres_dsn import scrub
 from server.datastore.records import EventFilter
 from server.datastore.sqlite import SqliteDataStore
 from server.health_reasons import DATASTORE_VIEW, LEDGER, HealthReasons
-from server.ledger_health import LedgerHealth
-from server.metrics import Metrics
 from server.tasks.store import TaskStore
 from svid._clock import FakeClock, SystemClock
 from tests.log_lines import log_lines
@@ -135,12 +133,19 @@ def test_an_outage_begun_as_the_probe_records_the_last_is_probed_and_recorded(
     """Fails without the probe telling the two outages apart: the second, begun between the
     first's event committing and the probe hearing so, was taken for the first, recorded, so
     no probe ran again and /healthz said 503 for good, nothing on the chain about it."""
-    monkeypatch.setattr(ledger_health, "PROBE_INTERVAL", 0.02)
+    monkeypatch.setattr(audit_outage, "PROBE_INTERVAL", 0.02)
     clock = SystemClock()
     store = SqliteDataStore(tmp_path / "datastore.sqlite3", clock)
     reasons = HealthReasons()
-    health = LedgerHealth(clock, Metrics().ledger_available, reasons, "spiffe://example.org/s")
-    log = _CutAfterTheProbe(store, clock, health.outage)
+
+    def turned(reason: str | None) -> None:  # as the server's health has it
+        if reason is None:
+            reasons.clear(LEDGER)
+        else:
+            reasons.set(LEDGER, reason)
+
+    outage = LedgerOutage(clock, turned)
+    log = _CutAfterTheProbe(store, clock, outage)
     try:
         _refusing(store, True)
         with pytest.raises(LedgerError):
@@ -150,7 +155,7 @@ def test_an_outage_begun_as_the_probe_records_the_last_is_probed_and_recorded(
 
         async def probed() -> None:
             stop = asyncio.Event()
-            probe = asyncio.create_task(health.run(stop, log))
+            probe = asyncio.create_task(outage.run(stop, log, "spiffe://example.org/s"))
             try:
                 await asyncio.to_thread(wait_for, log.cut.is_set, 5, "the probe's first event")
                 assert not reasons.healthy()  # the second outage stands
