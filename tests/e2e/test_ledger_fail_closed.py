@@ -11,11 +11,9 @@ its audit event are committed (the contract in server/issuance/ledger.py).
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import shutil
 import sqlite3
-import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,6 +26,7 @@ import pytest
 from svid._proto import node_pb2, node_pb2_grpc
 from tests.e2e.agent_process import create_entry, new_token
 from tests.e2e.conftest import TRUST_DOMAIN, ServerProcess, make_server, short_tmpdir, wait_for
+from tests.e2e.small_disk import served_from_a_small_disk
 from tests.e2e.test_server_cli import attest, node_channel
 from tests.server.fixtures import Agent, der_chain, make_csr
 
@@ -37,35 +36,6 @@ TD = f"spiffe://{TRUST_DOMAIN}"
 # a fixed time of load (the calls in flight when it lands are as many either way).
 CALLS_EACH = 3
 CRASHES = 3
-
-
-@contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[None]:
-    where.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write `path` until the file system has not one byte left."""
-    with path.open("wb", buffering=0) as out:
-        for chunk in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    out.write(b"\0" * chunk)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
 
 
 def jti_of(token: str) -> str:
@@ -160,56 +130,46 @@ def assert_all_on_record(client: Client, data_dir: Path) -> None:
 
 
 def test_a_full_disk_refuses_issuance_and_the_server_resumes_when_space_returns() -> None:
-    root = short_tmpdir()
-    data_dir = root / "data"
-    server = make_server(root, metrics_address="127.0.0.1:0")
-    try:
-        with tmpfs(data_dir, "32m"):
-            server.start()
-            client = set_up(server)
-            with client.stub() as stub:
-                assert client.x509(stub) == 10
-                assert client.jwts(stub) == 50
-                before = set(client.serials), set(client.jtis)
-                filler = data_dir / "filler"
-                fill(filler)
-                calls: list[Callable[[node_pb2_grpc.NodeStub], int]] = [
-                    client.x509,
-                    client.jwts,
-                    client.jwt,
-                ]
-                for _ in range(5):
-                    for call in calls:
-                        with pytest.raises(grpc.RpcError) as err:
-                            call(stub)
-                        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
-                        details = err.value.details() or ""
-                        assert "cannot record" in details
-                        assert str(root) not in details
-                # Not one credential reached this client while nothing could be recorded.
-                assert (client.serials, client.jtis) == before
-                assert metric(server, 'svid_server_ledger_failures_total{reason="disk full"}') >= 15
-                assert metric(server, "svid_server_ledger_available") == 0
-                assert "the ledger cannot commit" in server.logs()
-                assert server.proc is not None
-                assert server.proc.poll() is None
+    with served_from_a_small_disk(metrics_address="127.0.0.1:0") as (server, disk):
+        client = set_up(server)
+        with client.stub() as stub:
+            assert client.x509(stub) == 10
+            assert client.jwts(stub) == 50
+            before = set(client.serials), set(client.jtis)
+            disk.fill()
+            calls: list[Callable[[node_pb2_grpc.NodeStub], int]] = [
+                client.x509,
+                client.jwts,
+                client.jwt,
+            ]
+            for _ in range(5):
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(stub)
+                    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+                    details = err.value.details() or ""
+                    assert "cannot record" in details
+                    assert str(server.root) not in details
+            # Not one credential reached this client while nothing could be recorded.
+            assert (client.serials, client.jtis) == before
+            assert metric(server, 'svid_server_ledger_failures_total{reason="disk full"}') >= 15
+            assert metric(server, "svid_server_ledger_available") == 0
+            assert "the ledger cannot commit" in server.logs()
+            assert server.proc is not None
+            assert server.proc.poll() is None
 
-                filler.unlink()
-                # No restart, no operator action: the next calls are issued and recorded.
-                assert client.x509(stub) == 10
-                assert client.jwts(stub) == 50
-                assert client.jwt(stub) == 1
-                assert metric(server, "svid_server_ledger_available") == 1
-            assert server.stop() == 0
-            assert len(client.serials) == 20
-            assert len(client.jtis) == 101
-            assert_all_on_record(client, data_dir)
-            verify = server.cli("audit", "verify", "--data-dir", str(data_dir))
-            assert "audit chain OK" in verify.stdout
-    finally:
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+            disk.free()
+            # No restart, no operator action: the next calls are issued and recorded.
+            assert client.x509(stub) == 10
+            assert client.jwts(stub) == 50
+            assert client.jwt(stub) == 1
+            assert metric(server, "svid_server_ledger_available") == 1
+        assert server.stop() == 0
+        assert len(client.serials) == 20
+        assert len(client.jtis) == 101
+        assert_all_on_record(client, server.data_dir)
+        verify = server.cli("audit", "verify", "--data-dir", str(server.data_dir))
+        assert "audit chain OK" in verify.stdout
 
 
 def test_kill9_under_jwt_and_x509_load_leaves_every_received_credential_on_record() -> None:

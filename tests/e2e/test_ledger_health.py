@@ -8,7 +8,6 @@ every credential a client received on record."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 
@@ -16,8 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
-from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir
-from tests.e2e.test_ledger_fail_closed import assert_all_on_record, fill, set_up, tmpfs
+from tests.e2e.conftest import ServerProcess
+from tests.e2e.small_disk import served_from_a_small_disk
+from tests.e2e.test_ledger_fail_closed import assert_all_on_record, set_up
 from tests.e2e.test_server_cli import node_channel
 from tests.server.fixtures import Agent
 from tests.waits import wait_for
@@ -45,50 +45,42 @@ def node_health(server: ServerProcess, agent: Agent) -> int:
 def test_healthz_names_the_ledger_while_it_cannot_commit_and_recovers_by_itself() -> None:
     """Fails on main: /healthz said 200 ok all along, while every issuance, task begin and
     revocation was refused for want of the ledger."""
-    root = short_tmpdir()
-    data_dir = root / "data"
-    server = make_server(root, metrics_address="127.0.0.1:0")
-    try:
-        with tmpfs(data_dir, "32m"):
-            server.start()
-            client = set_up(server)
-            serving = health_pb2.HealthCheckResponse.SERVING
-            with client.stub() as stub:
-                assert client.jwt(stub) == 1
-                assert healthz(server) == (200, "ok\n")
-                fill(data_dir / "filler")
-                with pytest.raises(grpc.RpcError) as err:
-                    client.jwt(stub)
-                assert err.value.code() is grpc.StatusCode.UNAVAILABLE
-                code, said = healthz(server)
-                assert (code, said) == (
-                    503,
-                    "unhealthy: the audit ledger cannot commit (disk full)\n",
-                )
-                assert str(root) not in said
-                assert node_health(server, client.agent) != serving
-
-                (data_dir / "filler").unlink()
-                # No call: a balancer that heeded the 503 sends none.
-                wait_for(lambda: healthz(server)[0] == 200, 10, "/healthz to say 200 again")
-                assert node_health(server, client.agent) == serving
-                assert client.jwt(stub) == 1
-            assert server.stop() == 0
-
-            server.start()
+    with served_from_a_small_disk(metrics_address="127.0.0.1:0") as (server, disk):
+        data_dir = server.data_dir
+        client = set_up(server)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        with client.stub() as stub:
+            assert client.jwt(stub) == 1
             assert healthz(server) == (200, "ok\n")
-            assert server.stop() == 0
-            assert len(client.jtis) == 2
-            assert_all_on_record(client, data_dir)
-            verify = server.cli("audit", "verify", "--data-dir", str(data_dir))
-            assert "audit chain OK" in verify.stdout
-            export = server.cli(
-                "audit", "export", "--data-dir", str(data_dir), "--kind", "ledger_outage"
+            disk.fill()
+            with pytest.raises(grpc.RpcError) as err:
+                client.jwt(stub)
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            code, said = healthz(server)
+            assert (code, said) == (
+                503,
+                "unhealthy: the audit ledger cannot commit (disk full)\n",
             )
-            (outage,) = [json.loads(line) for line in export.stdout.splitlines()]
-            assert outage["reason"] == "disk full"
-            assert outage["extra"]["began_at"] <= outage["ts"]
-    finally:
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+            assert str(server.root) not in said
+            assert node_health(server, client.agent) != serving
+
+            disk.free()
+            # No call: a balancer that heeded the 503 sends none.
+            wait_for(lambda: healthz(server)[0] == 200, 10, "/healthz to say 200 again")
+            assert node_health(server, client.agent) == serving
+            assert client.jwt(stub) == 1
+        assert server.stop() == 0
+
+        server.start()
+        assert healthz(server) == (200, "ok\n")
+        assert server.stop() == 0
+        assert len(client.jtis) == 2
+        assert_all_on_record(client, data_dir)
+        verify = server.cli("audit", "verify", "--data-dir", str(data_dir))
+        assert "audit chain OK" in verify.stdout
+        export = server.cli(
+            "audit", "export", "--data-dir", str(data_dir), "--kind", "ledger_outage"
+        )
+        (outage,) = [json.loads(line) for line in export.stdout.splitlines()]
+        assert outage["reason"] == "disk full"
+        assert outage["extra"]["began_at"] <= outage["ts"]

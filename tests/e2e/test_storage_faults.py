@@ -12,8 +12,6 @@ import json
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -24,13 +22,13 @@ from svid._proto import admin_pb2
 from tests.e2e.agent_process import create_entry
 from tests.e2e.conftest import (
     TRUST_DOMAIN,
-    ServerProcess,
     make_server,
     server_command,
     short_tmpdir,
 )
+from tests.e2e.small_disk import served_from_a_small_disk
 from tests.e2e.test_agent_slow_disk import injected_fsyncs
-from tests.e2e.test_ledger_fail_closed import fill, set_up, tmpfs
+from tests.e2e.test_ledger_fail_closed import set_up
 
 pytestmark = pytest.mark.e2e
 TD = f"spiffe://{TRUST_DOMAIN}"
@@ -57,31 +55,15 @@ def _refused(done: subprocess.CompletedProcess[str], datastore: Path) -> str:
     return last
 
 
-@contextmanager
-def _served_from_a_small_tmpfs() -> Iterator[ServerProcess]:
-    """A started server whose data directory is a 32 MB tmpfs; stopped and removed after."""
-    root = short_tmpdir()
-    server = make_server(root)
-    try:
-        with tmpfs(server.data_dir, "32m"):
-            server.start()
-            yield server
-    finally:
-        if server.proc is not None:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def test_a_restart_on_a_full_file_system_names_the_datastore_and_the_full_disk() -> None:
-    with _served_from_a_small_tmpfs() as server:
-        data_dir = server.data_dir
+    with served_from_a_small_disk() as (server, disk):
         assert server.stop() == 0
-        fill(data_dir / "filler")
-        last = _refused(_run(server.config_path), data_dir / "datastore.sqlite3")
+        disk.fill()
+        last = _refused(_run(server.config_path), server.data_dir / "datastore.sqlite3")
         # SQLite says "disk I/O error" when it cannot map its shared-memory file: the
         # line says what the operator is to free.
         assert "no space left" in last
-        (data_dir / "filler").unlink()
+        disk.free()
         server.start()  # space back: the same datastore opens
         assert server.stop() == 0
 
@@ -103,12 +85,11 @@ def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> 
     """Every call refused while the disk is full failed the same way: the log says so once
     (the ledger's line, and one traceback), not with a ~3.6 KB traceback a call, which the
     agents' retries wrote as fast as they came, onto the very disk that was full."""
-    with _served_from_a_small_tmpfs() as server:
-        data_dir = server.data_dir
+    with served_from_a_small_disk() as (server, disk):
         client = set_up(server)
         refused = 0
         with client.stub() as stub:
-            fill(data_dir / "filler")
+            disk.fill()
             start = len(server.logs())
             for _ in range(CALLS):
                 with pytest.raises(grpc.RpcError) as err:
@@ -116,7 +97,7 @@ def test_a_full_disk_logs_the_refused_calls_traceback_once_not_once_a_call() -> 
                 assert err.value.code() is grpc.StatusCode.UNAVAILABLE
                 refused += 1
             logged = server.logs()[start:]
-            (data_dir / "filler").unlink()
+            disk.free()
             assert client.jwt(stub) == 1  # space back: issued again, no restart
         assert server.stop() == 0
     assert refused == CALLS
@@ -166,8 +147,8 @@ def test_the_wal_a_long_reader_let_grow_is_cut_back_once_the_reader_is_gone() ->
 def test_the_admin_cli_says_the_disk_is_full_when_it_is() -> None:
     """A bare 'storage unavailable' sends the operator looking everywhere: the admin CLI's line
     says the datastore's disk is full, and names no path."""
-    with _served_from_a_small_tmpfs() as server:
-        fill(server.data_dir / "filler")
+    with served_from_a_small_disk() as (server, disk):
+        disk.fill()
         done = server.cli(
             "entry",
             "create",
@@ -179,7 +160,7 @@ def test_the_admin_cli_says_the_disk_is_full_when_it_is() -> None:
             "unix:uid:1",
             check=False,
         )
-        (server.data_dir / "filler").unlink()
+        disk.free()
         assert done.returncode == 1, done.stderr
         assert "storage unavailable (the datastore's disk is full)" in done.stderr
         assert str(server.data_dir) not in done.stderr
