@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from server.audit.errors import LedgerError
 from server.audit.event import EventKind
-from server.datastore.errors import StorageError, UnreachableError
+from server.datastore.errors import DatastoreMovedError, StorageError, UnreachableError
 from svid._clock import Clock
 from svid._waits import set_within
 
@@ -76,6 +76,8 @@ def failure_reason(exc: BaseException) -> str:
     """A short, path-free name for why a write failed (for logs, metric labels, health)."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, DatastoreMovedError):
+            return "datastore file gone"
         if isinstance(seen, OSError) and seen.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[seen.errno]
         state = _sqlstate(seen)

@@ -19,7 +19,7 @@ from server.audit import AuditEvent, AuditLog, EventKind
 from server.audit import outage as audit_outage
 from server.audit.errors import LedgerError
 from server.audit.outage import LedgerOutage, failure_reason, storage_fault
-from server.datastore.errors import StorageError, UnreachableError
+from server.datastore.errors import DatastoreMovedError, StorageError, UnreachableError
 from server.datastore.postgres import PostgresDataStore
 from server.datastore.postgres_dsn import scrub
 from server.datastore.records import EventFilter
@@ -195,6 +195,28 @@ def test_a_postgres_database_refusing_writes_is_an_outage_named_read_only(
         with pytest.raises(LedgerError):
             AuditLog(store, clock, outage).append("policy_reload", decision="allow")
         assert turns == ["read-only", None, "read-only"]
+    finally:
+        store.close()
+
+
+def test_a_datastore_file_moved_away_is_an_outage_named_so(tmp_path: Path) -> None:
+    """Fails while the refusal was read by its words alone: none of a full disk's or a lock's
+    in it, a task row's write refused so (a task end, a revocation) was no outage at all,
+    /healthz 200 while every one failed, and the ledger's commits a mere 'storage error'."""
+    clock = FakeClock()
+    path = tmp_path / "datastore.sqlite3"
+    store = SqliteDataStore(path, clock)
+    turns: list[str | None] = []
+    outage = LedgerOutage(clock, turns.append)
+    path.rename(tmp_path / "moved")
+    try:
+        with pytest.raises(DatastoreMovedError):
+            TaskStore(store, outage).put_task(task(1, clock))
+        assert turns == ["datastore file gone"]
+        outage.worked()
+        with pytest.raises(LedgerError):
+            AuditLog(store, clock, outage).append("policy_reload", decision="allow")
+        assert turns == ["datastore file gone", None, "datastore file gone"]
     finally:
         store.close()
 
