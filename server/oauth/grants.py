@@ -65,7 +65,7 @@ from server.tasks.model import TASK_PATH, Task, is_task_id
 from svid._clock import Clock
 from svid._errors import JwtSvidError, VerificationError
 from svid._jwt import split_typed_token
-from svid._task_claims import _MAX_ACT_DEPTH, TOOL_SCOPE_PREFIX
+from svid._task_claims import _MAX_ACT_DEPTH, INVOKE_TOOL, TOOL_SCOPE_PREFIX
 from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 
 _log = logging.getLogger("svid.server.oauth")
@@ -526,6 +526,7 @@ class Grants:
             # The token lacks an action granted here: narrowed by its client, or by policy?
             could = self._decided_at(held_at, task_sid, actor, ceiling)
         withheld = {t for t in could if not t.startswith(TOOL_SCOPE_PREFIX) and t not in held}
+        withheld |= self._tools_withheld(decided_tokens, subject, held_at, resource)
         kept = [t for t in decided_tokens if t not in withheld]
         if len(kept) == len(decided_tokens):
             return decided
@@ -535,6 +536,29 @@ class Grants:
                 f"lacks {' '.join(sorted(withheld.intersection(decided_tokens)))[:300]}"
             )
         return _with_scope(decided, " ".join(kept))
+
+    def _tools_withheld(
+        self,
+        decided_tokens: Sequence[str],
+        subject: VerifiedAccessToken,
+        held_at: str,
+        resource: str,
+    ) -> set[str]:
+        """The tools of the decision for ``resource`` the subject token may not hand on. Tools
+        are of one resource each, so a token for another resource limits none of them, unless
+        the chain comes back: towards the resource the token is for (its own workload acting
+        for it there), it hands on only the tools it holds (by name or ``invoke_tool``), and
+        towards one an earlier actor of its chain serves, where the token held there is not
+        shown, none. Else a token its client narrowed to ``read`` got the tools it was kept from
+        back from its own server, in one hop or through a neighbour."""
+        tools = [t for t in decided_tokens if t.startswith(TOOL_SCOPE_PREFIX)]
+        if resource == held_at:
+            held = subject.scopes
+            return set() if INVOKE_TOOL in held else {t for t in tools if t not in held}
+        workload = self._workloads.get(resource)
+        if workload is not None and workload.spiffe_id in subject.act_chain:
+            return set(tools)
+        return set()
 
     def _decided_at(
         self, held_at: str, task_sid: str, actor: str, ceiling: frozenset[str]

@@ -194,6 +194,45 @@ def test_a_delegation_hands_on_no_action_its_narrowed_subject_token_was_kept_fro
         assert reply.json()["scope"] == "read"
 
 
+def test_a_token_acted_for_back_at_its_own_resource_hands_on_no_tool_it_was_kept_from() -> None:
+    """Tools are of one resource each, so a token for another resource limits none of them;
+    but a token its client narrowed to read, acted for by its own server towards that same
+    resource, or through a neighbour back to it, came out with the tool it was kept from."""
+    from tests.server.oauth.conftest import serving_oauth
+    from tests.server.oauth.test_token_delegation import OTHER_ID
+
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    with serving_oauth(
+        "ort", [RESOURCE, OTHER_RESOURCE], oauth_resource_workloads=workloads
+    ) as oauth:
+        world = task_world(oauth)
+        narrow = exchange(world, world.subject_token(), scope="read").json()["access_token"]
+        reply = delegate(world, narrow, actor_token(oauth), RESOURCE)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"  # not tool:read_ticket, kept from it
+        assert world.decode(reply.json()["access_token"], RESOURCE)["scope"] == "read"
+        assert set(exchange_events(world)[-1]["granted"].split()) == {"read", "tool:read_ticket"}
+        # Through the orders API and back: the token held there is not shown, no tool comes.
+        orders = delegate(world, narrow, actor_token(oauth)).json()["access_token"]
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), RESOURCE)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+        # A token that holds the tool hands it on to its own resource.
+        whole = world.exchange().json()["access_token"]
+        reply = delegate(world, whole, actor_token(oauth), RESOURCE)
+        assert set(reply.json()["scope"].split()) == {"read", "tool:read_ticket"}
+        # As does one granted every tool, for each tool there.
+        world = begin_task(
+            oauth,
+            actions=("read", "invoke_tool"),
+            tools=(),
+            resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE),
+        )
+        every = exchange(world, world.subject_token(), scope="invoke_tool").json()
+        reply = delegate(world, every["access_token"], actor_token(oauth), RESOURCE)
+        assert reply.json()["scope"] == "invoke_tool"  # read was kept from it
+
+
 def _forbidding_writes_to(tmp_path: Path, resource: str) -> Path:
     """A policy directory: the shipped policy, and writes to ``resource`` forbidden."""
     import server.policy
