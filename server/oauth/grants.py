@@ -158,6 +158,17 @@ _NOBODY = _Whose()
 
 
 @dataclass(frozen=True, slots=True)
+class _Decision:
+    """The task decision a refusal came after (what was then asked for more than it, or what
+    the subject token could not carry): on the refusal's event as a grant's event names it,
+    its resource, policy set and scope, so the ledger says what policy decided, not only that
+    the request was refused."""
+
+    resource: str
+    grant: TaskJwtGrant
+
+
+@dataclass(frozen=True, slots=True)
 class _Issue:
     """A task token to mint: for whom, where, with what, asked as which type, audited as."""
 
@@ -382,6 +393,7 @@ class Grants:
             raise
         actor_id = str(actor.verified.spiffe_id)
         whose = _Whose(actor=actor_id)  # and the task's, once the subject token names it
+        decision: _Decision | None = None  # once the task layer decided
         try:
             resource = _single_resource(params, self._resources)
             subject, held_at = self._acted_for(subject_token, actor_id)
@@ -405,6 +417,7 @@ class Grants:
             actor_agent = self._agent_of(actor, claimed=False)
             task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
             whose = _Whose.of_task(task, actor_id)
+            decision = _Decision(resource, decided)
             carried = self._carried(
                 decided, subject, held_at, task_sid, resource=resource, actor=actor_id
             )
@@ -414,7 +427,7 @@ class Grants:
             # the request's fault, and past the budget nothing is written per request.
             raise
         except OAuthError as exc:
-            self._refused(EVENT_EXCHANGE, exc, call, whose=whose)
+            self._refused(EVENT_EXCHANGE, exc, call, whose=whose, decision=decision)
             raise
         act = {"sub": actor_id, "act": subject.claims["act"]}
         issued_type = TXN_TOKEN_TYPE if requested == [TXN_TOKEN_TYPE] else ACCESS_TOKEN_TYPE
@@ -635,7 +648,7 @@ class Grants:
             # token per resource still holds. A holder asking again and again gets only
             # refusals, each decided as any exchange is (policy's cache, or the decision
             # budget of the task's agent) and written within its client's refusal budget.
-            self._refused(kind, exc, call, whose=whose)
+            self._refused(kind, exc, call, whose=whose, decision=_Decision(resource, decided))
             self._replay.release(subject.claim)
             raise
         principal = task.on_behalf_of or task.runtime_id
@@ -914,25 +927,33 @@ class Grants:
         call: _Call,
         assertion: JtiClaim | None = None,
         whose: _Whose = _NOBODY,
+        *,
+        decision: _Decision | None = None,
     ) -> None:
-        """Audit a refusal, naming ``whose`` request it was as far as known, while its client
-        has budget for refusals on record (past it, only counted: a write per bad request is
-        what the budget bounds). An assertion that was checked is used up by it either way:
-        its claim goes into the same commit, as it would with a token."""
+        """Audit a refusal, naming ``whose`` request it was as far as known, and the task
+        ``decision`` it came after, if any, while its client has budget for refusals on record
+        (past it, only counted: a write per bad request is what the budget bounds). An assertion
+        that was checked is used up by it either way: its claim goes into the same commit, as it
+        would with a token."""
         events = []
         if self._budget.on_record(call.client):
+            extra: dict[str, str] = {"actor": whose.actor} if whose.actor else {}
+            if decision is not None:
+                extra["granted"] = decision.grant.scope
             events.append(
                 EventDraft(
                     kind=kind,
                     agent_id=whose.agent_id,
                     node_id=whose.node_id,
                     on_behalf_of=whose.on_behalf_of,
+                    resource=decision.resource if decision is not None else None,
                     action="token",
                     decision="deny",
                     reason=f"{exc.error}: {exc.description}"[:500],
                     task_id=whose.task_id,
+                    policy_set_hash=decision.grant.policy_set_hash if decision else None,
                     latency_us=call.latency_us(),
-                    extra={"actor": whose.actor} if whose.actor else {},
+                    extra=extra,
                 )
             )
         elif assertion is None:

@@ -5,6 +5,7 @@ token that could not be verified names no one."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,14 @@ from tests.server.oauth.test_token_delegation import (
     serving_delegation,
     task_world,
 )
-from tests.server.oauth.test_token_exchange import TaskWorld
-from tests.server.oauth.test_token_scope import JWT_BEARER, exchange, post, refused
+from tests.server.oauth.test_token_exchange import TaskWorld, begin_task
+from tests.server.oauth.test_token_scope import (
+    JWT_BEARER,
+    _forbidding_writes_to,
+    exchange,
+    post,
+    refused,
+)
 
 WHO = ("agent_id", "node_id", "task_id", "on_behalf_of", "actor")
 
@@ -118,3 +125,39 @@ def test_a_task_this_server_does_not_hold_is_named_by_its_spiffe_id() -> None:
     assert named == _Whose(runtime, None, "t1", None, MCP_ID)
     # A SPIFFE ID that does not end in its txn names itself as the workload, and no task.
     assert grants._task_named(f"{runtime}/task/t2", "t1") == _Whose(f"{runtime}/task/t2")
+
+
+def test_a_refusal_after_the_task_decision_names_that_decision(tmp_path: Path) -> None:
+    """A delegation the task decision allowed and the subject token then left nothing of, or a
+    scope asked beyond the decision, was refused with an event naming neither the resource nor
+    what policy decided: an operator could not tell policy's refusal from the token's. It names
+    them as a grant's event does: the resource, the policy set, and what was granted."""
+    policy = _forbidding_writes_to(tmp_path, RESOURCE)
+    with serving_delegation("ord", policy_dir=str(policy)) as oauth:
+        world = begin_task(
+            oauth, actions=("read", "write"), resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE)
+        )
+        # Asked for write at the tickets server: within the task's intent, not policy's grant.
+        refused(exchange(world, world.subject_token(), scope="write"), "invalid_scope")
+        event = exchange_events(world)[-1]
+        assert whose(event) == the_task(world)
+        assert (event["resource"], event["granted"]) == (RESOURCE, "read tool:read_ticket")
+        assert event["policy_set_hash"]
+        # The subject token narrowed to a tool, towards a resource where nothing else is left.
+        narrow = exchange(world, world.subject_token(), scope="tool:read_ticket").json()
+        allowed = exchange_events(world)[-1]
+        assert allowed["policy_set_hash"] == event["policy_set_hash"]
+        reply = delegate(world, narrow["access_token"], actor_token(oauth), scope="read")
+        refused(reply, "invalid_scope")  # read was kept from the token
+        event = exchange_events(world)[-1]
+        assert whose(event) == the_task(world, MCP_ID)
+        assert (event["resource"], event["granted"]) == (OTHER_RESOURCE, "read write")
+        assert event["policy_set_hash"] == allowed["policy_set_hash"]
+    with serving_delegation("ore") as oauth:
+        world = task_world(oauth)
+        narrow = exchange(world, world.subject_token(), scope="tool:read_ticket").json()
+        refused(delegate(world, narrow["access_token"], actor_token(oauth)), "invalid_grant")
+        event = exchange_events(world)[-1]
+        assert whose(event) == the_task(world, MCP_ID)
+        assert (event["resource"], event["granted"]) == (OTHER_RESOURCE, "read")
+        assert event["policy_set_hash"]
