@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from svid._task_claims import MAX_SCOPE_CHARS, SCOPE_TOKEN
+
 _MAX_DESCRIPTION = 300
 INVALID_TOKEN = "invalid_token"  # noqa: S105 - an RFC 6750 error code
 INSUFFICIENT_SCOPE = "insufficient_scope"
@@ -20,6 +22,25 @@ def _quotable(text: str) -> str:
     # RFC 6750 section 3: %x20-21 / %x23-5B / %x5D-7E, so no quote, no backslash, ASCII only.
     clean = "".join(c for c in text if " " <= c <= "~" and c not in '"\\')
     return clean[:_MAX_DESCRIPTION]
+
+
+def _challenge_scope(scope: str) -> str:
+    """The scope-tokens of ``scope`` a client can ask for, whole, each once, as many as fit in
+    MAX_SCOPE_CHARS (what svidd's token endpoint takes). A client asks the authorization server
+    for exactly what the challenge names (the MCP scope challenge): a token cut at a character
+    count, or stripped of the characters a quoted string cannot hold, named another tool
+    (``tool:read`` of ``tool:read_all``), and the token it got for that was refused again. A
+    token that is no scope-token cannot be asked for: it is left out (the body has it)."""
+    named: list[str] = []
+    size = -1
+    for token in dict.fromkeys(scope.split(" ")):
+        if SCOPE_TOKEN.fullmatch(token) is None:
+            continue
+        if size + 1 + len(token) > MAX_SCOPE_CHARS:
+            break
+        named.append(token)
+        size += 1 + len(token)
+    return " ".join(named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +58,8 @@ class Refusal:
             params.append(f'error="{self.error}"')
         if self.description:
             params.append(f'error_description="{_quotable(self.description)}"')
-        if self.scope:
-            params.append(f'scope="{_quotable(self.scope)}"')
+        if scope := _challenge_scope(self.scope):
+            params.append(f'scope="{scope}"')
         return "Bearer " + ", ".join(params) if params else "Bearer"
 
     def body(self) -> bytes:
@@ -77,5 +98,5 @@ def not_authorised(why: str) -> Refusal:
 
 
 def insufficient_scope(scopes: tuple[str, ...]) -> Refusal:
-    scope = " ".join(scopes)
+    scope = " ".join(dict.fromkeys(scopes))  # a batch calling one tool twice needs it once
     return Refusal(403, INSUFFICIENT_SCOPE, f"this request needs scope {scope}", scope)

@@ -8,6 +8,7 @@ malformed, so a handler never acts on half-read task context.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,13 @@ TOOL_SCOPE_PREFIX = "tool:"
 INVOKE_TOOL = "invoke_tool"
 # RFC 8693 `act` nests one level per delegation; the server caps delegation depth far below.
 _MAX_ACT_DEPTH = 32
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII but a
+# double quote and a backslash (RFC 6750 section 3 quotes the same in a challenge).
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# The longest scope svidd's token endpoint takes: far above any grant a task decision makes,
+# low enough that a request cannot make each refusal's description and audit event carry
+# kilobytes. A challenge names no more than a client can ask for.
+MAX_SCOPE_CHARS = 2048
 
 
 class TaskClaimsError(VerificationError):

@@ -9,17 +9,16 @@ less.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from server.oauth.errors import InvalidRequestError, InvalidScopeError
-from svid._task_claims import INVOKE_TOOL, TOOL_SCOPE_PREFIX
+from svid._task_claims import (
+    INVOKE_TOOL,
+    MAX_SCOPE_CHARS,
+    SCOPE_TOKEN,
+    TOOL_SCOPE_PREFIX,
+)
 
-# Far above any grant a task decision makes, low enough that a request cannot make each
-# refusal's description and audit event carry kilobytes.
-MAX_SCOPE_CHARS = 2048
-# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII but `"` and `\`.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # What a refusal quotes of the tokens not granted.
 _NAMED_CHARS = 300
 
@@ -36,7 +35,7 @@ def requested_scope(params: Mapping[str, list[str]]) -> tuple[str, ...] | None:
         raise InvalidScopeError(f"scope is longer than {MAX_SCOPE_CHARS} characters")
     tokens = scope.split(" ")
     for token in tokens:
-        if not _SCOPE_TOKEN.fullmatch(token):
+        if not SCOPE_TOKEN.fullmatch(token):
             raise InvalidScopeError(
                 "scope must be scope-tokens separated by single spaces (RFC 6749 §3.3), each "
                 f"printable ASCII other than '\"' and '\\': {token[:100]!r} is not one"

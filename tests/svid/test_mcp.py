@@ -761,6 +761,32 @@ def test_an_access_token_without_the_tool_s_grant_is_403_insufficient_scope_nami
     assert [token.scopes for token in SEEN] == [["tool:read_ticket"]]  # only the granted call
 
 
+def test_a_challenge_names_each_tool_a_batch_needs_whole_and_once(source: RevokingSource) -> None:
+    """A batch calling many tools was challenged with its scope cut at 300 characters, mid-name:
+    the client asked for a tool named by the cut (the ninth name, five letters short), got
+    no token that called the batch, and was refused again. It names every tool, whole and once
+    (a name no scope-token spells is left out: it cannot be asked for), up to what the token
+    endpoint takes."""
+    _server, app = oauth_tickets(source)
+    tools = [f"tool_{i:02d}_" + "x" * 20 for i in range(20)]
+    batch = [_tool_call_body(t) for t in (*tools, tools[0], 'quote"d', "caf\u00e9")]
+    headers = {"Authorization": f"Bearer {access_token()}", **MCP_HEADERS}
+    with serving(app) as url:
+        reply = httpx.post(f"{url}/mcp", json=batch, headers=headers)
+        # Past what the token endpoint takes: the tools that fit, each whole.
+        many = [_tool_call_body(f"tool_{i:03d}_" + "y" * 40) for i in range(60)]
+        long = httpx.post(f"{url}/mcp", json=many, headers=headers)
+    assert reply.status_code == 403
+    asked = reply.headers["www-authenticate"].split('scope="')[1].split('"')[0]
+    assert asked.split(" ") == [f"tool:{t}" for t in tools]
+    assert reply.json()["scope"].split(" ")[: len(tools)] == asked.split(" ")
+    asked = long.headers["www-authenticate"].split('scope="')[1].split('"')[0]
+    assert 2048 - 55 < len(asked) <= 2048  # 55: a token and its space
+    fit = (len(asked) + 1) // 55
+    assert asked.split(" ") == [f"tool:tool_{i:03d}_" + "y" * 40 for i in range(fit)]
+    assert SEEN == []
+
+
 @pytest.mark.parametrize(
     ("txn", "scope", "runs"),
     [
