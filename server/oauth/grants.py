@@ -75,6 +75,11 @@ JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 TXN_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:txn_token"  # noqa: S105
 TXN_TOKEN_TYP = "txntoken+jwt"  # noqa: S105
+# On an access token a workload may act for (may_act): the task's actions its chain was kept
+# from (asked for less with `scope`, at its exchange or any delegation before), which no
+# delegation acting for it hands on. Its own scope cannot say: an action it lacks may be one
+# its resource's policy does not grant, and a resource reached by tools alone carries none.
+WITHHELD_CLAIM = "withheld"
 # Audit event kinds: one per grant type, decision "allow" or "deny" (and why).
 EVENT_JWT_BEARER = "oauth_jwt_bearer"
 EVENT_EXCHANGE = "oauth_token_exchange"
@@ -418,7 +423,7 @@ class Grants:
             task, decided = self._exchange_grant(task_sid, resource, actor=actor_id)
             whose = _Whose.of_task(task, actor_id)
             decision = _Decision(resource, decided)
-            carried = self._carried(
+            carried, withheld = self._carried(
                 decided, subject, held_at, task_sid, resource=resource, actor=actor_id
             )
             grant = _narrowed(carried, asked, resource)
@@ -441,6 +446,7 @@ class Grants:
             txn=issued_type == TXN_TOKEN_TYPE,
             client=actor_id,
             requester=actor_id,
+            withheld=withheld | _actions_kept(carried, grant),
         )
         return self._issue_for_task(
             task,
@@ -508,47 +514,58 @@ class Grants:
         *,
         resource: str,
         actor: str,
-    ) -> TaskJwtGrant:
-        """The task's decision for ``resource`` less the actions the subject token (an
-        access token for ``held_at``) could have carried and does not: a token narrowed by its
-        request's ``scope`` (scope.py) hands on no more of the task's actions to the workload
-        acting for it. One policy kept an action from is not narrowed: its resource's decision
-        grants the action no more than the token does, and that says nothing of the task's
-        grant elsewhere (least privilege per resource took from every delegation what the task
-        was granted at the other resource). Tools are of one resource each (``tool:read_ticket``
-        at the tickets server says nothing of the orders API's tools), and a resource the task
-        reaches by its tools alone never carries an action: neither limits the other resource's
-        grant. Unless the token was itself delegated: it came of a token that may have been
-        kept from actions, which it cannot show when its own resource's decision did not grant
-        them (or grants no action at all: tools alone), so it hands on only the actions it
-        holds. Raises InvalidGrantError when nothing is left."""
-        ceiling = self._tasks.scope_ceiling(task_sid, held_at)
-        held = subject.scopes
+    ) -> tuple[TaskJwtGrant, frozenset[str]]:
+        """The task's decision for ``resource`` less the actions the subject token's chain was
+        kept from, and those actions (what the token issued hands on no further either): a
+        token narrowed by its request's ``scope`` (scope.py) hands on no more of the task's
+        actions to the workload acting for it. Its ``withheld`` claim names them, as they were
+        when it was issued (WITHHELD_CLAIM). A token without one (another server's, of before
+        it) is read as before: one policy kept an action from is not narrowed (its resource's
+        decision grants the action no more than the token does, and that says nothing of the
+        task's grant elsewhere), and a resource the task reaches by its tools alone never
+        carries an action; unless the token was itself delegated, which then hands on only the
+        actions it holds. Tools are of one resource each (``_tools_withheld``). Raises
+        InvalidGrantError when nothing is left."""
         decided_tokens = decided.scope.split()
-        # An active task's ceiling says which actions the token could have carried; one that
-        # ended meanwhile (refused once recorded) carries only what the token does, and so
-        # does a delegated one (the task's own token is the first of its chain: its actor is
-        # the task).
-        could: Iterable[str] = decided_tokens if ceiling is None else ceiling
-        if subject.act_chain[:1] != (task_sid,):
-            could = decided_tokens
-        elif ceiling is not None and any(
-            t in ceiling and t not in held and not t.startswith(TOOL_SCOPE_PREFIX)
-            for t in decided_tokens
-        ):
-            # The token lacks an action granted here: narrowed by its client, or by policy?
-            could = self._decided_at(held_at, task_sid, actor, ceiling)
-        withheld = {t for t in could if not t.startswith(TOOL_SCOPE_PREFIX) and t not in held}
-        withheld |= self._tools_withheld(decided_tokens, subject, held_at, resource)
-        kept = [t for t in decided_tokens if t not in withheld]
+        withheld = _withheld_claim(subject)
+        if withheld is None:
+            withheld = self._withheld_unclaimed(decided_tokens, subject, held_at, task_sid, actor)
+        removed = set(withheld) | self._tools_withheld(decided_tokens, subject, held_at, resource)
+        kept = [t for t in decided_tokens if t not in removed]
         if len(kept) == len(decided_tokens):
-            return decided
+            return decided, withheld
         if not kept:
             raise InvalidGrantError(
                 f"subject_token carries none of the task's grant for {resource[:200]}: it "
-                f"lacks {' '.join(sorted(withheld.intersection(decided_tokens)))[:300]}"
+                f"lacks {' '.join(sorted(removed.intersection(decided_tokens)))[:300]}"
             )
-        return _with_scope(decided, " ".join(kept))
+        return _with_scope(decided, " ".join(kept)), withheld
+
+    def _withheld_unclaimed(
+        self,
+        decided_tokens: Sequence[str],
+        subject: VerifiedAccessToken,
+        held_at: str,
+        task_sid: str,
+        actor: str,
+    ) -> frozenset[str]:
+        """The actions a subject token without a ``withheld`` claim is taken to have been kept
+        from (``_carried``)."""
+        held = subject.scopes
+        if subject.act_chain[:1] != (task_sid,):
+            # Delegated (the task's own token is the first of its chain: its actor is the
+            # task): what it lacks of the decision here, it may have been kept from.
+            return frozenset(t for t in decided_tokens if _is_action(t) and t not in held)
+        ceiling = self._tasks.scope_ceiling(task_sid, held_at)
+        # An active task's ceiling says which actions the token could have carried; one that
+        # ended meanwhile (refused once recorded) carries only what the token does.
+        could: Iterable[str] = decided_tokens if ceiling is None else ceiling
+        if ceiling is not None and any(
+            t in ceiling and t not in held and _is_action(t) for t in decided_tokens
+        ):
+            # The token lacks an action granted here: narrowed by its client, or by policy?
+            could = self._decided_at(held_at, task_sid, actor, ceiling)
+        return frozenset(t for t in could if _is_action(t) and t not in held)
 
     def _tools_withheld(
         self,
@@ -596,11 +613,13 @@ class Grants:
         txn: bool,
         client: str,
         requester: str,
+        withheld: frozenset[str],
     ) -> dict[str, Any]:
         """The claims of a token issued for ``task``: a Txn-Token's (``req_wl`` the
         ``requester``; ``client``, the workload that authenticated with its JWT-SVID, in
         ``rctx``), or an access token's (``client_id``; ``may_act`` for the resource's
-        workload, RFC 8693 §4.4)."""
+        workload, RFC 8693 §4.4, with the task's actions its chain was kept from, ``withheld``,
+        which a delegation acting for it hands on no more)."""
         if txn:
             return {
                 "txn": task.task_id,
@@ -614,6 +633,7 @@ class Grants:
         workload = self._workloads.get(resource)
         if workload is not None:
             claims["may_act"] = {"sub": workload.spiffe_id}
+            claims[WITHHELD_CLAIM] = sorted(withheld)
         return claims
 
     def _task_token(
@@ -661,6 +681,7 @@ class Grants:
             txn=requested == TXN_TOKEN_TYPE,
             client=task.runtime_id,
             requester=task.spiffe_id,
+            withheld=_actions_kept(decided, grant),
         )
         return self._issue_for_task(
             task,
@@ -985,6 +1006,25 @@ def _narrowed(grant: TaskJwtGrant, asked: tuple[str, ...] | None, resource: str)
 def _with_scope(grant: TaskJwtGrant, scope: str) -> TaskJwtGrant:
     """The grant as issued with ``scope``, a part of its own."""
     return replace(grant, scope=scope, claims={**grant.claims, "scope": scope})
+
+
+def _is_action(token: str) -> bool:
+    return not token.startswith(TOOL_SCOPE_PREFIX)
+
+
+def _actions_kept(decided: TaskJwtGrant, issued: TaskJwtGrant) -> frozenset[str]:
+    """The actions of ``decided`` that the token ``issued`` of it does not hold: kept from it
+    by its request's scope (or, in a delegation, by its subject token)."""
+    held = set(issued.scope.split())
+    return frozenset(t for t in decided.scope.split() if _is_action(t) and t not in held)
+
+
+def _withheld_claim(token: VerifiedAccessToken) -> frozenset[str] | None:
+    """A token's WITHHELD_CLAIM; None when it has none (another server's, or of before it)."""
+    claim = token.claims.get(WITHHELD_CLAIM)
+    if not isinstance(claim, list) or not all(isinstance(t, str) and t for t in claim):
+        return None
+    return frozenset(claim)
 
 
 def _granted(decided: TaskJwtGrant, issued: TaskJwtGrant) -> dict[str, str]:

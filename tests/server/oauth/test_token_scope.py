@@ -310,8 +310,11 @@ def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
     """A token narrowed with `scope`, acted for towards a resource the task reaches by its tools
     alone, came out with those tools and no action (none is the task's there); acted for again
     from there, it limited nothing, and the third resource got the task's whole decision: the
-    action the client kept from the first token came back two hops on. A delegated token for
-    a resource that carries no action hands on none: what its chain was kept from is not on it."""
+    action the client kept from the first token came back two hops on. Then, read as a token
+    that hands on only the actions it holds, it handed on none, the task's read it was never
+    kept from included: a chain through such a resource, narrowed or not, lost every action.
+    Each token a workload may act for names the actions its chain was kept from (`withheld`):
+    those, and only those, are handed on no further, however many hops on."""
     from tests.server.oauth.conftest import serving_oauth
     from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
 
@@ -331,13 +334,61 @@ def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
         assert reply.json()["scope"] == "tool:list_orders"
         orders = reply.json()["access_token"]
         reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
-        assert "lacks" in refused(reply, "invalid_grant")  # not write, nor read: unknown here
-        event = exchange_events(world)[-1]
-        assert (event["decision"], event["task_id"], event["actor"]) == (
-            "deny",
-            world.task.task_id,
-            OTHER_ID,
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"  # not write, kept from the chain two hops back
+        assert set(exchange_events(world)[-1]["granted"].split()) == {"read", "write"}
+        assert world.decode(narrow, RESOURCE)["withheld"] == ["write"]
+        assert world.decode(orders, OTHER_RESOURCE)["withheld"] == ["write"]
+        # Not narrowed: the third resource's decision, whole.
+        whole = world.exchange().json()["access_token"]
+        assert world.decode(whole, RESOURCE)["withheld"] == []
+        orders = delegate(world, whole, actor_token(oauth)).json()["access_token"]
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
+        assert set(reply.json()["scope"].split()) == {"read", "write"}
+        # Narrowed at a hop: what that request kept from its token is not handed on either.
+        orders = delegate(world, whole, actor_token(oauth), scope="tool:list_orders").json()
+        assert world.decode(orders["access_token"], OTHER_RESOURCE)["withheld"] == []
+        reply = delegate(world, orders["access_token"], actor_token(oauth, OTHER_ID), THIRD)
+        assert set(reply.json()["scope"].split()) == {"read", "write"}
+        world = begin_task(
+            oauth, actions=("read", "write"), resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE)
         )
+        whole = world.exchange().json()["access_token"]
+        orders = delegate(world, whole, actor_token(oauth), scope="read").json()["access_token"]
+        assert world.decode(orders, OTHER_RESOURCE)["withheld"] == ["write"]
+
+
+def test_a_delegated_token_without_its_chain_s_withheld_actions_hands_on_only_those_it_holds() -> (
+    None
+):
+    """A token minted before tokens named what their chain was kept from (or by a server that
+    does not yet) is read as it was: a delegated one hands on only the actions it holds."""
+    from tests.server.oauth.conftest import serving_oauth
+    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
+
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    with serving_oauth(
+        "osu", [RESOURCE, OTHER_RESOURCE, THIRD], oauth_resource_workloads=workloads
+    ) as oauth:
+        world = begin_task(
+            oauth,
+            actions=("read", "write"),
+            resources=(oauth.issuer, RESOURCE, THIRD),
+            tools=(f"{RESOURCE}#read_ticket", f"{OTHER_RESOURCE}#list_orders"),
+        )
+        task = world.task
+        claims = {
+            "client_id": MCP_ID,
+            "scope": "tool:list_orders",
+            "act": {"sub": MCP_ID, "act": {"sub": task.spiffe_id}},
+            "txn": task.task_id,
+            "may_act": {"sub": OTHER_ID},
+        }
+        signer = oauth.running.server.ca.jwt_signer()
+        now = int(oauth.running.server.clock.now())
+        orders = signer.mint_access_token("user:alice", OTHER_RESOURCE, 60, now, claims).token
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
+        assert "lacks read write" in refused(reply, "invalid_grant")
 
 
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
