@@ -356,7 +356,11 @@ class Grants:
                 )
             requested = params.get("requested_token_type", [ACCESS_TOKEN_TYPE])
             if requested not in ([ACCESS_TOKEN_TYPE], [TXN_TOKEN_TYPE], [JWT_TOKEN_TYPE]):
-                raise InvalidRequestError(f"requested_token_type {requested[:1]!r} not supported")
+                raise InvalidRequestError(
+                    f"requested_token_type {requested[0][:200]!r} is not supported"
+                    if len(requested) == 1
+                    else "requested_token_type: at most one value is allowed"
+                )
             resource = _single_resource(params, self._resources)
             asked = requested_scope(params)
             # Once per resource and kind of token: a runtime's cached task JWT-SVID serves for

@@ -478,3 +478,15 @@ def test_an_exchange_past_its_agents_decision_budget_is_throttled_writing_nothin
         # Refilled, the same subject token is exchanged: a throttled one is not used up.
         clock.advance(4)
         assert post(data={**form, "subject_token": second}).status_code == 200
+
+
+def test_an_unsupported_requested_token_type_is_quoted_short(world: TaskWorld) -> None:
+    """The refusal quoted the whole value sent, tens of kilobytes back in the answer (and in its
+    event's reason, up to its cut): a refusal quotes what the request sent, cut, as for a
+    resource or a grant type."""
+    reply = world.exchange(requested_token_type="urn:x:" + "y" * 30_000)
+    assert reply.status_code == 400, reply.text
+    why = reply.json()["error_description"]
+    assert "'urn:x:yyy" in why
+    assert "not supported" in why
+    assert len(why) < 300
