@@ -295,7 +295,7 @@ class Grants:
                 resource = _single_resource(params, self._resources)
                 self._within_task(sub, resource, asked)
                 once_per = f"{resource} access"
-            assertion = self._checker.claim(assertion, "assertion", once_per)
+            assertion = self._claim(assertion, "assertion", once_per, asked)
         except OAuthError as exc:
             self._refused(EVENT_JWT_BEARER, exc, call, whose=self._presented(verified))
             raise
@@ -371,7 +371,7 @@ class Grants:
             sub = str(subject.verified.spiffe_id)
             if is_task_id(sub):
                 self._within_task(sub, resource, asked)
-            subject = self._checker.claim(subject, "subject_token", once_per=f"{resource} {kind}")
+            subject = self._claim(subject, "subject_token", f"{resource} {kind}", asked)
         except OAuthError as exc:
             self._refused(EVENT_EXCHANGE, exc, call, whose=self._presented(verified))
             raise
@@ -774,6 +774,24 @@ class Grants:
         if subject.verified.spiffe_id.trust_domain.name != self._trust_domain:
             raise InvalidGrantError("only tasks of this trust domain can be exchanged")
         return self._exchange_grant(sub, resource)
+
+    def _claim(
+        self, checked: CheckedAssertion, what: str, once_per: str, asked: tuple[str, ...] | None
+    ) -> CheckedAssertion:
+        """``checked`` claimed once per ``once_per``; a replay refused, saying, when the request
+        ``asked`` for a scope, how to get more of the task's grant: the MCP SDK's step-up after
+        insufficient_scope presents the task JWT-SVID it traded already, and was told only that
+        it was replayed."""
+        try:
+            return self._checker.claim(checked, what, once_per)
+        except InvalidGrantError as exc:
+            if asked is None:
+                raise
+            raise InvalidGrantError(
+                f"{exc.description}: a task JWT-SVID is traded for one token per resource; for "
+                "a scope its token did not get, ask with a JWT-SVID the task has not traded for "
+                "it (the next one it is handed, once it renews the current one)"
+            ) from None
 
     def _within_task(self, spiffe_id: str, resource: str, asked: tuple[str, ...] | None) -> None:
         """Refuse a scope the task could never be granted for `resource` (InvalidScopeError),

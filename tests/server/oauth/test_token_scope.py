@@ -451,8 +451,11 @@ def test_a_spent_jwt_svid_asking_for_a_tool_its_task_was_never_granted_is_told_s
     why = refused(grant(world, subject, scope="tool:export_customer_data"), "invalid_scope")
     assert "tool:export_customer_data" in why
     assert "replay" not in why
-    # One the task holds, asked with the spent token: a replay, as any second use is.
-    assert "replay" in refused(grant(world, subject, scope="tool:read_ticket"), "invalid_grant")
+    # One the task holds, asked with the spent token: a replay, as any second use is, told
+    # how to get it.
+    why = refused(grant(world, subject, scope="tool:read_ticket"), "invalid_grant")
+    assert "replay" in why
+    assert "ask with a JWT-SVID the task has not traded" in why
 
 
 @pytest.mark.parametrize("grant", [bearer, exchange])
