@@ -160,7 +160,14 @@ class JwtVerifier:
 
         For a service known by several names (its URL and an endpoint's): one verification,
         where trying ``verify`` name by name would verify again per miss when nothing is cached.
+        TypeError for ``audiences`` given as one string.
         """
+        if isinstance(audiences, str | bytes):
+            # A str is a Sequence[str] of its characters: "orders" admitted a token for "o".
+            raise TypeError(
+                f"audiences must be a sequence of names, not a {type(audiences).__name__}: "
+                "for one name, use verify"
+            )
         if not audiences or not all(audiences):
             raise VerificationError("expected audiences are required")
         result = self._result(token)

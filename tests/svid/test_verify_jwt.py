@@ -103,6 +103,17 @@ def test_verify_any_accepts_a_token_naming_one_of_the_names(verifier: JwtVerifie
         verifier.verify_any(token(key=OTHER_KEY), ("svc",))
 
 
+def test_verify_any_refuses_one_name_given_as_a_string(verifier: JwtVerifier) -> None:
+    # A str is a sequence of its characters: verify_any(t, "svc") admitted a token for "s".
+    t = token(aud=["s"])
+    with pytest.raises(TypeError, match="use verify"):
+        verifier.verify_any(t, "svc")
+    with pytest.raises(TypeError, match="use verify"):
+        verifier.verify_any(t, b"svc")  # type: ignore[arg-type]
+    with pytest.raises(VerificationError, match="none of"):
+        verifier.verify_any(t, ["svc"])
+
+
 def test_audience_rules(verifier: JwtVerifier) -> None:
     tok = token(aud=["a", "b"])
     assert verifier.verify(tok, "a")
