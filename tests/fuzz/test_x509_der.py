@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import warnings
+from collections.abc import Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,6 +42,7 @@ from svid import (
 from svid import _cert_der as der
 from svid._der import tbs_names
 from svid._errors import SvidParseError
+from svid._verify_x509 import _dotted
 from tests.fuzz._mutate import mutated_bytes
 from tests.fuzz._profile import fuzz_settings
 from tests.svid.certs import T0, make_ca, make_leaf, rsa_key, ts
@@ -103,6 +106,103 @@ def test_parse_cert_and_the_fast_reader(data: bytes) -> None:
     if facts is not None:
         der.key_identifiers_ok(facts.extensions)  # a bool, whatever the values hold
         assert tbs_names(facts.tbs) == (facts.issuer, facts.subject)
+
+
+_KU_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+
+
+def _profile_value(oid: bytes, value: bytes) -> object:
+    """An extension the profile reads, as the DER reader reads it (comparable with _theirs)."""
+    if oid == der.OID_BASIC_CONSTRAINTS:
+        return der.basic_constraints(value)
+    if oid == der.OID_KEY_USAGE:
+        bits = der.key_usage_bits(value)
+        return tuple(bool(bits & (0x8000 >> i)) for i in range(len(_KU_BITS)))
+    if oid == der.OID_EXT_KEY_USAGE:
+        return {_dotted(purpose) for purpose in der.ext_key_usages(value)}
+    return der.san_uris(value)
+
+
+def _theirs(value: x509.ExtensionType) -> object:
+    if isinstance(value, x509.BasicConstraints):
+        return value.ca, value.path_length
+    if isinstance(value, x509.KeyUsage):
+        return tuple(getattr(value, name) for name in _KU_BITS)
+    if isinstance(value, x509.ExtendedKeyUsage):
+        return {purpose.dotted_string for purpose in value}
+    assert isinstance(value, x509.SubjectAlternativeName)
+    return value.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _public_numbers(load: Callable[[], object]) -> object:
+    try:
+        return load().public_numbers()  # type: ignore[attr-defined]
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
+@fuzz_settings()
+@given(st.one_of(certificates, mutated_bytes(LEAVES[:5], max_edits=2)))
+def test_parse_cert_reads_what_cryptography_reads(data: bytes) -> None:
+    """Differential against cryptography: on every certificate both accept, the DER reader (and
+    so the verifier, which takes the leaf's profile, names, times, serial and signed bytes from
+    it) reads the same values. It may refuse more; it must never read differently."""
+    facts = _parse(data)
+    cert = _load(data)
+    if facts is None or cert is None:
+        return
+    assert facts.tbs == cert.tbs_certificate_bytes
+    assert facts.serial == cert.serial_number
+    assert facts.not_before == cert.not_valid_before_utc.timestamp()
+    assert facts.not_after == cert.not_valid_after_utc.timestamp()
+    assert facts.signature == cert.signature
+    _, start, end = der.read_tlv(facts.signature_algorithm, 2, len(facts.signature_algorithm))
+    assert (
+        _dotted(facts.signature_algorithm[start:end]) == cert.signature_algorithm_oid.dotted_string
+    )
+    with contextlib.suppress(ValueError):  # a Name cryptography cannot read: compared as bytes
+        assert facts.issuer == cert.issuer.public_bytes()
+    with contextlib.suppress(ValueError):
+        assert facts.subject == cert.subject.public_bytes()
+    # The same key (cryptography may normalize its encoding: a hybrid EC point, say).
+    spki = facts.spki
+    assert _public_numbers(lambda: serialization.load_der_public_key(spki)) == _public_numbers(
+        cert.public_key
+    )
+    try:
+        extensions = cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return  # the verifier asks cryptography for these and refuses the certificate
+    assert {_dotted(oid): ext.critical for oid, ext in facts.extensions.items()} == {
+        ext.oid.dotted_string: ext.critical for ext in extensions
+    }
+    for ext in extensions:
+        if type(ext.value) not in _PROFILE_TYPES:
+            continue
+        oid = next(o for o in facts.extensions if _dotted(o) == ext.oid.dotted_string)
+        try:
+            ours = _profile_value(oid, facts.extensions[oid].value)
+        except der.NonUriSanError:
+            continue  # other GeneralNames: the profile check asks cryptography then
+        except SvidParseError:
+            continue  # stricter than cryptography: the leaf is refused
+        assert ours == _theirs(ext.value)
+
+
+_PROFILE_TYPES = (
+    x509.BasicConstraints,
+    x509.KeyUsage,
+    x509.ExtendedKeyUsage,
+    x509.SubjectAlternativeName,
+)
 
 
 @fuzz_settings()
