@@ -88,7 +88,9 @@ class PeerPolicy:
         except VerificationError as exc:
             raise PeerRefusedError(f"TLS peer refused: {exc}") from exc
         if len(ders) > 1:
-            self._chains.put(ders[0], chain)  # only chains that verified
+            # Only chains that verified, and only their path (leaf first, as sent): what the
+            # peer sent beyond it is its choice of bytes, kept per peer leaf otherwise.
+            self._chains.put(ders[0], b"".join(ders[: len(peer.chain)]))
         try:
             why = refusal(self.authorizer, peer)
         except VerificationError as exc:

@@ -130,6 +130,17 @@ _MALFORMED = (
 # Bounds on remembered leaf templates: keys (TBS length and serial length) and templates per key.
 _MAX_TEMPLATE_KEYS = 256
 _TEMPLATES_PER_KEY = 4
+# The result cache is keyed by the chain as sent, and a peer may send certificates beyond its path
+# (verification ignores them): a valid leaf followed by ~100 KB of its own junk certificates, new
+# junk each handshake, made every entry hold that much, up to a gigabyte for a full cache. Past
+# this size (several times an SVID chain of RSA-4096 intermediates) the key is a digest instead.
+MAX_CACHE_KEY_BYTES = 16 * 1024
+
+
+def _digest_key(chain_der: bytes) -> bytes:
+    """The cache key of a chain longer than MAX_CACHE_KEY_BYTES: its SHA-256, behind a 0x00 that
+    no DER chain (a SEQUENCE, 0x30) starts with, so it never equals a chain's own bytes."""
+    return b"\0" + hashlib.sha256(chain_der).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,14 +496,15 @@ class X509Verifier:
         if max_staleness is not None:
             refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness, now)
         cache = self._cache
+        key = chain_der if len(chain_der) <= MAX_CACHE_KEY_BYTES else _digest_key(chain_der)
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
-            entry = cache.get(chain_der)
+            entry = cache.get(key)
             if entry is not None:
                 if self._still_valid(entry, now):
                     if max_staleness is not None:
                         refuse_if_stale_crl(self._revocations, entry.keys, now, max_staleness)
                     return entry.result
-                cache.discard(chain_der)
+                cache.discard(key)
         if not chain_der:
             raise VerificationError("X.509-SVID chain is unreadable: the DER data is empty")
         fields = self._verify_templated(chain_der, now)
@@ -505,7 +517,7 @@ class X509Verifier:
         if max_staleness is not None:
             refuse_if_stale_crl(self._revocations, fields[5], now, max_staleness)
         if cache.max_entries:
-            cache.put(chain_der, tuple.__new__(_Entry, fields))
+            cache.put(key, tuple.__new__(_Entry, fields))
         return fields[0]
 
     def verify(self, chain: Sequence[x509.Certificate]) -> VerifiedX509:
@@ -513,6 +525,8 @@ class X509Verifier:
         if not chain:
             raise VerificationError("X.509-SVID chain is empty")
         key = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
+        if len(key) > MAX_CACHE_KEY_BYTES:
+            key = _digest_key(key)
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:

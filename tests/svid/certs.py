@@ -219,6 +219,25 @@ def _explicit_noncritical(overrides: dict[str, object]) -> bool:
     return overrides.get("san_critical") is False
 
 
+def junk_cert(serial: int, size: int, *, now: float = T0) -> x509.Certificate:
+    """A self-signed certificate of about ``size`` bytes, valid around ``now`` and in no bundle:
+    what a peer may send after its path, which verification ignores."""
+    key = ec_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk {serial}")])
+    filler = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), bytes(size))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(ts(now - 60))
+        .not_valid_after(ts(now + 60))
+        .add_extension(filler, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
 def reissue(
     issued: Issued,
     signer: Issued,

@@ -26,6 +26,7 @@ from svid import (
     SpiffeId,
     TrustDomain,
     VerificationError,
+    certs_to_pem,
     der_concat,
     tls,
 )
@@ -33,7 +34,7 @@ from svid._tls_contexts import private_pem
 from svid._tls_gate import VerifyingSSLObject
 from svid._verify_x509 import VerifiedX509
 from svid.workloadapi import WorkloadApiUnavailableError
-from tests.svid.certs import make_ca
+from tests.svid.certs import junk_cert, make_ca
 from tests.svid.tls_pki import Pki, make_pki, plain_context
 from tests.svid.tls_world import (
     CLIENT,
@@ -591,6 +592,26 @@ def test_a_resumed_session_is_judged_like_a_new_one(world: World) -> None:
         answer, _, _ = connect(port, session)
         assert answer == b""
     assert seen.requests == ["/secret", "/secret"]
+
+
+def test_a_peer_chain_is_kept_for_resumption_without_what_it_sent_beyond_its_path(
+    world: World, tmp_path: Path
+) -> None:
+    """A client sending 50 KB of its own certificates after its path, new ones each handshake:
+    the chain kept per leaf for session resumption held all of it (4096 peers' worth)."""
+    sctx = tls.server_context(world.server.source, CLIENT)
+    svid = world.pki.svid(CLIENT)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.load_verify_locations(cadata=certs_to_pem([world.pki.root.cert]).decode())
+    junk = certs_to_pem([junk_cert(7, 50_000, now=time.time())])
+    with private_pem(svid.chain_pem() + junk + svid.key_pem()) as path:
+        client.load_cert_chain(path)
+    with https_server(sctx) as (port, seen, httpd):
+        assert raw_request(client, port).startswith(b"HTTP/1.1 200"), httpd.errors
+    policy = sctx._svid_factory._socket_class._svid_policy  # type: ignore[attr-defined]
+    assert list(policy._chains._data.values()) == [svid.chain_der()]
+    assert seen.peers == [CLIENT]
 
 
 class _NoCallbacks:

@@ -25,7 +25,17 @@ from svid import (
     der_concat,
 )
 from svid._cert_der import read_tlv
-from tests.svid.certs import T0, Issued, make_ca, make_leaf, reissue, rsa_key, slow_rsa_key
+from svid._verify_x509 import MAX_CACHE_KEY_BYTES
+from tests.svid.certs import (
+    T0,
+    Issued,
+    junk_cert,
+    make_ca,
+    make_leaf,
+    reissue,
+    rsa_key,
+    slow_rsa_key,
+)
 from tests.svid.resigned import (
     ECDSA_SHA256,
     RSA_SHA1,
@@ -357,6 +367,25 @@ def test_cache_is_bounded(source: MemoryBundleSource, ca: Issued, clock: FakeClo
     for der in leaves:
         v.verify_der(der)
     assert len(v.cache) == 3
+
+
+def test_cache_keeps_no_peer_chosen_bytes_beyond_a_bound(
+    verifier: X509Verifier, ca: Issued
+) -> None:
+    """A valid leaf with new junk certificates after it on each handshake: every entry held the
+    whole chain as its key, ~1 GB for a full cache of 100 KB chains (TLS's default cap). Keys
+    past MAX_CACHE_KEY_BYTES are digests; such chains still verify, and hit the cache."""
+    leaf = make_leaf(ca).cert
+    for serial in range(1, 4):
+        chain = der_concat([leaf, junk_cert(serial, 50_000)])
+        assert str(verifier.verify_der(chain).spiffe_id) == "spiffe://example.org/workload"
+        verifier.verify_der(chain)
+    # The parsed-certificate entry point keys its entries alike.
+    certs = [leaf, junk_cert(4, 50_000)]
+    verifier.verify(certs)
+    verifier.verify(certs)
+    assert (len(verifier.cache), verifier.cache.hits) == (4, 4)  # each second one a hit
+    assert sum(len(key) for key in verifier.cache._data) <= 4 * MAX_CACHE_KEY_BYTES
 
 
 def test_concurrent_verification(verifier: X509Verifier, ca: Issued) -> None:
