@@ -20,6 +20,19 @@ _parse_id = functools.lru_cache(maxsize=4096)(SpiffeId.parse)
 ALLOWED_TYP = frozenset({"JWT", "JOSE"})
 # A token is a bearer secret read from the network; bound its size before decoding anything.
 MAX_TOKEN_BYTES = 64 * 1024
+_UNPADDED = (
+    "token has base64 padding ('='): a compact JWS is unpadded base64url (RFC 7515 section 2)"
+)
+
+
+def _check_compact(token: str) -> None:
+    """The size bound, and no padding: a signature segment read with any number of '=' after it
+    made as many tokens of one signature, each a verifier cache entry of its own (up to 64 KB):
+    whoever held any token a service accepts could fill its cache with copies of it."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise JwtSvidError(f"token is too long: {len(token)} bytes, at most {MAX_TOKEN_BYTES}")
+    if "=" in token:
+        raise JwtSvidError(_UNPADDED)
 
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
@@ -44,8 +57,7 @@ class ParsedToken(NamedTuple):
 
 def split_token(token: str) -> ParsedToken:
     """Split and decode a compact JWS; checks only that it is one."""
-    if len(token) > MAX_TOKEN_BYTES:
-        raise JwtSvidError(f"token is too long: {len(token)} bytes, at most {MAX_TOKEN_BYTES}")
+    _check_compact(token)
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtSvidError(f"token must have 3 dot-separated parts (compact JWS), has {len(parts)}")
@@ -102,8 +114,7 @@ _H = TypeVar("_H")
 def _split_checked(
     token: str, check: Callable[[str], _H]
 ) -> tuple[_H, dict[str, Any], bytes, bytes]:
-    if len(token) > MAX_TOKEN_BYTES:
-        raise JwtSvidError(f"token is too long: {len(token)} bytes, at most {MAX_TOKEN_BYTES}")
+    _check_compact(token)
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtSvidError(f"token must have 3 dot-separated parts (compact JWS), has {len(parts)}")
@@ -135,8 +146,8 @@ def split_and_check_fast(token: str) -> FastToken | None:
     a list of strings. For anything else, valid or not, None: the caller then runs those two
     functions, which accept or say why not. Tests compare the two paths on valid and broken tokens.
     """
-    if len(token) > MAX_TOKEN_BYTES:
-        return None
+    if len(token) > MAX_TOKEN_BYTES or "=" in token:
+        return None  # the general path says why
     try:
         raw = token.encode("ascii")
         header_b64, claims_b64, sig_b64 = raw.split(b".")

@@ -129,6 +129,21 @@ def test_audience_rules(verifier: JwtVerifier) -> None:
         verifier.verify(tok, ["a"])  # type: ignore[arg-type]
 
 
+def test_padded_copies_of_a_token_are_refused(verifier: JwtVerifier) -> None:
+    """A compact JWS is unpadded base64url: its signature segment read with any number of '='
+    made that many tokens of one, each cached apart (up to 64 KB a key). Whoever held any token
+    the service accepts, for any audience, could fill its cache with copies."""
+    good = token(aud=["elsewhere"])
+    assert verifier.verify(good, "elsewhere")
+    for pads in (1, 2, 3, 4, 40_000):
+        with pytest.raises(VerificationError, match="padding"):
+            verifier.verify(good + "=" * pads, "svc")
+    head, body, signature = good.split(".")
+    with pytest.raises(VerificationError, match="padding"):
+        verifier.verify(f"{head}==.{body}.{signature}", "elsewhere")
+    assert len(verifier.cache) == 1
+
+
 def _unsigned(header: dict[str, Any], body: dict[str, Any], sig: bytes = b"") -> str:
     h = b64url_encode(json.dumps(header).encode())
     c = b64url_encode(json.dumps(body).encode())
