@@ -133,8 +133,9 @@ _TEMPLATES_PER_KEY = 4
 # The result cache is keyed by the chain as sent, and a peer may send certificates beyond its path
 # (verification ignores them): a valid leaf followed by ~100 KB of its own junk certificates, new
 # junk each handshake, made every entry hold that much, up to a gigabyte for a full cache. Past
-# this size (several times an SVID chain of RSA-4096 intermediates) the key is a digest instead.
-MAX_CACHE_KEY_BYTES = 16 * 1024
+# this size (a few times an SVID chain: leaf and intermediate are ~1.5 KB) the key is a digest:
+# hashing costs less than a signature check, and a full cache (10,000) holds 80 MB of keys at most.
+MAX_CACHE_KEY_BYTES = 8 * 1024
 
 
 def _digest_key(chain_der: bytes) -> bytes:
