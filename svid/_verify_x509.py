@@ -497,8 +497,10 @@ class X509Verifier:
         if max_staleness is not None:
             refuse_if_stale(self._revocations, self._clock.monotonic(), max_staleness, now)
         cache = self._cache
-        key = chain_der if len(chain_der) <= MAX_CACHE_KEY_BYTES else _digest_key(chain_der)
+        key = chain_der
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
+            if len(chain_der) > MAX_CACHE_KEY_BYTES:
+                key = _digest_key(chain_der)
             entry = cache.get(key)
             if entry is not None:
                 if self._still_valid(entry, now):
