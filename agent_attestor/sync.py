@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.agent_svid_keeper import AgentSvidKeeper, Arrival, left_at_arrival
 from agent_attestor.cache import (
     Cache,
     SyncDelta,
@@ -52,7 +53,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
-from agent_attestor.rotation import ROTATE_AT, jitter_for, rotate_fraction, rotation_point
+from agent_attestor.rotation import jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import HELD_UP, ServerLink
 from agent_attestor.servers import (
@@ -64,9 +65,8 @@ from agent_attestor.servers import (
     system_resolver,
 )
 from agent_attestor.signer import MintedJwt, X509Result
-from svid._backoff import Retry, backoff_delay
+from svid._backoff import backoff_delay
 from svid._clock import Clock, ElapsedClock
-from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._held import to_its_end
 from svid._log_throttle import KeyedThrottles, LogThrottle
@@ -117,20 +117,6 @@ class SyncSettings:
     resolver: Resolver = system_resolver
 
 
-# How far the server back-dates the SVIDs it issues (server/ca/signer.py BACKDATE_SECONDS): an
-# agent SVID that just arrived has its life but this much left.
-SERVER_BACKDATE = 10.0
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """When an agent SVID reached this agent: its wall clock then, and its elapsed clock.
-    `wall` None: loaded from disk, it came no one knows when, by `elapsed` at the latest."""
-
-    wall: float | None
-    elapsed: float
-
-
 def renewal_wait(
     not_before: float,
     not_after: float,
@@ -165,31 +151,10 @@ def renewal_wait(
     if arrival is not None:
         # The same fraction: at ROTATE_AT alone it cut every later point back to it, and the
         # SVIDs that arrived together renewed within half the jitter, all early.
-        left = _left_at_arrival(not_after - not_before)
+        left = left_at_arrival(not_after - not_before)
         by_elapsed = arrival.elapsed + left * rotate_fraction(jitter)
         wait = min(wait, by_elapsed - elapsed)
     return wait
-
-
-def _left_at_arrival(life: float) -> float:
-    """What an agent SVID of `life` seconds (NotBefore to NotAfter) has left when it arrives:
-    its life but the server's back-dating. Never under half its life: an SVID living less than
-    the back-dating (an issuer that does not back-date) would be renewed on arrival, again and
-    again."""
-    return max(life - SERVER_BACKDATE, life * ROTATE_AT)
-
-
-def life_left(
-    not_before: float, not_after: float, arrival: Arrival | None, now: float, elapsed: float
-) -> float:
-    """Seconds the agent SVID has left, at `now` on the wall clock and `elapsed` on the elapsed
-    clock. On the elapsed clock from its arrival when it came from the server in this run
-    (renewal_wait counts its renewal so): a wall clock ahead of the server's read a fresh SVID
-    as about to lapse, one behind it read a lapsed SVID as valid. By NotAfter on the wall
-    clock for an SVID loaded from disk, which came no one knows when."""
-    if arrival is None or arrival.wall is None:
-        return not_after - now
-    return arrival.elapsed + _left_at_arrival(not_after - not_before) - elapsed
 
 
 # A renewal waits at most this share of the life its SVID has left (renewal_timeout). It waited
@@ -206,13 +171,6 @@ RENEW_SHARE = 1 / 3
 RENEW_FLOOR = 1.0
 # Never more: what a renewal of a long-lived SVID waited before.
 RENEW_CAP = 30.0
-# A renewed agent SVID the disk refuses waits, unused, while the one on disk has more than this
-# share of its life left (Syncer._adopt): the server drops the old one from the agent's record
-# at the first call with the new one, and a restart before the new one is saved found only the
-# old one on disk, refused as superseded (a join token spent: the agent out for good). Unused,
-# the new one supersedes nothing, and the old one is taken until it lapses. Past this share the
-# new one is used all the same: the old one, on disk or not, would be of no use for long.
-HOLD_SHARE = 0.25
 
 
 def renewal_timeout(left: float, *, elsewhere: bool = True) -> float:
@@ -277,28 +235,10 @@ class Syncer:
         # The server check's TLS contexts, kept across the clients each reconnect builds.
         self._contexts = CheckContexts()
         self.moves = 0  # times the agent moved to another server
-        self._svid: AgentSvid | None = None
-        # The last agent SVID the server sent this run or the disk gave, and when (renewal_wait).
-        self._arrived: tuple[AgentSvid, Arrival] | None = None
-        # The agent SVID in use and its roots, when the disk refused them (_persist): saved
-        # again by _save_loop, woken by _save_wanted. Roots () once nothing is left to save;
-        # roots a Sync message brought and the disk refused (_save_bundle) wait here too.
-        self._unsaved: AgentSvid | None = None
-        self._unsaved_roots: tuple[bytes, ...] = ()
-        self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
-        # The agent SVID on disk, as far as this run knows (loaded or saved by it).
-        self._on_disk: AgentSvid | None = None
-        # A renewed agent SVID the disk refused, not used while the one on disk has life left
-        # (_adopt), with its arrival; _held_saved is set once a save writes it. Its roots are
-        # not kept: set in the cache when it came, they may be older than the Sync's by its use.
-        self._held: tuple[AgentSvid, Arrival] | None = None
-        self._held_saved = asyncio.Event()
-        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
-        self._svid_save_failed = False  # an agent SVID refused was said, its save not yet
-        self._save_wanted = asyncio.Event()
-        # One save of the agent SVID or roots at a time, each writing what waits when it
-        # starts (in a thread): a save begun earlier never lands older files after a newer's.
-        self._saving = asyncio.Lock()
+        # The agent SVID in use, on disk, held or waiting to be saved, and when each came.
+        self._keeper = AgentSvidKeeper(
+            store, clock, self._elapsed, log_interval=OPERATOR_LOG_INTERVAL
+        )
         # One checkpoint offer at a time (CheckpointStore is used from one thread): an offer
         # cut short by a reconnect holds its turn until its thread has written.
         self._offering = asyncio.Lock()
@@ -307,8 +247,6 @@ class Syncer:
         # The ID of the join token an earlier run sent without saving what it bought, read at
         # the first attestation (None: not yet), before this run notes its own.
         self._spent_earlier: str | None = None
-        # A refused agent SVID the disk could not remove: never loaded again by this run.
-        self._refused_chain: tuple[x509.Certificate, ...] = ()
         # An attestation in flight: a stop lets it finish (see settle).
         self._attesting: asyncio.Task[tuple[AgentSvid, TrustBundle]] | None = None
         # A renewal the server answered, being saved and put in use (_adopt): it ends even when
@@ -328,9 +266,6 @@ class Syncer:
         # by server and kind of failure, so a new one (the server back, attestation failing)
         # is said at once, not behind the last.
         self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, clock)
-        # A full disk refuses the bundle at every Sync message that carries one.
-        self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, clock)
-        self._bundle_save_failures = 0  # since the last save that worked
         self.connected = False
         # What verifiers are told of it (tasks.revocations): the revocations they hold come
         # from here, and stop coming while no Sync stream is live.
@@ -344,7 +279,8 @@ class Syncer:
 
     @property
     def agent_id(self) -> str:
-        return self._svid.spiffe_id if self._svid is not None else ""
+        svid = self._keeper.in_use
+        return svid.spiffe_id if svid is not None else ""
 
     @property
     def server(self) -> str:
@@ -354,7 +290,7 @@ class Syncer:
 
     @property
     def agent_svid(self) -> AgentSvid | None:
-        return self._svid
+        return self._keeper.in_use
 
     @property
     def position(self) -> SyncPosition:
@@ -375,145 +311,26 @@ class Syncer:
     # ---- identity ---------------------------------------------------------------------------
 
     def _root_pem(self) -> bytes:
-        if self._unsaved_roots:
-            # The roots the SVID in use came with: the disk's may be those a replaced CA left.
-            return certs_to_pem(parse_der_certs(b"".join(self._unsaved_roots)))
-        stored = self._store.load_bundle()
-        if stored:
-            return certs_to_pem(stored)
+        roots = self._keeper.roots_pem()
+        if roots:
+            return roots
         if self._s.bootstrap_root_pem:
             return self._s.bootstrap_root_pem
         raise AttestationError(
             "no trust bundle to verify the server: give --trust-bundle (or --insecure-bootstrap)"
         )
 
-    async def _persist(self, svid: AgentSvid, bundle: TrustBundle, how: str) -> None:
-        """The agent SVID (`how` it came) and the roots that came with it, on disk for the next
-        start. A disk that refuses them (full, read-only) must not lose them: the server has
-        spent the join token or replaced the old SVID already. So they are used from memory
-        (a renewed one held unused while the one on disk has life left: _adopt), said once,
-        and _save_loop saves them once the disk takes them."""
-        self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
-        self._unsaved_how = how
-        # A new SVID refused is news: said at once, not an interval after an older one's line.
-        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
-        await self._save()
-
-    async def _save(self) -> None:
-        """Save what waits (the agent SVID, its roots) now. Refused, it is said (throttled) and
-        _save_loop saves it again with backoff. Run to its end even when the caller is cancelled
-        (a reconnect, a stop): the thread writes on regardless, and a refusal it met then went
-        unsaid and unretried, the roots used from memory until some later save."""
-        await to_its_end(self._save_or_say())
-
-    async def _save_or_say(self) -> None:
-        try:
-            await self._save_unsaved()
-        except OSError as exc:
-            self._save_wanted.set()
-            if self._unsaved is None:
-                # The agent SVID is on disk, only its roots were refused: said as a bundle's
-                # failure, so its later save is said too (_bundle_saved).
-                self._bundle_refused(exc)
-            else:
-                self._svid_save_failed = True
-                self._svid_refused(exc)
-
-    def _svid_refused(self, exc: OSError) -> None:
-        """Said at once for a new SVID (_persist), then once an interval: a bundle save writes
-        the SVID waiting first, and a full disk refuses it at every one."""
-        count = self._svid_save_log.due()
-        if not count:
-            return
-        if self._held is not None and self._held[0] is self._unsaved:
-            log.error(
-                "cannot save the renewed agent SVID; going on with the one saved before it "
-                "until it is saved (or that one's life runs short), saving it again with backoff",
-                extra={
-                    "svid_file": str(self._store.svid_path),
-                    "failures": count,
-                    "error": str(exc)[:200],
-                },
-            )
-            return
-        log.error(
-            "cannot save the %s agent SVID; using it from memory and saving it again with "
-            "backoff (a restart before it is saved cannot use it)",
-            self._unsaved_how,
-            extra={
-                "svid_file": str(self._store.svid_path),
-                "failures": count,
-                "error": str(exc)[:200],
-            },
-        )
-
-    async def _save_unsaved(self) -> None:
-        """Save what the disk refused before. OSError: refused again (what was saved before it
-        is not saved twice).
-
-        The writes in a thread: their fsyncs (key, chain, roots) on a slow disk stopped the
-        Workload API, on this loop, for as long, at every renewal. What a save wrote is
-        marked saved only if it is still what waits: a newer SVID or roots set meanwhile (a
-        renewal, a Sync message) wait for their own save, after this one.
-
-        To its end (to_its_end), marks included, even when its caller is cancelled (a stop):
-        what its thread wrote was else left waiting, written again by settle, and never said
-        saved."""
-        await to_its_end(self._write_unsaved())
-
-    async def _write_unsaved(self) -> None:
-        async with self._saving:
-            svid = self._unsaved
-            if svid is not None:
-                await _off_loop(self._store.save_svid, svid)
-                self._on_disk = svid
-                if self._held is not None and self._held[0] is svid:
-                    self._held_saved.set()  # to be used now (_hold)
-                if self._unsaved is svid:
-                    self._unsaved = None
-                    self._svid_saved()  # whichever save it was, a refused SVID is mended
-                self._store.forget_spending()
-            roots = self._unsaved_roots
-            if roots:
-                await _off_loop(self._store.save_bundle, roots)
-                if self._unsaved_roots is roots:
-                    self._unsaved_roots = ()
-                    self._bundle_saved()  # whichever save it was, a refused bundle is mended
-
     async def _save_loop(self) -> None:
-        """Save an agent SVID or trust bundle the disk refused, with backoff, until it takes
-        it. Quiet while it fails: _persist and _save_bundle said so, and what they said holds
-        until the line this writes."""
-        retry = Retry(self._s.save_retry_first, self._s.save_retry_cap)
-        while True:
-            await self._save_wanted.wait()
-            await asyncio.sleep(retry.failed())
-            try:
-                await self._save_unsaved()
-            except OSError:
-                continue  # an SVID saved before its roots were refused again is said saved
-            self._save_wanted.clear()
-            retry.succeeded()
-
-    def _svid_saved(self) -> None:
-        """Said once an agent SVID the disk refused is saved, by whichever save: the operator
-        was told a restart cannot use it."""
-        if not self._svid_save_failed:
-            return
-        self._svid_save_failed = False
-        # A disk failing again later is said at once, not an interval after the last line.
-        self._svid_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
-        log.info(
-            "saved the agent SVID the disk refused before",
-            extra={"svid_file": str(self._store.svid_path)},
-        )
+        """Save an agent SVID or trust bundle the disk refused, with the backoff of the settings
+        (AgentSvidKeeper.save_loop)."""
+        await self._keeper.save_loop(self._s.save_retry_first, self._s.save_retry_cap)
 
     def _install(self, svid: AgentSvid, bundle: TrustBundle | None) -> None:
-        """Use `svid` (on disk, unless the disk refused it: _persist) from now on; `bundle` too,
-        if one came with it."""
+        """Use `svid` (on disk, unless the disk refused it: AgentSvidKeeper.persist) from now on;
+        `bundle` too, if one came with it."""
         if bundle is not None and bundle.x509_authorities:
             self._cache.set_bundle(bundle)
-        self._svid = svid
+        self._keeper.in_use = svid
         old = self._client
         server = self._servers.current
         assert server is not None  # picked before any identity is installed
@@ -545,23 +362,17 @@ class Syncer:
         if self._servers.current is None:
             server = await self._servers.first()
             log.info("chose a server", extra={"server": server.node})
-        if self._held is not None and not self._holds():
+        if self._keeper.holding and not self._keeper.holds():
             self._use_held()  # saved meanwhile, or the one in use runs short
         now = self._clock.now()
         if self._fallback is None:
-            if self._svid is not None and self._svid.not_after > now:
-                return self._svid
-            stored = self._store.load_svid()
-            if stored is not None and stored.chain == self._refused_chain:
-                stored = None  # the server refused it, and would at every retry
+            in_use = self._keeper.in_use
+            if in_use is not None and in_use.not_after > now:
+                return in_use
+            stored = self._keeper.load_saved(now)
         else:
             stored = None  # set aside: see _set_aside_saved_svid
-        if stored is not None and stored.not_after > now + 1:
-            log.info("loaded agent SVID from disk", extra={"agent_id": stored.spiffe_id})
-            self._on_disk = stored
-            # It came before now at the latest: its renewal is counted from here on the elapsed
-            # clock too (renewal_wait), not from its validity alone on a skewed wall clock.
-            self._arrived = (stored, Arrival(None, self._elapsed.monotonic()))
+        if stored is not None:
             self._install(stored, None)
             return stored
         # Its own task, shielded: a join token is spent once the server answers, so a stop
@@ -626,7 +437,7 @@ class Syncer:
                 svid, bundle = await client.attest(
                     join_token=self._s.join_token, x509pop=self._s.x509pop
                 )
-                self._note_arrival(svid)
+                self._keeper.note_arrival(svid)
             except JoinTokenRefusedError as exc:
                 raise self._refused_token(exc) from exc
             except (
@@ -642,8 +453,8 @@ class Syncer:
             self._token_used = bool(self._s.join_token)
             # A renewal held (_adopt) came for the SVID this one replaces: put in use later
             # (_hold, ensure_identity), it would supersede this one with a stale one.
-            self._held = None
-            await self._persist(svid, bundle, "attested")
+            self._keeper.drop_held()
+            await self._keeper.persist(svid, bundle, "attested")
             self._fallback = None  # the SVID and bundle in use are the new ones
         finally:
             await client.close()
@@ -695,8 +506,9 @@ class Syncer:
         answer or load balancer) would cost the agent an SVID that works again once the real
         one is back: attested anew under another ID, or not at all with a join token spent."""
         self._fallback = None
-        if self._svid is not None:
-            self._install(self._svid, None)  # the old channel may hold the stray's failure
+        svid = self._keeper.in_use
+        if svid is not None:
+            self._install(svid, None)  # the old channel may hold the stray's failure
 
     async def settle(self, timeout: float) -> None:
         """Let an attestation or renewal in flight finish (up to `timeout` s each), so its SVID is
@@ -706,26 +518,7 @@ class Syncer:
             if task is not None and not task.done():
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(task), timeout)
-        try:
-            await self._save_unsaved()
-        except OSError as exc:
-            if self._unsaved is None:  # only roots were waiting: the agent SVID is on disk
-                self._bundle_refused(exc)
-                return
-            if self._held is not None and self._held[0] is self._unsaved:
-                log.warning(
-                    "stopping with the renewed agent SVID unsaved: the next start uses the one "
-                    "saved before it, which the server still takes (the renewed one was never "
-                    "used), and renews it",
-                    extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
-                )
-                return
-            log.error(
-                "stopping with the agent SVID in use unsaved: the next start cannot use it, only "
-                "one saved before it (which the server may no longer take), and may have to "
-                "attest again (with a join token, a new one: the one given is spent)",
-                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
-            )
+        await self._keeper.save_at_stop()
 
     async def renew_once(self) -> None:
         if self._client is None:
@@ -733,11 +526,12 @@ class Syncer:
         # Its deadline within the life the SVID in use has left: one sent to a server that
         # hangs leaves the time to renew at another (renewal_timeout).
         timeout = RENEW_CAP
-        if self._svid is not None:
-            left = self._life_left(self._svid)
+        in_use = self._keeper.in_use
+        if in_use is not None:
+            left = self._keeper.life_left(in_use)
             timeout = renewal_timeout(left, elsewhere=self._servers.has_others())
         svid, bundle = await self._client.renew(timeout=timeout)
-        arrival = self._arrival_now()
+        arrival = self._keeper.arrival_now()
         # Adopted to the end even if the renewal is cancelled now (a reconnect, a stop): its
         # save goes on in its thread and may reach the disk, and the older SVID kept in memory
         # beside it had this run and the next start use two different ones.
@@ -745,20 +539,9 @@ class Syncer:
         await to_its_end(self._adopting)
 
     async def _adopt(self, svid: AgentSvid, bundle: TrustBundle, arrival: Arrival) -> None:
-        """Save the renewed `svid` and use it. One the disk refuses is held unused while the
-        SVID in use is the one on disk and has life left (_holds): the server drops that one
-        at the first call with the new one, and a restart before the disk took the new one
-        found only a superseded SVID. Held, a restart loads the old one, which the server
-        still takes, and renews it. Past that, the new one is used from memory: the server
-        has replaced the old one already, and it works only until it expires."""
-        in_use = self._svid
-        on_disk = in_use is not None and in_use is self._on_disk and self._unsaved is None
-        if on_disk and self._hold_left() > 0:
-            # Before the save, so that a refusal is said as what it is (_svid_refused).
-            self._held = (svid, arrival)
-            self._held_saved.clear()
-        await self._persist(svid, bundle, "renewed")
-        if self._held is not None and self._held[0] is svid and self._holds():
+        """Save the renewed `svid` and use it, unless the disk refuses it while the SVID in use
+        is the one on disk with life left: then it is held unused (AgentSvidKeeper.adopt)."""
+        if await self._keeper.adopt(svid, bundle, arrival):
             if bundle.x509_authorities:
                 self._cache.set_bundle(bundle)  # roots are news whichever SVID is in use
             log.info(
@@ -767,89 +550,33 @@ class Syncer:
                 extra={"agent_id": svid.spiffe_id},
             )
             return
-        self._held = None
         self._put_in_use(svid, bundle, arrival)
 
     def _put_in_use(self, svid: AgentSvid, bundle: TrustBundle | None, arrival: Arrival) -> None:
-        self._arrived = (svid, arrival)
+        self._keeper.arrived(svid, arrival)
         log.info("agent SVID renewed", extra={"agent_id": svid.spiffe_id})
         self._install(svid, bundle)
         self._on_change("renewed")
         self._reconnect.set()  # move the Sync stream to the new certificate
 
-    def _holds(self) -> bool:
-        """The renewed SVID held (_adopt) stays unused: still unsaved, and the one in use has
-        more than HOLD_SHARE of its life left."""
-        if self._held is None or self._svid is None or self._unsaved is not self._held[0]:
-            return False
-        return self._hold_left() > 0
-
-    def _hold_left(self) -> float:
-        """Seconds the SVID in use may go on while a renewed one is held."""
-        svid = self._svid
-        assert svid is not None
-        return self._life_left(svid) - HOLD_SHARE * (svid.not_after - svid.not_before)
-
     def _use_held(self) -> None:
-        held, self._held = self._held, None
-        assert held is not None
-        if self._unsaved is held[0]:
-            # Said: the operator was told the one saved before stays in use, which a restart
-            # could use; from now a restart before the save cannot.
-            log.error(
-                "the agent SVID in use runs short and the disk still refuses the renewed one: "
-                "using it from memory, saving it again with backoff (a restart before it is "
-                "saved cannot use it)",
-                extra={"svid_file": str(self._store.svid_path)},
-            )
         # Without the roots it came with: set in the cache then (_adopt), set again now they
         # replaced newer ones a Sync message brought meanwhile (a CA rotation's next root).
-        svid, arrival = held
+        svid, arrival = self._keeper.take_held()
         self._put_in_use(svid, None, arrival)
 
     async def _hold(self) -> None:
-        """Until the renewed SVID held is saved or the one in use runs short: the renewal loop
-        waits here, not renewing again (each renewal a new certificate and a datastore write
-        at the server, each one refused by the disk again), then uses it."""
-        while self._holds():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._held_saved.wait(), max(0.0, min(self._hold_left(), RECHECK))
-                )
-        if self._held is not None:
+        """Until the renewed SVID held is saved or the one in use runs short, then use it."""
+        await self._keeper.wait_held(RECHECK)
+        if self._keeper.holding:
             self._use_held()
 
-    def _note_arrival(self, svid: AgentSvid) -> None:
-        """`svid` came from the server now: its renewal is counted from here too."""
-        self._arrived = (svid, self._arrival_now())
-
-    def _arrival_now(self) -> Arrival:
-        return Arrival(self._clock.now(), self._elapsed.monotonic())
-
-    def _arrival(self, svid: AgentSvid) -> Arrival | None:
-        """When `svid` came from the server, or was loaded from disk (its wall time None);
-        None: neither is known (an SVID set aside and taken back). Kept across reconnects,
-        each starting a renewal loop: counted from a loop's start, a connection that dropped
-        every few minutes would put the renewal off until the SVID lapsed."""
-        if self._arrived is not None and self._arrived[0] is svid:
-            return self._arrived[1]
-        return None
-
-    def _life_left(self, svid: AgentSvid) -> float:
-        return life_left(
-            svid.not_before,
-            svid.not_after,
-            self._arrival(svid),
-            self._clock.now(),
-            self._elapsed.monotonic(),
-        )
-
     async def _renew_loop(self, svid: AgentSvid) -> None:
-        arrival = self._arrival(svid)
+        arrival = self._keeper.arrival(svid)
         jitter = jitter_for(svid)
         attempt = 0
         while True:
-            if self._held is not None:
+            if self._keeper.holding:
                 await self._hold()
                 return  # the stream moves to the renewed SVID (_put_in_use)
             due = renewal_wait(
@@ -867,13 +594,13 @@ class Syncer:
                 continue
             try:
                 await self.renew_once()
-                if self._held is not None:
+                if self._keeper.holding:
                     continue  # held unused: waits for its save, not renewed again
                 return
             # No failure ends the loop silently: one that did (no connection to check the
             # server, an SVID that does not parse) left nothing renewing the SVID.
             except (grpc.RpcError, SvidError, OSError) as exc:
-                if self._life_left(svid) <= 0:
+                if self._keeper.life_left(svid) <= 0:
                     # Ended as a failure, not a clean reconnect: a move when it is not the
                     # server's decision, and a backoff before the next connection either way.
                     raise RenewalFailedError(
@@ -1037,52 +764,19 @@ class Syncer:
         raise ConnectionError("server ended the Sync stream")
 
     async def _save_bundle(self, bundle: TrustBundle) -> None:
-        """The roots for the next start to verify the server with, saved as _persist saves the
-        agent SVID's (_save). A failed write (a full disk) is logged, not raised: ending the
-        stream here kept the message from being applied, and every reconnect asked for it
-        again, so no entry or revocation came in. Saved again by _save_loop: a delta brings the
-        bundle only when it changes, so waiting for the next one could leave the file stale for
-        the next start; until then _root_pem verifies a reconnect's server with these roots.
-
-        From now they are the roots waiting to be saved, so a save by _save_loop or a renewal
-        after this one writes these, never older ones."""
-        if bundle.x509_authorities:
-            self._unsaved_roots = bundle.x509_authorities
-            await self._save()
-
-    def _bundle_refused(self, exc: OSError) -> None:
-        """Said at the first failure, then once an interval with how many there were."""
-        self._bundle_save_failures += 1
-        count = self._bundle_save_log.due()
-        if count:
-            log.error(
-                "cannot save the trust bundle; a restart verifies the server with the one "
-                "saved before",
-                extra={
-                    "bundle_file": str(self._store.bundle_path),
-                    "failures": count,
-                    "error": str(exc)[:200],
-                },
-            )
-
-    def _bundle_saved(self) -> None:
-        if self._bundle_save_failures:
-            log.info(
-                "saved the trust bundle again after failed saves",
-                extra={
-                    "bundle_file": str(self._store.bundle_path),
-                    "failures": self._bundle_save_failures,
-                },
-            )
-            self._bundle_save_failures = 0
-            # A disk failing again later is said at once, not an interval after the last line.
-            self._bundle_save_log = LogThrottle(OPERATOR_LOG_INTERVAL, self._clock)
+        """The roots for the next start to verify the server with (AgentSvidKeeper.save_roots).
+        A failed write (a full disk) is logged, not raised: ending the stream here kept the
+        message from being applied, and every reconnect asked for it again, so no entry or
+        revocation came in. Saved again by _save_loop: a delta brings the bundle only when it
+        changes, so waiting for the next one could leave the file stale for the next start;
+        until then _root_pem verifies a reconnect's server with these roots."""
+        await self._keeper.save_roots(bundle)
 
     async def _refused(self, code: grpc.StatusCode, details: str | None) -> None:
         """The server no longer recognises this agent (evicted, banned, or its SVID superseded):
         everything cached came under that identity, so none of it is served any more."""
         agent_id = self.agent_id
-        self._unsaved = None  # nothing backs it now: the next start must not find it
+        self._keeper.disown()  # nothing backs it now: the next start must not find it
         self.revision, self.epoch = 0, ""  # the cache is emptied: the next stream starts afresh
         self._cache.refuse(REFUSED)
         self._on_change("refused")
@@ -1099,26 +793,8 @@ class Syncer:
         adopting = self._adopting
         if adopting is not None and not adopting.done():
             await asyncio.wait({adopting})
-        async with self._saving:
-            self._unsaved = None
-            self._held = None  # nothing backs it either
-            self._svid_save_failed = False  # nothing of it to be said saved
-            self._remove_refused()
-        self._svid = None
+        await self._keeper.forget()
         self._say_refused(code, details, agent_id)
-
-    def _remove_refused(self) -> None:
-        refused = self._svid
-        self._on_disk = None
-        try:
-            self._store.remove_svid()
-        except OSError as exc:
-            # Raised here, it ended the Sync loop with no word said.
-            self._refused_chain = refused.chain if refused is not None else ()
-            log.error(
-                "cannot remove the refused agent SVID; this run does not use it again",
-                extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
-            )
 
     def _say_refused(self, code: grpc.StatusCode, details: str | None, agent_id: str) -> None:
         if self._s.x509pop is not None:
@@ -1315,8 +991,9 @@ class Syncer:
             return
         previous = self._servers.current
         server = await self._servers.next()
-        if self._svid is not None:
-            self._install(self._svid, None)  # a fresh channel; mTLS works on any server
+        svid = self._keeper.in_use
+        if svid is not None:
+            self._install(svid, None)  # a fresh channel; mTLS works on any server
         if server == previous:
             return  # the only server there is: reconnect to it
         self.moves += 1

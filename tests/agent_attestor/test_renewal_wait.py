@@ -8,8 +8,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import AgentSvid
+from agent_attestor.agent_svid_keeper import SERVER_BACKDATE
 from agent_attestor.rotation import JITTER, ROTATE_AT, jitter_for
-from agent_attestor.sync import SERVER_BACKDATE, Arrival, renewal_wait
+from agent_attestor.sync import Arrival, renewal_wait
 from server.ca.signer import BACKDATE_SECONDS
 from server.config import MIN_OWN_SVID_TTL
 from svid._clock import FakeClock

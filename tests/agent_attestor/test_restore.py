@@ -135,7 +135,7 @@ def _syncer(tmp_path: Path, agent_id: str) -> Syncer:
     )
     ca = LocalCa(clock)
     key = ec.generate_private_key(ec.SECP256R1())
-    syncer._svid = AgentSvid(agent_id, (ca.sign_leaf(key.public_key(), agent_id),), key)
+    syncer._keeper.in_use = AgentSvid(agent_id, (ca.sign_leaf(key.public_key(), agent_id),), key)
     return syncer
 
 

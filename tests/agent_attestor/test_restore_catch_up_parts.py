@@ -58,7 +58,7 @@ def test_a_catch_up_delta_cut_after_its_first_part_serves_no_deleted_or_revoked_
         clock,
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    syncer._svid = AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT),), key)
+    syncer._keeper.in_use = AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT),), key)
     syncer.resume(SyncPosition(AGENT, 9, "ep"))
 
     # While the agent was down: an entry added, one deleted, one's SVID revoked. The server's

@@ -412,7 +412,7 @@ def test_a_bundle_the_disk_refused_is_saved_once_it_has_room_without_another_mes
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
     assert path.read_bytes() == b"ca-1"
-    assert syncer._unsaved_roots == ()
+    assert syncer._keeper._unsaved_roots == ()
     assert "saved the trust bundle again after failed saves" in caplog.text
     assert "saved the agent SVID" not in caplog.text  # no agent SVID was waiting
 
@@ -459,16 +459,16 @@ def test_a_bundle_refused_before_and_saved_with_a_new_agent_svid_is_said_mended(
     path.mkdir()  # where the bundle goes, the write fails as on a full disk
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-1",))))
-        assert syncer._bundle_save_failures == 1
+        assert syncer._keeper._bundle_save_failures == 1
         path.rmdir()
         ca = LocalCa(FakeClock(start=time.time()))
         key = ec.generate_private_key(ec.SECP256R1())
         agent = "spiffe://example.org/svid/agent/join_token/t"
         svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
         roots = TrustBundle("example.org", x509_authorities=(b"ca-2",))
-        asyncio.run(syncer._persist(svid, roots, "renewed"))
+        asyncio.run(syncer._keeper.persist(svid, roots, "renewed"))
     assert path.read_bytes() == b"ca-2"
-    assert syncer._bundle_save_failures == 0
+    assert syncer._keeper._bundle_save_failures == 0
     assert "saved the trust bundle again after failed saves" in caplog.text
 
 
@@ -490,7 +490,7 @@ def test_a_renewed_agent_svid_saved_beside_a_bundle_the_disk_refused_is_not_said
     async def scenario() -> None:
         saver = asyncio.create_task(syncer._save_loop())
         try:
-            await syncer._persist(
+            await syncer._keeper.persist(
                 svid, TrustBundle("example.org", x509_authorities=(b"ca-1",)), "renewed"
             )
             assert syncer._store.svid_path.is_file()  # the agent SVID is saved
@@ -531,10 +531,10 @@ def test_an_agent_svid_saved_again_while_its_bundle_is_still_refused_is_said_sav
         saver = asyncio.create_task(syncer._save_loop())
         try:
             roots = TrustBundle("example.org", x509_authorities=(b"ca-1",))
-            await syncer._persist(svid, roots, "new")
+            await syncer._keeper.persist(svid, roots, "new")
             svid_path.rmdir()  # room for the SVID, not yet for the bundle
             for _ in range(300):
-                if svid_path.is_file() and syncer._unsaved is None:
+                if svid_path.is_file() and syncer._keeper._unsaved is None:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)

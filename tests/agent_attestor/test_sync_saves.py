@@ -90,7 +90,7 @@ async def _retry_held(tmp_path: Path, syncer: Syncer, store: _GatedStore) -> asy
     the loop's retry is held in its save's thread."""
     await syncer.ensure_identity()
     _mend(tmp_path)
-    syncer._store = store
+    syncer._store = syncer._keeper._store = store
     saver = asyncio.create_task(syncer._save_loop())
     await _started(store)
     return saver
@@ -251,7 +251,7 @@ def test_a_stop_cancelling_the_save_loop_again_holds_the_save_lock_until_its_thr
     async def scenario() -> None:
         saver = await _retry_held(tmp_path, syncer, store)
         await cancel_all([saver], tries=3, patience=0.01)
-        assert syncer._saving.locked()  # its thread still writes: no other save starts
+        assert syncer._keeper._saving.locked()  # its thread still writes: no other save starts
         store.release.set()
         await asyncio.gather(saver, return_exceptions=True)
         await syncer.settle(1)
@@ -303,7 +303,7 @@ def test_a_save_cancelled_while_its_thread_writes_marks_what_it_wrote_saved(
         store.bundle_path.rmdir()  # the disk has room again
         store.started.clear()
         store.release.clear()
-        saving = asyncio.create_task(syncer._save_unsaved())  # _save_loop's retry
+        saving = asyncio.create_task(syncer._keeper.save_unsaved())  # _save_loop's retry
         await _started(store)
         saving.cancel()  # the agent stops
         store.release.set()
@@ -313,5 +313,5 @@ def test_a_save_cancelled_while_its_thread_writes_marks_what_it_wrote_saved(
     with caplog.at_level(logging.INFO, logger="agent_attestor.sync"):
         asyncio.run(scenario())
     assert store.bundle_path.read_bytes() == b"ca-1"
-    assert syncer._unsaved_roots == ()  # nothing left for settle to write again
+    assert syncer._keeper._unsaved_roots == ()  # nothing left for settle to write again
     assert "saved the trust bundle again after failed saves" in caplog.text

@@ -29,8 +29,9 @@ import grpc
 import pytest
 from cryptography import x509
 
+from agent_attestor.agent_svid_keeper import SERVER_BACKDATE
 from agent_attestor.rotation import jitter_for
-from agent_attestor.sync import SERVER_BACKDATE, Arrival, renewal_wait
+from agent_attestor.sync import Arrival, renewal_wait
 from svid._der import parse_der_certs
 from svid._proto import admin_pb2, workload_pb2
 from tests.e2e.agent_process import HEADER, AgentProcess, agent_stack, create_entry, new_token
