@@ -210,6 +210,15 @@ def rebootstrap_roots(tried: bytes, given: bytes, given_by_operator: bool) -> by
     return given
 
 
+@dataclass
+class _Run:
+    """The parts of the run a Sync stream is sending (a snapshot's or a delta's), held until
+    its last part is in."""
+
+    parts: list[SyncState] = field(default_factory=list)
+    deltas: list[SyncDelta] = field(default_factory=list)
+
+
 class Syncer:
     def __init__(
         self,
@@ -705,8 +714,7 @@ class Syncer:
     async def _consume(self, client: NodeClient) -> None:
         # The parts of a run not yet complete: held off the cache, and dropped with the stream
         # if it ends before the last one (the reconnect asks for the run again).
-        parts: list[SyncState] = []
-        deltas: list[SyncDelta] = []
+        run = _Run()
         if self._revision_of != self.agent_id:
             # Attested anew under another ID: what the old one reached says nothing here.
             self.revision, self.epoch = 0, ""
@@ -717,51 +725,65 @@ class Syncer:
             # silent, and every reconnect asked for it again.
             self.link.hear()
             try:
-                if isinstance(message, Heartbeat):
-                    self.link.beat(message.interval)
-                    continue
-                if isinstance(message, PushedCheckpoint):
-                    await self._offer_checkpoint(message)
-                    continue
-                if isinstance(message, SyncState):
-                    # A snapshot replaces everything at once, when its last part is in; delta
-                    # parts held before it (the server never sends them so) are replaced with it.
-                    deltas = []
-                    parts.append(message)
-                    if message.more:
-                        continue
-                    state = join_parts(parts)
-                    parts = []
-                    await self._save_bundle(state.bundle)
-                    self._cache.apply_sync(state)
-                else:
-                    # A delta in parts too is applied whole, when its last part is in.
-                    if parts:
-                        # Joined to a snapshot it does not follow, it would be applied to state
-                        # the agent never had: the reconnect asks for both again.
-                        raise ConnectionError("server sent a delta inside a snapshot's parts")
-                    deltas.append(message)
-                    if message.more:
-                        continue
-                    delta = join_deltas(deltas)
-                    deltas = []
-                    if delta.bundle is not None:
-                        await self._save_bundle(delta.bundle)
-                    self._cache.apply_delta(delta)
-                self.revision, self.epoch = message.revision, message.epoch
-                self._revision_of = self.agent_id
-                if not self.connected:
-                    self._servers.connected()
-                    log.info("Sync stream up", extra={"server": self.server})
-                    # The next outage is news: its first failure said at once.
-                    self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, self._clock)
-                self.connected = True
-                self.link.up()
-                self.syncs += 1
-                self._on_change("sync")
+                await self._handle(message, run)
             finally:
                 self.link.handled()
         raise ConnectionError("server ended the Sync stream")
+
+    async def _handle(
+        self, message: SyncState | SyncDelta | PushedCheckpoint | Heartbeat, run: _Run
+    ) -> None:
+        if isinstance(message, Heartbeat):
+            self.link.beat(message.interval)
+        elif isinstance(message, PushedCheckpoint):
+            await self._offer_checkpoint(message)
+        elif isinstance(message, SyncState):
+            await self._snapshot_part(message, run)
+        else:
+            await self._delta_part(message, run)
+
+    async def _snapshot_part(self, message: SyncState, run: _Run) -> None:
+        # A snapshot replaces everything at once, when its last part is in; delta parts held
+        # before it (the server never sends them so) are replaced with it.
+        run.deltas = []
+        run.parts.append(message)
+        if message.more:
+            return
+        state = join_parts(run.parts)
+        run.parts = []
+        await self._save_bundle(state.bundle)
+        self._cache.apply_sync(state)
+        self._synced(message)
+
+    async def _delta_part(self, message: SyncDelta, run: _Run) -> None:
+        # A delta in parts too is applied whole, when its last part is in.
+        if run.parts:
+            # Joined to a snapshot it does not follow, it would be applied to state the agent
+            # never had: the reconnect asks for both again.
+            raise ConnectionError("server sent a delta inside a snapshot's parts")
+        run.deltas.append(message)
+        if message.more:
+            return
+        delta = join_deltas(run.deltas)
+        run.deltas = []
+        if delta.bundle is not None:
+            await self._save_bundle(delta.bundle)
+        self._cache.apply_delta(delta)
+        self._synced(message)
+
+    def _synced(self, message: SyncState | SyncDelta) -> None:
+        """A run applied whole: the position it reached, and the stream counted up."""
+        self.revision, self.epoch = message.revision, message.epoch
+        self._revision_of = self.agent_id
+        if not self.connected:
+            self._servers.connected()
+            log.info("Sync stream up", extra={"server": self.server})
+            # The next outage is news: its first failure said at once.
+            self._unreachable_log = KeyedThrottles(OPERATOR_LOG_INTERVAL, self._clock)
+        self.connected = True
+        self.link.up()
+        self.syncs += 1
+        self._on_change("sync")
 
     async def _save_bundle(self, bundle: TrustBundle) -> None:
         """The roots for the next start to verify the server with (AgentSvidKeeper.save_roots).
