@@ -112,7 +112,8 @@ class AgentStore:
         self.svid_path.unlink(missing_ok=True)
 
     def load_svid(self) -> AgentSvid | None:
-        """The saved identity, or None: none saved yet, or one that cannot be used (logged)."""
+        """The saved identity, or None: none saved yet, or one that cannot be used (logged). A
+        save a kill cut short before its key's rename is finished here."""
         try:
             chain_der = self.svid_path.read_bytes()
         except FileNotFoundError:
@@ -130,6 +131,12 @@ class AgentStore:
             except (ValueError, TypeError, UnsupportedAlgorithm, SvidParseError) as exc:
                 problem = str(exc)
                 continue
+            if key_path == self._next_key_path:
+                # A save killed before its last step: finished now. Left under the `.next`
+                # name, the key was overwritten by the next save's first write, and a disk
+                # refusing that save's chain then left the chain on disk without its key.
+                with contextlib.suppress(OSError):  # refused too: loaded all the same
+                    os.replace(self._next_key_path, self.key_path)
             return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
         self._unusable(problem)
         return None

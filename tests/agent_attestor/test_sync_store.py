@@ -391,3 +391,43 @@ def test_a_crash_while_a_renewed_identity_is_saved_leaves_a_usable_one(
     assert loaded.chain in (old.chain, new.chain)
     saved = new if loaded.chain == new.chain else old
     assert _crypto.key_der(loaded.key) == _crypto.key_der(saved.key)
+
+
+def test_a_renewal_whose_chain_the_disk_refuses_after_a_crash_mid_save_leaves_a_usable_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between the renewed chain and its key's rename left that SVID's key under the
+    `.next` name, and the next start loaded it so. Its renewal's save writes the new key there
+    first: with the disk then refusing the new chain (full, an I/O error), the key of the SVID
+    on disk was gone, the one in use held on as the one a restart would load (Syncer._adopt),
+    and the restart found an identity whose key fits neither file: attested again, a join
+    token spent, out for good."""
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
+    old, crashed, renewed = _svid(tmp_path), _svid(tmp_path), _svid(tmp_path)
+    store.save_svid(old)
+    real = agent_store._write_private
+    done = 0
+
+    def write_then_die(path: Path, data: bytes) -> None:
+        nonlocal done
+        real(path, data)
+        done += 1
+        if done == 2:  # the key and the chain written, the key not yet renamed
+            raise _KilledError
+
+    with monkeypatch.context() as patched:
+        patched.setattr(agent_store, "_write_private", write_then_die)
+        with pytest.raises(_KilledError):
+            store.save_svid(crashed)
+    started = AgentStore(store.svid_path, store.key_path, store.bundle_path)
+    loaded = started.load_svid()
+    assert loaded is not None
+    assert loaded.chain == crashed.chain
+    (tmp_path / "svid.der.tmp").mkdir()  # the chain's write refused, the key's taken
+    (tmp_path / "svid.der.tmp" / "in-the-way").write_text("")
+    with pytest.raises(IsADirectoryError):
+        started.save_svid(renewed)
+    again = AgentStore(store.svid_path, store.key_path, store.bundle_path).load_svid()
+    assert again is not None
+    assert again.chain == crashed.chain
+    assert _crypto.key_der(again.key) == _crypto.key_der(crashed.key)
