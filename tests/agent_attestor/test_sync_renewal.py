@@ -478,6 +478,8 @@ async def _renewal_held(
     loop = asyncio.create_task(syncer._renew_loop(loaded))
     base.advance(TTL / 2)
     await until(lambda: server.renewals == 1, "the renewal")
+    # Answered is not yet held: its save, in a thread, comes first (_adopt).
+    await until(lambda: syncer._adopting is not None and syncer._adopting.done(), "its save")
     return loaded, loop
 
 
