@@ -30,7 +30,7 @@ from agent_attestor.rotation import JITTER
 from agent_attestor.servers import Target
 from agent_attestor.sync import Syncer, SyncSettings, failure_code
 from svid._clock import FakeClock
-from svid._der import certs_to_pem
+from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidParseError
 from tests.agent_attestor.harness import LoopThread
 from tests.agent_attestor.pki import LocalCa
@@ -636,3 +636,36 @@ def test_a_held_renewal_put_in_use_keeps_the_bundle_the_sync_brought_meanwhile(
         await syncer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_reconnect_while_a_held_renewal_is_unsaved_verifies_the_server_with_the_newest_roots(
+    tmp_path: Path, server: _Server
+) -> None:
+    """The disk refuses the held renewal, so neither the roots it came with nor newer ones a
+    Sync message brings meanwhile (a CA rotation's next root) reach it: a reconnect's channel
+    verifies the server with the newest of them, not with what the disk holds."""
+    base, syncer = _syncer(tmp_path, server)
+    bundle_file = tmp_path / "bundle"
+    bundle_file.write_bytes(LocalCa(base, ttl=TTL).cert.public_bytes(serialization.Encoding.DER))
+
+    async def scenario() -> None:
+        loaded, loop = await _renewal_held(syncer, base, server, tmp_path)
+        assert syncer._keeper.holding
+        came = syncer._cache.snapshot().bundle
+        assert came is not None
+        next_root = LocalCa(base, ttl=TTL).cert.public_bytes(serialization.Encoding.DER)
+        newer = replace(
+            came, x509_authorities=(*came.x509_authorities, next_root), sequence=came.sequence + 1
+        )
+        await syncer._save_bundle(newer)  # as a Sync message brings it: refused behind the SVID
+        syncer._install(loaded, None)  # a reconnect's fresh channel (_after_failure)
+        assert syncer._client is not None
+        assert syncer._client.root_pem == certs_to_pem(
+            parse_der_certs(b"".join(newer.x509_authorities))
+        )
+        await cancel_all([loop])
+        await syncer.close()
+
+    on_disk = bundle_file.read_bytes()
+    asyncio.run(scenario())
+    assert bundle_file.read_bytes() == on_disk  # the disk took none of them
