@@ -367,7 +367,7 @@ class AgentSvidKeeper:
         it: the server has replaced the old one already, and it works only until it expires)."""
         in_use = self.in_use
         on_disk = in_use is not None and in_use is self._on_disk and self._unsaved is None
-        if on_disk and self.hold_left() > 0:
+        if on_disk and self._hold_left() > 0:
             # Before the save, so that a refusal is said as what it is (_svid_refused).
             self._held = (svid, arrival)
             self._held_saved.clear()
@@ -393,9 +393,9 @@ class AgentSvidKeeper:
         more than HOLD_SHARE of its life left."""
         if self._held is None or self.in_use is None or self._unsaved is not self._held[0]:
             return False
-        return self.hold_left() > 0
+        return self._hold_left() > 0
 
-    def hold_left(self) -> float:
+    def _hold_left(self) -> float:
         """Seconds the SVID in use may go on while a renewed one is held."""
         svid = self.in_use
         assert svid is not None
@@ -409,7 +409,7 @@ class AgentSvidKeeper:
         while self.holds():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._held_saved.wait(), max(0.0, min(self.hold_left(), recheck))
+                    self._held_saved.wait(), max(0.0, min(self._hold_left(), recheck))
                 )
 
     def take_held(self) -> tuple[AgentSvid, Arrival]:

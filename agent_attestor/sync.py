@@ -10,6 +10,8 @@ another server to renew there (_renew_loop).
 
 Also the SvidSigner the rotator and JWT cache use: it forwards to whichever connection is
 current, so renewing the agent SVID never disturbs them.
+
+Which agent SVID is in use, held, on disk or waiting to be saved is agent_svid_keeper's.
 """
 
 from __future__ import annotations
