@@ -181,8 +181,10 @@ class AgentSvidKeeper:
         spent the join token or replaced the old SVID already. So they are used from memory
         (a renewed one held unused while the one on disk has life left: adopt), said once,
         and save_loop saves them once the disk takes them."""
-        self._unsaved, self._unsaved_roots = svid, bundle.x509_authorities
-        self._unsaved_how = how
+        self._unsaved, self._unsaved_how = svid, how
+        if bundle.x509_authorities:
+            # None: roots a Sync message brought and the disk refused still wait (save_roots).
+            self._unsaved_roots = bundle.x509_authorities
         # A new SVID refused is news: said at once, not an interval after an older one's line.
         self._svid_save_log = LogThrottle(self._log_interval, self._clock)
         await self._save()

@@ -610,3 +610,25 @@ def test_a_checkpoint_offer_cut_short_by_a_reconnect_never_runs_beside_the_next(
     asyncio.run(scenario())
     assert offered == ["a", "b"]
     assert most[0] == 1
+
+
+def test_roots_the_disk_refused_still_wait_after_an_agent_svid_that_came_without_roots(
+    tmp_path: Path,
+) -> None:
+    """Roots a Sync message brought wait while the disk refuses them (and verify a reconnect's
+    server meanwhile). An agent SVID answered without roots (a bundle with no X.509
+    authorities, which the cache and the channel already pass over) emptied what waited: the
+    newer roots never reached the disk, the next start verifying the server with the older
+    ones, and a reconnect meanwhile with those too."""
+    syncer = _syncer(tmp_path, Cache())
+    path = syncer._store.bundle_path
+    path.mkdir()  # where the bundle goes, the write fails as on a full disk
+    asyncio.run(syncer._save_bundle(TrustBundle("example.org", x509_authorities=(b"ca-2",))))
+    path.rmdir()  # room again
+    ca = LocalCa(FakeClock(start=time.time()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    agent = "spiffe://example.org/svid/agent/join_token/t"
+    svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
+    asyncio.run(syncer._keeper.persist(svid, TrustBundle("example.org"), "renewed"))
+    assert syncer._store.svid_path.is_file()
+    assert path.read_bytes() == b"ca-2"
