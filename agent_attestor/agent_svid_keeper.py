@@ -168,8 +168,9 @@ class AgentSvidKeeper:
         return stored
 
     def roots_pem(self) -> bytes:
-        """The roots the SVID in use came with, if the disk refused them (the disk's may be
-        those a replaced CA left); else the disk's; b"" if there are none."""
+        """The newest roots, while the disk refuses them (those the SVID in use came with, or
+        a Sync message's since: the disk's may be those a replaced CA left); else the disk's;
+        b"" if there are none."""
         if self._unsaved_roots:
             return certs_to_pem(parse_der_certs(b"".join(self._unsaved_roots)))
         stored = self._store.load_bundle()
