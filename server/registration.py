@@ -29,7 +29,9 @@ MAX_SELECTORS = 64
 # Items per batch call. A batch is one transaction and one new in-memory snapshot; a thousand
 # typical entries are about 150 KiB on the wire, far from gRPC's 4 MiB request limit.
 MAX_BATCH = 1000
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# Matched whole (fullmatch): "$" also matches before a final newline, so "web.example.org\n"
+# (a newline ending any label) passed and went into the X.509-SVID's DNS SAN.
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A new entry's place in a batch view until the datastore assigns its id (never a valid id).
 _NEW = "\x00new:"
@@ -69,7 +71,7 @@ def _parse_id(field_name: str, text: str) -> SpiffeId:
 def _check_dns(name: str) -> str:
     lowered = name.lower()
     labels = lowered[2:].split(".") if lowered.startswith("*.") else lowered.split(".")
-    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise InvalidRequestError(f"dns_names: {name!r} is not a valid DNS name")
     if lowered == SERVER_DNS_NAME:
         raise InvalidRequestError(f"dns_names: {name!r} is reserved for the server's certificate")

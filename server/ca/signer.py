@@ -50,8 +50,9 @@ BACKDATE_SECONDS = 10
 MAX_CSR_BYTES = 16 * 1024
 MIN_RSA_BITS = 2048
 _EC_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+# Matched whole (fullmatch): with match, "$" let a name ending in a newline into a leaf's SAN.
 _DNS_NAME = re.compile(
-    r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 _LEAF_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")])
 _LEAF_KEY_USAGE = x509.KeyUsage(
@@ -244,7 +245,7 @@ def _check_leaf_request(
     if ttl <= 0:
         raise SigningRequestError(f"ttl must be positive, got {ttl}")
     for name in dns_names:
-        if len(name) > 253 or not _DNS_NAME.match(name):
+        if len(name) > 253 or not _DNS_NAME.fullmatch(name):
             raise SigningRequestError(f"DNS name {name!r} is not a valid host name")
 
 

@@ -135,6 +135,9 @@ BAD_CREATES = [
     (_entry(selectors=[]), "selectors: at least one"),
     (_entry(dns_names=["svid-server"]), "reserved for the server"),
     (_entry(dns_names=["-bad-.example"]), "not a valid DNS name"),
+    # A label ending in a newline: it went into the X.509-SVID's DNS SAN as it was.
+    (_entry(dns_names=["web.example.org\n"]), "not a valid DNS name"),
+    (_entry(dns_names=["web\n.example.org"]), "not a valid DNS name"),
     (_entry(x509_svid_ttl=-1), "x509_svid_ttl"),
     (_entry(expires_at=-1), "expires_at"),
     # PostgreSQL stores no NUL in text: it was a storage failure there (UNAVAILABLE), stored here.

@@ -124,6 +124,7 @@ def test_not_before_is_never_before_the_ca(ca_manager: CaManager) -> None:
         ("spiffe://example.org/web", 60, ("bad name",), "'bad name' is not a valid host name"),
         ("spiffe://example.org/web", 60, ("-x.example",), "not a valid host name"),
         ("spiffe://example.org/web", 60, ("",), "not a valid host name"),
+        ("spiffe://example.org/web", 60, ("web.example.org\n",), "not a valid host name"),
     ],
 )
 def test_bad_signing_requests_are_refused(
