@@ -26,7 +26,9 @@ TYPE_NAME = "join_token"
 REFUSED = "join token is invalid, expired or already used"
 # The longest a join token lives: `token generate --ttl` and join_token_ttl stop here.
 MAX_TOKEN_TTL = 30 * 86400
-_TOKEN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Matched whole (fullmatch): with match, "$" let "node-7\n" through, stored as a token whose
+# agent ID cannot exist (refused only after the row was written).
+_TOKEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _hash(secret: str) -> bytes:
@@ -35,7 +37,7 @@ def _hash(secret: str) -> bytes:
 
 def new_join_token(now: int, ttl: int, token_id: str = "") -> tuple[str, JoinToken]:
     """A fresh token: the string for the operator and the record to store (hash only)."""
-    if token_id and not _TOKEN_ID.match(token_id):
+    if token_id and not _TOKEN_ID.fullmatch(token_id):
         raise InvalidRequestError(
             f"agent_id: {token_id!r} must be 1-64 characters of A-Z a-z 0-9 _ -"
         )
@@ -59,7 +61,7 @@ class JoinTokenAttestor:
             token_id, dot, secret = payload.decode().partition(".")
         except UnicodeDecodeError:
             raise PermissionDeniedError(REFUSED) from None
-        if not dot or not secret or not _TOKEN_ID.match(token_id):
+        if not dot or not secret or not _TOKEN_ID.fullmatch(token_id):
             raise PermissionDeniedError(REFUSED)
         token = TokenUse(token_id, _hash(secret))
         valid = await asyncio.to_thread(

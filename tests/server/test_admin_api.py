@@ -209,6 +209,18 @@ def test_join_token_response_never_repeats_and_names_agent(srv: RunningServer) -
     assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
 
 
+def test_a_join_token_id_ending_in_a_newline_is_refused_before_it_is_stored(
+    srv: RunningServer,
+) -> None:
+    """Its agent ID cannot exist: the refusal names agent_id, and no token is left behind."""
+    admin = srv.admin()
+    for _ in range(2):  # a row left by the first would make the second ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as exc:
+            admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(agent_id="node-8\n"))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert exc.value.details().startswith("agent_id: ")  # type: ignore[attr-defined]
+
+
 def test_agents_list_evict_ban(srv: RunningServer) -> None:
     admin = srv.admin()
     one, two = srv.attest(), srv.attest()
