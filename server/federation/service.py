@@ -48,6 +48,7 @@ from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedEr
 from server.federation.errors import BundleNotStoredError, FederationError
 from server.federation.fetch import check_bundle, endpoint_trust_domain, fetch_bundle
 from server.https_get import FETCHES_AT_ONCE, fetch_pool, holds_userinfo
+from server.input_text import refuse_unprintable
 from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock, ElapsedClock
@@ -114,6 +115,11 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
     td = parse_trust_domain(rel.trust_domain)
     if td == own:
         raise InvalidRequestError(f"trust_domain: {td} is our own trust domain")
+    # A NUL in ca_file failed every fetch as an unknown error (ValueError from ssl: INTERNAL
+    # to the operator, a traceback a retry) and either field on PostgreSQL as a storage
+    # failure; a control character in the URL reached the refusals the ledger keeps.
+    refuse_unprintable("bundle_endpoint_url", rel.endpoint_url)
+    refuse_unprintable("ca_file", rel.ca_file)
     if not rel.endpoint_url.startswith("https://"):
         raise InvalidRequestError(
             f"bundle_endpoint_url: {rel.endpoint_url!r} must be an https:// URL"

@@ -239,6 +239,10 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
             ({"bundle_endpoint_url": "https://u:secret@x/"}, "userinfo"),
             ({"trust_domain": "other.org"}, "own trust domain"),
             ({"profile": "https_spiffe", "endpoint_spiffe_id": "nope"}, "endpoint_spiffe_id"),
+            # Stored as given, a NUL in ca_file then failed every fetch as an internal error.
+            ({"ca_file": "/etc/ca\x00.pem"}, "ca_file: may not contain NUL"),
+            ({"bundle_endpoint_url": "https://127.0.0.1\x00:1/"}, "bundle_endpoint_url: may"),
+            ({"bundle_endpoint_url": "https://127.0.0.1:1/\n"}, "bundle_endpoint_url: one line"),
         ):
             wrong = admin_pb2.FederationRelationship()
             wrong.CopyFrom(rel)
