@@ -189,8 +189,8 @@ class Demo:
 
     def start(self) -> None:
         parent = self.boot()
-        user = pwd.getpwuid(os.getuid()).pw_name
-        spiffe_id = f"spiffe://{TRUST_DOMAIN}/demo/{_segment(user)}"
+        user, segment = workload_user(os.getuid())
+        spiffe_id = f"spiffe://{TRUST_DOMAIN}/demo/{segment}"
         self.entry(spiffe_id, parent)
         agent_cmd = _command("svid-agent", "agent_attestor.cli")
         server_cmd = _command("svid-server", "server.cli")
@@ -245,8 +245,20 @@ def _command(script: str, module: str) -> str:
         return str(path)
 
 
+def workload_user(uid: int) -> tuple[str, str]:
+    """How the demo names the user of `uid`, and the SPIFFE ID path segment made of it. A uid
+    with no passwd entry (a container's arbitrary one) stopped `make run` with a KeyError."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}", f"uid-{uid}"
+    return name, _segment(name)
+
+
 def _segment(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+    # ASCII only: a SPIFFE ID path takes no other letter, and str.isalnum() is true of "ö",
+    # so a user named "jöhn" failed `make run` at its entry create.
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in name)
     return cleaned.strip(".") or "user"
 
 

@@ -1,0 +1,44 @@
+"""`make run` (agent_attestor.demo) names the demo workload after the user running it: any user
+name, and a uid with no name at all, gives a SPIFFE ID the server accepts."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from agent_attestor.demo import TRUST_DOMAIN, _segment, workload_user
+from svid._spiffe_id import SpiffeId
+
+
+def _unnamed_uid() -> int:
+    """A uid the passwd database has no entry for (a container's arbitrary uid)."""
+    for uid in range(54321, 54421):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    pytest.skip("no uid without a passwd entry near 54321")
+
+
+def test_a_uid_with_no_passwd_entry_is_named_by_its_number() -> None:
+    uid = _unnamed_uid()
+    user, segment = workload_user(uid)
+    assert (user, segment) == (f"uid {uid}", f"uid-{uid}")
+    SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/demo/{segment}")
+
+
+def test_the_running_user_is_named_as_the_passwd_database_says() -> None:
+    user, segment = workload_user(os.getuid())
+    assert user == pwd.getpwuid(os.getuid()).pw_name
+    SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/demo/{segment}")
+
+
+@pytest.mark.parametrize(
+    ("name", "segment"),
+    [("jöhn", "j-hn"), ("名前", "--"), ("a b", "a-b"), ("..", "user"), ("j.doe_1", "j.doe_1")],
+)
+def test_any_user_name_makes_a_valid_path_segment(name: str, segment: str) -> None:
+    assert _segment(name) == segment
+    SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/demo/{segment}")
