@@ -26,6 +26,11 @@ from svid._spiffe_id import SpiffeId, TrustDomain
 MAX_TTL = 2**31 - 1
 MAX_HINT_BYTES = 1024
 MAX_SELECTORS = 64
+# Every one goes into each X.509-SVID of the entry: unbounded, one entry's certificate could
+# come near gRPC's 4 MiB message limit, and the agent's renewal batch holding it (its other
+# workloads' SVIDs with it) and the workload's stream passed it, failing on every retry. 100
+# names of up to 253 bytes keep a certificate near 26 KiB.
+MAX_DNS_NAMES = 100
 # Items per batch call. A batch is one transaction and one new in-memory snapshot; a thousand
 # typical entries are about 150 KiB on the wire, far from gRPC's 4 MiB request limit.
 MAX_BATCH = 1000
@@ -146,6 +151,10 @@ def validate_entry(
     if len(entry.hint.encode()) > MAX_HINT_BYTES:
         raise InvalidRequestError(f"hint: at most {MAX_HINT_BYTES} bytes")
     refuse_nul("hint", entry.hint)
+    if len(entry.dns_names) > MAX_DNS_NAMES:
+        raise InvalidRequestError(
+            f"dns_names: {len(entry.dns_names)} names; at most {MAX_DNS_NAMES} allowed"
+        )
     dns_names = tuple(dict.fromkeys(_check_dns(n) for n in entry.dns_names))
     return Entry(
         id=entry.id,

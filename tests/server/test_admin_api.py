@@ -138,6 +138,8 @@ BAD_CREATES = [
     # A label ending in a newline: it went into the X.509-SVID's DNS SAN as it was.
     (_entry(dns_names=["web.example.org\n"]), "not a valid DNS name"),
     (_entry(dns_names=["web\n.example.org"]), "not a valid DNS name"),
+    # Each goes into every X.509-SVID of the entry: its certificate could pass 4 MiB.
+    (_entry(dns_names=[f"n{i}.example.org" for i in range(101)]), "dns_names: 101 names"),
     (_entry(x509_svid_ttl=-1), "x509_svid_ttl"),
     (_entry(expires_at=-1), "expires_at"),
     # PostgreSQL stores no NUL in text: it was a storage failure there (UNAVAILABLE), stored here.

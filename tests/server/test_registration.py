@@ -11,7 +11,13 @@ from server.datastore.records import Entry, Selector
 from server.entitlement import EntryIndex
 from server.errors import AlreadyExistsError, InvalidRequestError, NotFoundError
 from server.ids import ServerIds
-from server.registration import check_creates, check_deletes, check_updates, validate_entry
+from server.registration import (
+    MAX_DNS_NAMES,
+    check_creates,
+    check_deletes,
+    check_updates,
+    validate_entry,
+)
 from svid._spiffe_id import TrustDomain
 
 IDS = ServerIds(TrustDomain("example.org"))
@@ -35,6 +41,13 @@ def test_good_entry_is_normalised() -> None:
     clean = validate_entry(GOOD, IDS, INDEX)
     assert clean.selectors == (Selector("unix", "uid:1000"),)
     assert clean.dns_names == ("web.example.org",)
+
+
+def test_dns_names_up_to_the_limit_are_kept() -> None:
+    names = tuple(f"n{i}.example.org" for i in range(MAX_DNS_NAMES))
+    assert validate_entry(replace(GOOD, dns_names=names), IDS, INDEX).dns_names == names
+    with pytest.raises(InvalidRequestError, match=f"dns_names: {MAX_DNS_NAMES + 1} names"):
+        validate_entry(replace(GOOD, dns_names=(*names, "one-more.example.org")), IDS, INDEX)
 
 
 @pytest.mark.parametrize(
