@@ -45,11 +45,13 @@ from svid._der import certs_to_pem, parse_der_certs
 from svid._errors import SvidError
 from svid._logs import stacks_on_sigusr1
 from svid._proto import task_pb2
+from svid._safe_dir import Who, secure_dir
 from svid._stdout import flush_stdout, stdout_closed_by_reader
 
 _BOOL_FLAGS = {"insecure_bootstrap", "socket_dir_shared"}
 _OUTPUT_HELP = "text (times in RFC 3339 UTC) or json (times in Unix seconds)"
 _INT32_MAX = 2**31 - 1
+_WRITER = Who("svid-agent", AgentError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,7 +211,11 @@ def _x509_summary(msg: Any) -> list[dict[str, Any]]:
 
 
 def _write_x509(directory: Path, msg: Any) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    # Made if missing, and refused when another user owns it or may write a directory above
+    # it: one who made /tmp/svids first could otherwise swap the files once written (a
+    # bundle.0.pem of a CA of theirs, trusted by whatever reads it). The directory itself may
+    # be open to others when it is ours or root's (a Kubernetes emptyDir shared with a sidecar).
+    directory = secure_dir(directory, "--write", 0o755, _WRITER, shared=True)
     files = []
     for i, svid in enumerate(msg.svids):
         key = _crypto.key_pem(serialization.load_der_private_key(svid.x509_svid_key, None))
