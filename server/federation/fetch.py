@@ -82,7 +82,16 @@ def tls_context(rel: FederationRelationship, known: SpiffeBundle | None) -> ssl.
     """How to authenticate the relationship's endpoint (see the module); `known` is the bundle
     of the endpoint's trust domain (https_spiffe)."""
     if rel.profile == HTTPS_WEB:
-        return ssl.create_default_context(cafile=rel.ca_file or None)
+        try:
+            return ssl.create_default_context(cafile=rel.ca_file or None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # Named as the CA file's fault: raised within the GET's own handling, a missing
+            # file read "bundle endpoint ... unreachable" and one with no certificate "not
+            # authenticated", the endpoint never asked.
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise FederationError(
+                f"{rel.trust_domain}: ca_file {rel.ca_file!r} cannot be loaded: {why}"
+            ) from None
     if rel.profile != HTTPS_SPIFFE:
         raise FederationError(f"{rel.trust_domain}: unknown profile {rel.profile!r}")
     authority = endpoint_trust_domain(rel)

@@ -282,6 +282,12 @@ def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refuse
         assert got.x509_authorities == home.server.state.bundle.x509_authorities
         with pytest.raises(FederationError, match="not authenticated"):
             fetch_bundle(replace(rel, ca_file=""), None)  # system roots do not know this CA
+        # A CA file that cannot be loaded is named so, not the endpoint (it is never asked).
+        missing = tmp_path / "missing.pem"
+        with pytest.raises(FederationError, match=r"ca_file '.*missing\.pem' cannot be loaded: No"):
+            fetch_bundle(replace(rel, ca_file=str(missing)), None)
+        with pytest.raises(FederationError, match=r"ca_file '.*key.*' cannot be loaded: NO_CERT"):
+            fetch_bundle(replace(rel, ca_file=str(key_file)), None)
         # An endpoint that serves another trust domain's bundle than the relationship names.
         with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
             fetch_bundle(replace(rel, trust_domain="other.org"), None)
