@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import stat
 import sys
 from collections.abc import Sequence
@@ -420,7 +421,8 @@ def _run(args: argparse.Namespace, config: AgentConfig, file_values: dict[str, A
         # For whoever started it by hand, to export. With JSON logs the "agent started" record
         # says it, as the server's says its addresses: a plain line here was the one line not
         # JSON of what a log shipper reads (stdout and stderr, merged in a container's log).
-        print(f"SPIFFE_ENDPOINT_SOCKET={socket_uri(config.socket_path)}", flush=True)
+        # Shell-quoted, to paste after `export`: a path with a space split it there.
+        print(f"SPIFFE_ENDPOINT_SOCKET={shlex.quote(socket_uri(config.socket_path))}", flush=True)
     stacks_on_sigusr1()
     try:
         # What start-up made (config, keys, state, modules) lives as long as the process:

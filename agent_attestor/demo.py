@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,9 @@ class Demo:
         self.entry(spiffe_id, parent)
         agent_cmd = _command("svid-agent", "agent_attestor.cli")
         server_cmd = _command("svid-server", "server.cli")
+        # Paths in the lines to paste are shell-quoted: a checkout whose path holds a space
+        # printed an export that set the variable to the part before it, and failed.
+        config = self.root / "server.toml"
         print(
             f"""
 svidd demo is running (logs in {self.root}/server.log and agent.log).
@@ -201,14 +205,14 @@ svidd demo is running (logs in {self.root}/server.log and agent.log).
   agent:     {parent}
   workload:  {spiffe_id}   (any process of user {user}, selector unix:uid:{os.getuid()})
 
-  export SPIFFE_ENDPOINT_SOCKET=unix://{self.socket}
+  export SPIFFE_ENDPOINT_SOCKET={shlex.quote(f"unix://{self.socket}")}
 
   {agent_cmd} api fetch x509 --write /tmp/svids
   {agent_cmd} api fetch jwt --audience my-service
   {agent_cmd} api watch
 
   Admin commands find the server's socket ({self.admin})
-  when run from {self.root.parent}; elsewhere add --config {self.root / "server.toml"}
+  when run from {self.root.parent}; elsewhere add --config {shlex.quote(str(config))}
 
   {server_cmd} entry show
   {server_cmd} audit verify
@@ -235,14 +239,15 @@ Press Ctrl-C to stop the server and the agent.
 
 
 def _command(script: str, module: str) -> str:
-    """How to run one of our CLIs: the venv's script (relative when under cwd), else -m."""
+    """How to run one of our CLIs, shell-quoted: the venv's script (relative when under cwd),
+    else -m."""
     path = Path(sys.executable).with_name(script)
     if not path.exists():
-        return f"{sys.executable} -m {module}"
+        return f"{shlex.quote(sys.executable)} -m {module}"
     try:
-        return str(path.relative_to(Path.cwd()))
+        return shlex.quote(str(path.relative_to(Path.cwd())))
     except ValueError:
-        return str(path)
+        return shlex.quote(str(path))
 
 
 def workload_user(uid: int) -> tuple[str, str]:

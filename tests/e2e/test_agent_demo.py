@@ -141,3 +141,35 @@ def test_a_second_demo_in_the_same_directory_is_refused_and_leaves_the_first_run
         assert first.children() == children
     finally:
         first.close()
+
+
+def test_the_printed_export_works_in_a_checkout_whose_path_holds_a_space() -> None:
+    """Pasted into a shell, `export SPIFFE_ENDPOINT_SOCKET=unix:///tmp/a b/...` (the demo's
+    line, and the agent's own first line) set the variable to the part before the space and
+    failed on the rest: the demo's next step did not work."""
+    demo = DemoProcess(root=short_tmpdir(prefix="sv d"))
+    try:
+        demo.start()
+        printed = [line.strip() for line in demo.lines]
+        exports = [next(x for x in printed if x.startswith("export SPIFFE_ENDPOINT_SOCKET="))]
+        agent_log = (demo.run_dir / "agent.log").read_text().splitlines()
+        exports.append("export " + next(x for x in agent_log if x.startswith("SPIFFE_ENDPOINT")))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SVID_", "SPIFFE_"))}
+        for export in exports:
+            fetched = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    f'{export} && exec "$0" -m agent_attestor.cli api fetch x509',
+                    sys.executable,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                check=False,
+            )
+            assert fetched.returncode == 0, (export, fetched.stderr)
+            assert "spiffe://example.org/demo/" in fetched.stdout
+    finally:
+        demo.close()
