@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_attestor import parent_death
-from svid._unix_socket import MAX_UNIX_PATH
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
@@ -54,9 +54,10 @@ class Demo:
         self.root = root
         self.policy = policy  # Cedar text for policy_dir; empty: the shipped default policy
         self.procs: list[subprocess.Popen[bytes]] = []
-        short = (
-            root if len(str(root / "agent" / "public" / "api.sock")) < MAX_UNIX_PATH - 30 else None
-        )
+        # In bytes, as the kernel counts them: in characters, a checkout under a non-ASCII path
+        # (two bytes a letter) kept sockets there past sun_path, and the server refused to start.
+        longest = unix_path_size(root / "agent" / "public" / "api.sock")
+        short = root if longest < MAX_UNIX_PATH - 30 else None
         self.sock_root = short or Path(tempfile.mkdtemp(prefix="svid-demo-"))
         self.admin = self.sock_root / "server" / "private" / "admin.sock"
         self.socket = self.sock_root / "agent" / "public" / "api.sock"

@@ -1,15 +1,18 @@
 """`make run` (agent_attestor.demo) names the demo workload after the user running it: any user
-name, and a uid with no name at all, gives a SPIFFE ID the server accepts."""
+name, and a uid with no name at all, gives a SPIFFE ID the server accepts; and its sockets fit
+sun_path wherever the checkout is."""
 
 from __future__ import annotations
 
 import os
 import pwd
+from pathlib import Path
 
 import pytest
 
-from agent_attestor.demo import TRUST_DOMAIN, _segment, workload_user
+from agent_attestor.demo import TRUST_DOMAIN, Demo, _segment, workload_user
 from svid._spiffe_id import SpiffeId
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 
 def _unnamed_uid() -> int:
@@ -42,3 +45,15 @@ def test_the_running_user_is_named_as_the_passwd_database_says() -> None:
 def test_any_user_name_makes_a_valid_path_segment(name: str, segment: str) -> None:
     assert _segment(name) == segment
     SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/demo/{segment}")
+
+
+def test_sockets_fit_sun_path_under_a_checkout_with_a_non_ascii_path() -> None:
+    # 72 characters to the agent's socket, 112 bytes: counted in characters, the demo kept its
+    # sockets under the checkout, and the server refused an admin socket past 107 bytes.
+    root = Path("/tmp") / ("д" * 40) / ".run"
+    demo = Demo(root)
+    try:
+        assert unix_path_size(demo.socket) <= MAX_UNIX_PATH
+        assert unix_path_size(demo.admin) <= MAX_UNIX_PATH
+    finally:
+        demo.stop()
