@@ -428,7 +428,7 @@ class Grants:
             whose = _Whose.of_task(task, actor_id)
             decision = _Decision(resource, decided)
             carried, withheld = self._carried(
-                decided, subject, held_at, task_sid, resource=resource, actor=actor_id
+                decided, subject, held_at, task, resource=resource, actor=actor_id
             )
             grant = _narrowed(carried, asked, resource)
         except (UnavailableError, RateLimitedError):
@@ -514,7 +514,7 @@ class Grants:
         decided: TaskJwtGrant,
         subject: VerifiedAccessToken,
         held_at: str,
-        task_sid: str,
+        task: Task,
         *,
         resource: str,
         actor: str,
@@ -533,7 +533,7 @@ class Grants:
         decided_tokens = decided.scope.split()
         withheld = _withheld_claim(subject)
         if withheld is None:
-            withheld = self._withheld_unclaimed(decided_tokens, subject, held_at, task_sid, actor)
+            withheld = self._withheld_unclaimed(decided_tokens, subject, held_at, task, actor)
         removed = set(withheld) | self._tools_withheld(decided_tokens, subject, held_at, resource)
         kept = [t for t in decided_tokens if t not in removed]
         if len(kept) == len(decided_tokens):
@@ -550,16 +550,20 @@ class Grants:
         decided_tokens: Sequence[str],
         subject: VerifiedAccessToken,
         held_at: str,
-        task_sid: str,
+        task: Task,
         actor: str,
     ) -> frozenset[str]:
         """The actions a subject token without a ``withheld`` claim is taken to have been kept
-        from (``_carried``)."""
+        from (``_carried``), as the token issued of it names them (WITHHELD_CLAIM)."""
         held = subject.scopes
+        task_sid = task.spiffe_id
         if subject.act_chain[:1] != (task_sid,):
             # Delegated (the task's own token is the first of its chain: its actor is the
-            # task): what it lacks of the decision here, it may have been kept from.
-            return frozenset(t for t in decided_tokens if _is_action(t) and t not in held)
+            # task): any action of the task it lacks, it may have been kept from. Not only
+            # those of the decision here: the token issued names them all, or one this
+            # resource's policy does not grant (withheld from nothing here) came back a hop on.
+            every = (*decided_tokens, *task.actions)
+            return frozenset(t for t in every if _is_action(t) and t not in held)
         ceiling = self._tasks.scope_ceiling(task_sid, held_at)
         # An active task's ceiling says which actions the token could have carried; one that
         # ended meanwhile (refused once recorded) carries only what the token does.

@@ -391,6 +391,52 @@ def test_a_delegated_token_without_its_chain_s_withheld_actions_hands_on_only_th
         assert "lacks read write" in refused(reply, "invalid_grant")
 
 
+def test_a_delegated_token_without_withheld_passes_its_narrowing_on_through_a_hop_it_holds_all_of(
+    tmp_path: Path,
+) -> None:
+    """A delegated token minted before tokens named what their chain was kept from, holding
+    read alone (write kept from its chain), acted for towards a resource whose policy forbids
+    writes: it lacked nothing granted there, so the token issued named nothing withheld, and
+    acted for again it got write at the third resource. What a delegated token without the
+    claim does not hold is withheld from every token of it, whatever the next hop grants."""
+    from tests.server.oauth.conftest import serving_oauth
+    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
+
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    policy = _forbidding_writes_to(tmp_path, RESOURCE)
+    with serving_oauth(
+        "osw",
+        [RESOURCE, OTHER_RESOURCE, THIRD],
+        oauth_resource_workloads=workloads,
+        policy_dir=str(policy),
+    ) as oauth:
+        world = begin_task(
+            oauth,
+            actions=("read", "write"),
+            resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, THIRD),
+            tools=(),
+        )
+        task = world.task
+        claims = {
+            "client_id": MCP_ID,
+            "scope": "read",
+            "act": {"sub": MCP_ID, "act": {"sub": task.spiffe_id}},
+            "txn": task.task_id,
+            "may_act": {"sub": OTHER_ID},
+        }
+        signer = oauth.running.server.ca.jwt_signer()
+        now = int(oauth.running.server.clock.now())
+        orders = signer.mint_access_token("user:alice", OTHER_RESOURCE, 60, now, claims).token
+        reply = delegate(world, orders, actor_token(oauth, OTHER_ID), RESOURCE)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"
+        tickets = reply.json()["access_token"]
+        assert world.decode(tickets, RESOURCE)["withheld"] == ["write"]
+        reply = delegate(world, tickets, actor_token(oauth), THIRD)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scope"] == "read"  # not write, which its chain did not hold
+
+
 def test_a_workloads_own_grant_with_a_scope_is_refused(oauth_server: OAuthServer) -> None:
     signer = oauth_server.running.server.ca.jwt_signer()
     workload = SpiffeId.parse("spiffe://example.org/workload")
