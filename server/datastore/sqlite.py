@@ -460,7 +460,8 @@ class SqliteDataStore(
             return None
         try:
             found = os.stat(self._path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # Not a directory: a directory of the path moved away and a file put in its place.
             return (
                 f"the datastore file at {self._path} is gone (deleted or moved away while "
                 f"the server ran on it): put it back at {self._path}"

@@ -840,6 +840,36 @@ def test_no_write_is_acknowledged_to_a_datastore_file_gone_from_its_path(
             again.close()
 
 
+def test_no_write_is_acknowledged_once_the_datastore_s_directory_is_gone_from_its_path(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The data directory moved away and a file put where it was: the path names no file (the
+    stat says "not a directory", not "no such file"), and the write went to the file no path
+    names, as with the file itself moved. A store opened through a symlinked directory is the
+    file the link leads to: it writes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    path = tmp_path / "link" / "db"
+    store = admit(SqliteDataStore(path, clock), AGENT)
+    try:
+        kept = store.create_entry(entry("/kept"))
+        data.rename(tmp_path / "moved")
+        data.write_text("")
+        with pytest.raises(DatastoreMovedError, match=f"the datastore file at {path} is gone"):
+            store.create_entry(entry("/lost"))
+        data.unlink()
+        (tmp_path / "moved").rename(data)
+        again = store.create_entry(entry("/again"))
+    finally:
+        store.close()
+    reopened = SqliteDataStore(path, clock)
+    try:
+        assert {e.id for e in reopened.list_entries()} == {kept.id, again.id}
+    finally:
+        reopened.close()
+
+
 def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
     """The JWT-bearer grant's lookup of its assertion's record is a search of migration 21's
     partial index, not a scan of the credentials."""
