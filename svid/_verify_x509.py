@@ -144,6 +144,16 @@ def _digest_key(chain_der: bytes) -> bytes:
     return b"\0" + hashlib.sha256(chain_der).digest()
 
 
+def _cache_key(chain_der: bytes) -> bytes:
+    """The result cache's key for `chain_der`, looked up before anything is parsed: the bytes
+    themselves, or their digest when long or when they start with 0x00. Bytes given as a chain
+    need not be one: 0x00 and a long chain's SHA-256 (33 bytes anyone who saw that chain can
+    compute) was that chain's cached answer, a VerifiedX509 for bytes that hold no certificate."""
+    if len(chain_der) > MAX_CACHE_KEY_BYTES or chain_der[:1] == b"\0":
+        return _digest_key(chain_der)
+    return chain_der
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedX509:
     """The outcome of a successful X.509-SVID verification."""
@@ -499,8 +509,7 @@ class X509Verifier:
         cache = self._cache
         key = chain_der
         if cache.max_entries:  # a zero-size cache never holds anything: skip its lock
-            if len(chain_der) > MAX_CACHE_KEY_BYTES:
-                key = _digest_key(chain_der)
+            key = _cache_key(chain_der)
             entry = cache.get(key)
             if entry is not None:
                 if self._still_valid(entry, now):
@@ -527,9 +536,7 @@ class X509Verifier:
         """Verify parsed certificates, leaf first; cached by their DER like ``verify_der``."""
         if not chain:
             raise VerificationError("X.509-SVID chain is empty")
-        key = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
-        if len(key) > MAX_CACHE_KEY_BYTES:
-            key = _digest_key(key)
+        key = _cache_key(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:

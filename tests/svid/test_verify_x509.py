@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 import threading
@@ -651,3 +652,18 @@ def test_an_rsa_1024_leaf_key_named_id_rsassa_pss_is_refused_too(
     assert leaf.public_key().key_size == 1024
     with pytest.raises(VerificationError, match=r"leaf serial .* 1024 bits"):
         verifier.verify_der(der)
+
+
+def test_a_digest_of_a_cached_chain_is_not_taken_for_a_chain(
+    verifier: X509Verifier, ca: Issued
+) -> None:
+    """Chains past MAX_CACHE_KEY_BYTES are cached under 0x00 and their SHA-256, looked up before
+    anything is parsed: those 33 bytes, given as a chain by whoever saw the long one, were
+    answered with its cached VerifiedX509 though they hold no certificate at all."""
+    long_chain = der_concat([make_leaf(ca).cert, junk_cert(1, 20_000)])
+    assert str(verifier.verify_der(long_chain).spiffe_id) == "spiffe://example.org/workload"
+    forged = b"\0" + hashlib.sha256(long_chain).digest()
+    with pytest.raises(VerificationError, match="unreadable"):
+        verifier.verify_der(forged)
+    assert str(verifier.verify_der(long_chain).spiffe_id) == "spiffe://example.org/workload"
+    assert verifier.cache.hits == 1
