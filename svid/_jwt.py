@@ -23,16 +23,38 @@ MAX_TOKEN_BYTES = 64 * 1024
 _UNPADDED = (
     "token has base64 padding ('='): a compact JWS is unpadded base64url (RFC 7515 section 2)"
 )
+_SPARE_BITS = (
+    "token signature is not canonical base64url: its last character sets bits past the last "
+    "byte (RFC 4648 section 3.5)"
+)
+# The bits the last character of a base64url text carries past its last byte, by the text's
+# length mod 4 (a length of 1 mod 4 the decoder refuses).
+_SPARE_MASK = (0, 0, 0x0F, 0x03)
+_B64URL_VALUES = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+
+
+def _spare_bits_set(token: str) -> bool:
+    """Whether the signature segment (the token's last) ends in a character with bits set past
+    its last byte. The decoder drops them, so each of their values (16 for an ES256 or RS256
+    signature) made another token of one signature, verified and cached apart: the header and
+    claims segments are signed as text, so only the signature's can vary so."""
+    mask = _SPARE_MASK[(len(token) - token.rfind(".") - 1) & 3]
+    return bool(mask) and bool(_B64URL_VALUES.get(token[-1], 0) & mask)
 
 
 def _check_compact(token: str) -> None:
-    """The size bound, and no padding: a signature segment read with any number of '=' after it
-    made as many tokens of one signature, each a verifier cache entry of its own (up to 64 KB):
-    whoever held any token a service accepts could fill its cache with copies of it."""
+    """The size bound, no padding and no spare bits set: a signature segment read with any
+    number of '=' after it (or any value of its last character's spare bits) made as many tokens
+    of one signature, each a verifier cache entry of its own (up to 64 KB): whoever held any
+    token a service accepts could fill its cache with copies of it."""
     if len(token) > MAX_TOKEN_BYTES:
         raise JwtSvidError(f"token is too long: {len(token)} bytes, at most {MAX_TOKEN_BYTES}")
     if "=" in token:
         raise JwtSvidError(_UNPADDED)
+    if token and _spare_bits_set(token):
+        raise JwtSvidError(_SPARE_BITS)
 
 
 def _json_object(segment: str, what: str) -> dict[str, Any]:
@@ -146,7 +168,7 @@ def split_and_check_fast(token: str) -> FastToken | None:
     a list of strings. For anything else, valid or not, None: the caller then runs those two
     functions, which accept or say why not. Tests compare the two paths on valid and broken tokens.
     """
-    if len(token) > MAX_TOKEN_BYTES or "=" in token:
+    if len(token) > MAX_TOKEN_BYTES or "=" in token or (token and _spare_bits_set(token)):
         return None  # the general path says why
     try:
         raw = token.encode("ascii")

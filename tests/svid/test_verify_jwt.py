@@ -144,6 +144,27 @@ def test_padded_copies_of_a_token_are_refused(verifier: JwtVerifier) -> None:
     assert len(verifier.cache) == 1
 
 
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize("key", [KEY, rsa_key()], ids=["ES256", "RS256"])
+def test_copies_of_a_token_with_spare_bits_set_are_refused(key: Any) -> None:
+    """A 64- or 256-byte signature is 86 or 342 base64url characters, the last carrying 4 bits
+    past the last byte, which the decoder drops: each of their 16 values made another token of
+    the same signature, verified and cached apart, for anyone holding one token."""
+    kid = "k1" if key is KEY else "krsa"
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (), {kid: key.public_key()}))
+    verifier = JwtVerifier(source.jwt_bundle_for, clock=FakeClock(T0), leeway=5)
+    good = token(key, kid)
+    assert verifier.verify(good, "svc")
+    last = _B64URL.index(good[-1])
+    assert last & 0x0F == 0  # an encoder leaves them clear
+    for spare in range(1, 16):
+        with pytest.raises(VerificationError, match="not canonical base64url"):
+            verifier.verify(good[:-1] + _B64URL[last | spare], "svc")
+    assert len(verifier.cache) == 1
+
+
 def _unsigned(header: dict[str, Any], body: dict[str, Any], sig: bytes = b"") -> str:
     h = b64url_encode(json.dumps(header).encode())
     c = b64url_encode(json.dumps(body).encode())
