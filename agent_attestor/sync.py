@@ -55,6 +55,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
+from agent_attestor.reconnect import reconnect_delay
 from agent_attestor.rotation import jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import HELD_UP, ServerLink
@@ -67,7 +68,6 @@ from agent_attestor.servers import (
     system_resolver,
 )
 from agent_attestor.signer import MintedJwt, X509Result
-from svid._backoff import backoff_delay
 from svid._clock import Clock, ElapsedClock
 from svid._errors import SvidError
 from svid._held import to_its_end
@@ -630,8 +630,14 @@ class Syncer:
                 # Sync stream that may still bring entries and revocations, for a new
                 # connection to the same server; one that is gone ends that stream by itself
                 # (keepalive), and the renewal is retried with a deadline within what is left.
-                delay = backoff_delay(
-                    attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
+                # Within what the SVID has left: a backoff grown to reconnect_max outlasted
+                # a short-lived one between two tries.
+                delay = reconnect_delay(
+                    attempt,
+                    self._s.reconnect_min,
+                    self._s.reconnect_max,
+                    self._s.rand,
+                    life_left=self._keeper.life_left(svid),
                 )
                 attempt += 1
                 log.warning(
@@ -847,13 +853,15 @@ class Syncer:
             await cancel_all([saver])
 
     async def _hold_stream(self) -> None:
-        """Hold the Sync stream forever, reconnecting with jittered, capped backoff."""
+        """Hold the Sync stream forever, reconnecting with jittered, capped backoff, by the kind
+        of failure and within the agent SVID's life (reconnect.reconnect_delay)."""
         attempt = 0
         # A saved SVID set aside attests at once, the first time only: a server that no bundle
         # it hands out verifies would otherwise be attested to in a loop that never waits.
         hurried = False
         while True:
             started = self._clock.monotonic()
+            syncs = self.syncs
             try:
                 await self._sync_once()
                 attempt = 0
@@ -924,13 +932,25 @@ class Syncer:
                     )
                 await self._after_failure(failure_code(exc), str(exc) or type(exc).__name__)
             self._on_change("disconnected")
-            if self._clock.monotonic() - started > 30:
-                attempt = 0  # it was a long healthy connection: start backing off afresh
-            delay = backoff_delay(
-                attempt, self._s.reconnect_min, self._s.reconnect_max, self._s.rand
+            # A stream that was up, lost: every agent of its server lost theirs at once.
+            lost_live = self.syncs > syncs
+            if lost_live or self._clock.monotonic() - started > 30:
+                attempt = 0  # it was a healthy connection: start backing off afresh
+            delay = reconnect_delay(
+                attempt,
+                self._s.reconnect_min,
+                self._s.reconnect_max,
+                self._s.rand,
+                lost_live=lost_live,
+                life_left=self._life_left(),
             )
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _life_left(self) -> float | None:
+        """What the agent SVID in use has left (None: there is none), which bounds a wait."""
+        svid = self._keeper.in_use
+        return self._keeper.life_left(svid) if svid is not None else None
 
     def _set_aside_saved_svid(self, details: str) -> bool:
         """The bundle the agent holds did not verify the server on its SVID's connection. True:

@@ -7,10 +7,14 @@ import random
 from dataclasses import dataclass
 
 
+def backoff_ceiling(attempt: int, low: float, high: float) -> float:
+    """The longest wait of retry ``attempt`` (0 for the first): min(high, low * 2**attempt)."""
+    return min(high, low * 2.0 ** min(attempt, 62))
+
+
 def backoff_delay(attempt: int, low: float, high: float, rand: random.Random) -> float:
-    """Retry ``attempt`` (0 for the first) waits uniformly in [0, min(high, low * 2**attempt)]."""
-    ceiling = min(high, low * 2.0 ** min(attempt, 62))
-    return rand.uniform(0.0, ceiling)
+    """Retry ``attempt`` (0 for the first) waits uniformly in [0, backoff_ceiling]."""
+    return rand.uniform(0.0, backoff_ceiling(attempt, low, high))
 
 
 class Retry:

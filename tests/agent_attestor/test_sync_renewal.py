@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -105,16 +106,24 @@ TWO = (*ONE, Target("127.0.0.1:2", "127.0.0.1:2"))
 
 
 def _syncer(
-    tmp_path: Path, server: _Server, skew: float = 0.0, servers: tuple[Target, ...] = ONE
+    tmp_path: Path,
+    server: _Server,
+    skew: float = 0.0,
+    servers: tuple[Target, ...] = ONE,
+    rand: random.Random | None = None,
 ) -> tuple[FakeClock, Syncer]:
     """The servers' clock, and an agent of `servers` whose clock is `skew` s from it and whose
-    data_dir holds an agent SVID the server issued just now."""
+    data_dir holds an agent SVID the server issued just now. With `rand`, the agent's waits
+    are the defaults' (reconnect_min 1 s, reconnect_max 10 s), drawn by it."""
     base = server.ca.clock
     assert isinstance(base, FakeClock)
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
     store.save_svid(server.svid())
     clock = SteppedClock(base, skew)
-    settings = SyncSettings(servers, reconnect_min=0.01, reconnect_max=0.01)
+    if rand is None:
+        settings = SyncSettings(servers, reconnect_min=0.01, reconnect_max=0.01)
+    else:
+        settings = SyncSettings(servers, reconnect_min=1.0, reconnect_max=10.0, rand=rand)
     syncer = Syncer(settings, store, Cache(), clock)
     syncer.set_bootstrap_roots(certs_to_pem([server.ca.cert]))
     return base, syncer
@@ -276,11 +285,11 @@ def test_a_renewal_that_fails_is_retried_after_a_backoff(
     server.failures = [failure(), failure()]
     waited: list[int] = []
 
-    def backoff(attempt: int, low: float, high: float, rand: object) -> float:
+    def backoff(attempt: int, low: float, high: float, rand: object, **_kwargs: object) -> float:
         waited.append(attempt)
         return 0.0
 
-    monkeypatch.setattr(sync, "backoff_delay", backoff)
+    monkeypatch.setattr(sync, "reconnect_delay", backoff)
     base, syncer = _syncer(tmp_path, server, servers=servers)
     base.advance(2400)
 
@@ -358,6 +367,68 @@ def test_a_renewal_its_server_fails_is_made_at_another_server_before_the_svid_la
     assert deadline == pytest.approx(15.0)  # a third of the 45 s left, not 30 s
 
 
+class _LongestWaits(random.Random):
+    """The agent's random source, drawing every wait at its longest, which passes on the
+    servers' clock instead of being slept (the agent sleeps 0): `waits` holds each, with the
+    time it began."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(7)
+        self.clock = clock
+        self.waits: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.waits.append((self.clock.now(), b))
+        self.clock.advance(b)
+        return 0.0
+
+
+@pytest.mark.usefixtures("hung_streams")
+@pytest.mark.parametrize(
+    ("servers", "failure", "tries"),
+    [(TWO, "hang", 4), (ONE, _unavailable, 8)],
+    ids=["two-slow-servers", "only-server-unavailable"],
+)
+def test_an_agent_bouncing_between_slow_servers_renews_before_its_short_svid_lapses(
+    tmp_path: Path, server: _Server, servers: tuple[Target, ...], failure: object, tries: int
+) -> None:
+    """A short agent_svid_ttl (90 s), its renewal due with 45 s left, and two servers too slow
+    to answer (each renewal waits out its deadline, a third of what is left, and the agent
+    moves to the other, as slow), or the only one failing it `tries` times: the waits between
+    tries grew as the backoff does (1, 2, 4, 8, 10 s at the longest) whatever the SVID had
+    left, and one outlasted it: the agent was left with no SVID to renew with, and a join
+    token agent with none ever again. Each wait is now within a third of what the SVID has
+    left (reconnect.py), and the server that answers at the next try renews it in time."""
+    server.ca.ttl = 90
+    if failure == "hang":
+        server.hangs = tries
+    else:
+        assert callable(failure)
+        server.failures = [failure() for _ in range(tries)]
+    clock = server.ca.clock
+    assert isinstance(clock, FakeClock)
+    rand = _LongestWaits(clock)
+    base, syncer = _syncer(tmp_path, server, servers=servers, rand=rand)
+    base.advance(45)  # past its renewal point (half of its 100 s from NotBefore), 45 s left
+
+    async def scenario() -> AgentSvid:
+        loaded = await syncer.ensure_identity()
+        lapsed = loaded.not_after
+
+        def over() -> bool:
+            return syncer.agent_svid is not loaded or base.now() >= lapsed
+
+        async with running(syncer):
+            await until(over, "the agent SVID renewed, or lapsed")
+        return loaded
+
+    loaded = asyncio.run(scenario())
+    waits = [(round(at - loaded.not_after, 2), longest) for at, longest in rand.waits]
+    assert all(at + longest < 0 for at, longest in waits), waits
+    assert server.renewals == 1
+    assert syncer.agent_svid is not loaded
+
+
 def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it_lapsed(
     tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,7 +437,7 @@ def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it
     under RENEW_FLOOR): no share of it is kept for a move. Once the SVID has lapsed the
     connection ends as a failure: it was a clean reconnect, and the next connection came with
     no backoff."""
-    monkeypatch.setattr(sync, "backoff_delay", lambda *_args: 0.0)
+    monkeypatch.setattr(sync, "reconnect_delay", lambda *_args, **_kwargs: 0.0)
     server.hangs = 100
     base, syncer = _syncer(tmp_path, server)
     base.advance(TTL - 9)  # overdue, 9 s of its life left
@@ -392,7 +463,7 @@ def test_a_renewal_at_the_only_server_waits_what_its_svid_has_left_for_a_slow_an
     move to it cut short what the only server would have answered (busy: 4 s to sign and
     record, with 9 s left), each retry there had less, and the SVID lapsed where one renewal
     waiting up to 30 s had renewed it."""
-    monkeypatch.setattr(sync, "backoff_delay", lambda *_args: 0.0)
+    monkeypatch.setattr(sync, "reconnect_delay", lambda *_args, **_kwargs: 0.0)
     server.slow = 4.0
     base, syncer = _syncer(tmp_path, server)
     base.advance(TTL - 9)  # overdue, 9 s of its life left

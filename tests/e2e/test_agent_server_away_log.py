@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,14 +27,14 @@ pytestmark = pytest.mark.e2e
 def _failures(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """How many attempts of the agent's have failed so far: it waits one backoff after each."""
     failures = 0
-    real_backoff = sync.backoff_delay
+    real_backoff = sync.reconnect_delay
 
-    def counted(*args: float) -> float:
+    def counted(*args: Any, **kwargs: Any) -> float:
         nonlocal failures
         failures += 1
-        return real_backoff(*args)
+        return real_backoff(*args, **kwargs)
 
-    monkeypatch.setattr(sync, "backoff_delay", counted)
+    monkeypatch.setattr(sync, "reconnect_delay", counted)
     return lambda: failures
 
 
