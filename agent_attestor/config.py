@@ -79,7 +79,9 @@ class AgentConfig:
     log_format: str = "json"
     log_level: str = "info"
     # Reconnect backoff: attempt n waits a random 0..min(max, min * 2**n) s. The first wait
-    # after a server is lost spreads its agents over reconnect_min seconds (no herd).
+    # after a live Sync stream is lost spreads a server's agents over half of reconnect_max
+    # (no herd: raise it for a larger fleet); never more than a third of the life the agent
+    # SVID has left (agent_attestor/reconnect.py).
     reconnect_min: float = 1.0
     reconnect_max: float = 10.0
     connect_timeout: float = 5.0  # a server that does not complete a connection by then is down

@@ -14,7 +14,8 @@ Why the choices:
 - An agent stays where it is until its server fails: a dead server that comes back is not
   rushed by everyone who left it.
 - Delays are exponential with full jitter (uniform over [0, ceiling]), so agents that lost the
-  same server at the same instant do not come back at the same instant.
+  same server at the same instant do not come back at the same instant; the first after a
+  live stream is lost spreads wider, and none outlasts the agent SVID (reconnect.py).
 - A server is its node API and its Attest listener together: the agent attests on the Attest
   address paired with the server it then syncs with, so its new record is in that server's
   memory at once, whatever the change feed between servers lags. One Attest address for all
