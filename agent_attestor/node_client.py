@@ -331,11 +331,12 @@ class NodeClient:
                     await self._check()
         return self._mtls()
 
-    async def _check(self) -> None:
+    async def _check(self, timeout: float | None = None) -> None:
         """Check the server at the node address (see the class) and pin the channel to what
         the check found; a pin unlike the one in use takes a new channel. Called holding
         _pinning. ChannelNotVerifiedError: the roots do not verify the server;
-        ServerNotOursError: they do, but it is another trust domain's."""
+        ServerNotOursError: they do, but it is another trust domain's. `timeout`: the check's
+        deadline (None: connect_timeout)."""
         svid = self._svid
         if svid is None:
             raise AttestationError("the agent has no SVID yet: attest first")
@@ -345,7 +346,7 @@ class NodeClient:
                 self._server_address,
                 self._root_pem,
                 expected,
-                self._connect_timeout,
+                self._connect_timeout if timeout is None else timeout,
                 client=(svid.chain_pem, svid.key_pem),
                 contexts=self._contexts,
             )
@@ -363,18 +364,38 @@ class NodeClient:
             self._retired.append(self._channel)
         self._pinned, self._channel, self._stub = pinned, None, None
 
-    async def connect(self) -> None:
+    async def connect(self, within: float | None = None) -> None:
         """Check the server and pin the mTLS channel (see the class), then wait for the channel
         to connect or fail (see wait_connected). A channel that fails is pinned once more: its
         connection may have met a certificate of a CA activated since the check, or another
-        server behind the address; then the call that follows says what failed."""
-        for again in (True, False):
-            async with self._pinning:
-                await self._check()
-            channel = self.channel()
-            await wait_connected(channel, self._server_address, self._connect_timeout)
-            if not again or channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return
+        server behind the address; then the call that follows says what failed.
+
+        `within`: seconds for all of it (each step still at most connect_timeout); a hung
+        server otherwise held it up to four connect_timeouts, past the life of a short-lived
+        agent SVID that another server would have renewed (Syncer._connect_within)."""
+        loop = asyncio.get_running_loop()
+        end = None if within is None else loop.time() + within
+
+        def step() -> float:
+            if end is None:
+                return self._connect_timeout
+            return max(0.0, min(self._connect_timeout, end - loop.time()))
+
+        try:
+            for again in (True, False):
+                async with self._pinning:
+                    await self._check(step())
+                channel = self.channel()
+                await wait_connected(channel, self._server_address, step())
+                if not again or channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    return
+        except ConnectionError as exc:
+            if end is None or loop.time() < end:
+                raise
+            # The step's own message names the part of `within` it had left.
+            raise ConnectionError(
+                f"no connection to {self._server_address} within {within:.3g} s"
+            ) from exc
 
     def channel(self) -> grpc.aio.Channel:
         """The mTLS channel (with the agent SVID), for other node-side services; NotReadyError

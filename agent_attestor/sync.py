@@ -651,7 +651,7 @@ class Syncer:
     async def _sync_once(self) -> None:
         svid = await self.ensure_identity()
         assert self._client is not None
-        await self._client.connect()
+        await self._client.connect(self._connect_within(svid))
         self._reconnect.clear()
         renew = asyncio.create_task(self._renew_loop(svid))
         reconnect = asyncio.create_task(self._reconnect.wait())
@@ -946,6 +946,14 @@ class Syncer:
             )
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _connect_within(self, svid: AgentSvid) -> float:
+        """Seconds a connection may take, as a renewal may (renewal_timeout): a share of what
+        the agent SVID has left when there is another server to go on to. A server that hangs
+        (stopped, a black hole) held the connection for connect_timeout or more, and an SVID
+        with less left lapsed there, with another server ready to renew it."""
+        left = self._keeper.life_left(svid)
+        return renewal_timeout(left, elsewhere=self._servers.has_others())
 
     def _life_left(self) -> float | None:
         """What the agent SVID in use has left (None: there is none), which bounds a wait."""

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent_attestor.agent_store import AgentStore
+from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.cache import Cache
 from agent_attestor.errors import ChannelNotVerifiedError
-from agent_attestor.node_client import wait_connected
+from agent_attestor.node_client import NodeClient, wait_connected
 from agent_attestor.servers import (
     Server,
     ServerChooser,
@@ -33,7 +33,9 @@ from agent_attestor.servers import (
 )
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._backoff import backoff_delay
-from svid._clock import FakeClock
+from svid._clock import FakeClock, SystemClock
+from svid._der import certs_to_pem
+from tests.agent_attestor.pki import LocalCa
 
 A, B, C = (Server(f"10.0.0.{n}:8081", f"10.0.0.{n}:8082") for n in (1, 2, 3))
 AGENTS = 1000
@@ -240,6 +242,37 @@ def test_a_refused_connection_fails_at_once_and_a_silent_server_after_the_timeou
     finally:
         silent.close()
     assert 0.4 < took < 3.0
+    assert reason == f"no connection to {address} within 0.5 s"
+
+
+def test_a_connection_given_less_than_connect_timeout_to_a_silent_server_ends_then() -> None:
+    """A server that accepts TCP and never answers TLS (stopped) held a connection for
+    connect_timeout at each of its steps, whatever the agent SVID had left (Syncer passes a
+    share of it: _connect_within)."""
+    ca = LocalCa(SystemClock())
+    key = ec.generate_private_key(ec.SECP256R1())
+    agent = "spiffe://example.org/svid/agent/join_token/t"
+    svid = AgentSvid(agent, (ca.sign_leaf(key.public_key(), agent),), key)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+
+    async def attempt() -> tuple[str, float]:
+        client = NodeClient(address, address, certs_to_pem([ca.cert]), svid, 5.0)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ConnectionError) as failed:
+                await client.connect(0.5)
+            return str(failed.value), time.monotonic() - started
+        finally:
+            await client.close()
+
+    try:
+        reason, took = asyncio.run(attempt())
+    finally:
+        silent.close()
+    assert took < 3.0  # 0.5 s, on a loaded host a little more; never connect_timeout (5 s)
     assert reason == f"no connection to {address} within 0.5 s"
 
 

@@ -310,7 +310,7 @@ def hung_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every server's Sync stream as a hung server's: connected at once (its check passed),
     open, and silent."""
 
-    async def connect(client: NodeClient) -> None:
+    async def connect(client: NodeClient, within: float | None = None) -> None:
         return None
 
     async def sync(
@@ -427,6 +427,56 @@ def test_an_agent_bouncing_between_slow_servers_renews_before_its_short_svid_lap
     assert all(at + longest < 0 for at, longest in waits), waits
     assert server.renewals == 1
     assert syncer.agent_svid is not loaded
+
+
+@pytest.mark.usefixtures("hung_streams")
+def test_a_server_hung_at_the_connection_leaves_the_time_to_renew_at_the_other(
+    tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shortest agent_svid_ttl (11 s), its renewal due with 6 s left: the agent's server
+    hangs the renewal (its deadline, 2 s, passes), the agent moves to the other, which hangs
+    the connection (stopped: TCP accepted by the kernel, no TLS). The connection waited
+    connect_timeout (5 s) there, past what the SVID had left, where the first server, back,
+    would have renewed it. It waits a third of what is left, as a renewal does."""
+    server.ca.ttl = 11
+    server.hangs = 1
+    clock = server.ca.clock
+    assert isinstance(clock, FakeClock)
+    rand = _LongestWaits(clock)
+    base, syncer = _syncer(tmp_path, server, servers=TWO, rand=rand)
+    hung = ""  # the server the agent does not start on
+    connects: list[tuple[str, float]] = []
+
+    async def connect(client: NodeClient, within: float | None = None) -> None:
+        took = client._connect_timeout if within is None else min(within, client._connect_timeout)
+        connects.append((client.server_address, took))
+        if client.server_address == hung:
+            base.advance(took)
+            raise ConnectionError(f"no connection to {hung} within {took:g} s")
+
+    monkeypatch.setattr(NodeClient, "connect", connect)
+    base.advance(5)  # past its renewal point (half of its 21 s from NotBefore), 6 s left
+
+    async def scenario() -> tuple[AgentSvid, str]:
+        nonlocal hung
+        loaded = await syncer.ensure_identity()
+        first = syncer.server
+        hung = next(t.node for t in TWO if t.node != first)
+        lapsed = loaded.not_after
+
+        def over() -> bool:
+            return syncer.agent_svid is not loaded or base.now() >= lapsed
+
+        async with running(syncer):
+            await until(over, "the agent SVID renewed, or lapsed")
+        return loaded, first
+
+    loaded, first = asyncio.run(scenario())
+    assert syncer.agent_svid is not loaded, (connects, rand.waits)
+    assert server.renewals == 1
+    # The renewal made at the first server, back (the stream moves to the new SVID after it).
+    assert [address for address, _ in connects][:3] == [first, hung, first]
+    assert connects[1][1] < 5.0
 
 
 def test_renewals_at_the_only_server_wait_within_the_life_left_then_fail_once_it_lapsed(
