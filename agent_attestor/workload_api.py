@@ -26,7 +26,7 @@ from agent_attestor.signer import MintedJwt
 from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.watchers import Watch
 from svid._clock import Clock
-from svid._errors import SpiffeIdError, VerificationError
+from svid._errors import ExpiredError, RevokedError, SpiffeIdError, VerificationError
 from svid._limits import audience_problem
 from svid._log_throttle import KeyedThrottles
 from svid._proto import workload_pb2, workload_pb2_grpc
@@ -76,7 +76,8 @@ def _own_identities(entries: Sequence[Entry]) -> list[Entry]:
 
 class ValidationHook(Protocol):
     """Told about every ValidateJWTSVID answer (the task layer reports them for audit).
-    `until`, for a token accepted: when it can no longer be validated (0 for a refusal)."""
+    `until`, for a token accepted: when it can no longer be validated (0 for a refusal).
+    `claims_verified`: the token's signature held, so subject, jti and txn are its issuer's."""
 
     def __call__(
         self,
@@ -89,6 +90,7 @@ class ValidationHook(Protocol):
         txn: str = "",
         caller_id: str = "",
         until: float = 0.0,
+        claims_verified: bool = False,
     ) -> None: ...
 
 
@@ -430,7 +432,9 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         failure: str,
         *,
         until: float = 0.0,
+        verified: bool = True,
     ) -> None:
+        """`verified`: `claims` were signed by their issuer (checked), else anyone's words."""
         if self._on_validate is None:
             return
         entries = snap.entries_for(caller.selectors)
@@ -451,6 +455,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 txn=text("txn"),
                 caller_id=entries[0].spiffe_id if entries else "",
                 until=until,
+                claims_verified=verified,
             )
         except Exception as exc:  # auditing must never change the answer
             log.warning("validation hook failed", extra={"error": str(exc)})
@@ -475,7 +480,18 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         try:
             result = self._validator.validate(request.svid, request.audience)
         except VerificationError as exc:  # ExpiredError and RevokedError included
-            self._report(snap, caller, request, unverified_claims(request.svid), str(exc))
+            # Those two are raised once the signature held: the claims are the issuer's. Any
+            # other refusal may be of a forged token, whose sub, jti and txn name whoever its
+            # sender likes (another workload, another task): reported as unverified, so that
+            # the audit log does not file the refusal under them.
+            self._report(
+                snap,
+                caller,
+                request,
+                unverified_claims(request.svid),
+                str(exc),
+                verified=isinstance(exc, ExpiredError | RevokedError),
+            )
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, _details(f"token is invalid: {exc}")
             )

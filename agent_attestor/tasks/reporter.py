@@ -76,9 +76,11 @@ class ValidationReporter:
         txn: str = "",
         caller_id: str = "",
         until: float = 0.0,
+        claims_verified: bool = False,
     ) -> None:
         """`until`: for a successful validation, when its token can no longer be validated;
-        a report like one made before then is counted, not sent. 0: always sent."""
+        a report like one made before then is counted, not sent. 0: always sent.
+        `claims_verified`: the token's signature held (see task_pb2.Validation)."""
         if ok and until:
             key = report_key(subject, audience, jti, txn, caller_id)
             if not self._reported.first(key, until):
@@ -99,6 +101,7 @@ class ValidationReporter:
                 txn=txn,
                 at=int(self._clock.now()),
                 caller_id=caller_id,
+                claims_verified=claims_verified,
             )
         )
 

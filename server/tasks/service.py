@@ -942,8 +942,11 @@ class TaskService:
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
         """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
 
-        The claims of a refused token are unverified: a value that looks like a credential is
-        not recorded (the event keeps the decision and the reason it was dropped).
+        The claims of a refused token may be unverified: a value that looks like a credential
+        is not recorded (the event keeps the decision and the reason it was dropped). Those of
+        a token whose signature did not hold (claims_verified unset: forged, or garbled) are
+        anyone's words: kept in `extra` as `claimed`, never as the event's agent, task or
+        credential, so that no one files refusals under another workload's ID or task.
         """
 
         def text(value: str, limit: int = 512) -> str | None:
@@ -953,18 +956,25 @@ class TaskService:
 
         events = []
         for v in validations:
+            signed = v.ok or v.claims_verified
+            named = {"sub": text(v.subject), "txn": text(v.txn), "jti": text(v.jti)}
+            claimed = {} if signed else {k: value for k, value in named.items() if value}
             try:
                 event = EventDraft(
                     kind=EventKind.JWT_VALIDATED,
-                    agent_id=text(v.subject),
+                    agent_id=named["sub"] if signed else None,
                     node_id=agent_id,
                     # Another issuer's audience may hold a comma (the agent lets it through).
                     resource=text(joined_names(v.audience)),
                     decision="allow" if v.ok else "deny",
                     reason=text(v.reason),
-                    task_id=text(v.txn),
-                    credential_id=text(v.jti),
-                    extra={"validated_at": int(v.at), "caller_id": v.caller_id[:512]},
+                    task_id=named["txn"] if signed else None,
+                    credential_id=named["jti"] if signed else None,
+                    extra={
+                        "validated_at": int(v.at),
+                        "caller_id": v.caller_id[:512],
+                        **({"claimed": claimed} if claimed else {}),
+                    },
                 )
             except AuditError:
                 event = EventDraft(

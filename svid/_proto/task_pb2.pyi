@@ -178,7 +178,7 @@ class NodeListTasksRequest(_message.Message):
     def __init__(self, runtime_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., runtime_entry_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Validation(_message.Message):
-    __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id")
+    __slots__ = ("subject", "audience", "ok", "reason", "jti", "txn", "at", "caller_id", "claims_verified")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,7 @@ class Validation(_message.Message):
     TXN_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     CALLER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     subject: str
     audience: _containers.RepeatedScalarFieldContainer[str]
     ok: bool
@@ -195,7 +196,8 @@ class Validation(_message.Message):
     txn: str
     at: int
     caller_id: str
-    def __init__(self, subject: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., jti: _Optional[str] = ..., txn: _Optional[str] = ..., at: _Optional[int] = ..., caller_id: _Optional[str] = ...) -> None: ...
+    claims_verified: bool
+    def __init__(self, subject: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., jti: _Optional[str] = ..., txn: _Optional[str] = ..., at: _Optional[int] = ..., caller_id: _Optional[str] = ..., claims_verified: _Optional[bool] = ...) -> None: ...
 
 class ReportValidationsRequest(_message.Message):
     __slots__ = ("validations",)

@@ -494,6 +494,31 @@ def test_validate_jwt_refuses_a_token_whose_jti_the_server_revoked(agent: Harnes
     assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
     assert "revoked" in exc.value.details()  # type: ignore[attr-defined]
     assert [(s["ok"], s["jti"]) for s in seen] == [(True, jti), (False, jti)]
+    # Refused once its signature held: the claims are the issuer's, the task's own.
+    assert [s["claims_verified"] for s in seen] == [True, True]
+
+
+def test_a_forged_tokens_refusal_is_reported_with_its_claims_unverified(agent: Harness) -> None:
+    # Any caller may have a token naming another workload's task (its `txn` is in every token
+    # of it) validated: reported as the issuer's words, the server filed the refusal under that
+    # task, that runtime and that jti.
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    token = agent.ca.mint_jwt("spiffe://example.org/w/task/t1", ["docs"]).token
+    head, body, sig = token.split(".")
+    claims = json.loads(b64url_decode(body))
+    claims["txn"] = "0123456789abcdef"
+    forged = ".".join([head, b64url_encode(json.dumps(claims).encode()), sig])
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="docs", svid=forged), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "signature" in exc.value.details()  # type: ignore[attr-defined]
+    assert [(s["ok"], s["txn"], s["claims_verified"]) for s in seen] == [
+        (False, "0123456789abcdef", False)
+    ]
 
 
 def test_fetch_jwt_never_serves_a_cached_token_whose_jti_the_server_revoked(

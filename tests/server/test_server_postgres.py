@@ -106,7 +106,9 @@ def test_a_validation_report_with_a_nul_is_recorded(postgres_dsn: str, tmp_path:
     ) as server:
         agent = server.attest()
         reports = [
-            task_pb2.Validation(subject="spiffe://example.org/x\x00", audience=["a\x00"], at=1),
+            task_pb2.Validation(
+                subject="spiffe://example.org/x\x00", audience=["a\x00"], at=1, claims_verified=True
+            ),
             task_pb2.Validation(subject="spiffe://example.org/ok", audience=["svc"], ok=True),
         ]
         channel = grpc.secure_channel(

@@ -37,6 +37,7 @@ from server.datastore.records import (
     AttestedAgent,
     Credential,
     Entry,
+    EventFilter,
     Revocation,
     Selector,
 )
@@ -1010,6 +1011,47 @@ def test_reported_validations_become_audit_events(world: World) -> None:
     assert (ok["decision"], ok["credential_id"], ok["task_id"]) == ("allow", "j1", "t1")
     assert (refused["decision"], refused["reason"]) == ("deny", "token has been revoked")
     assert refused["node_id"] == AGENT
+
+
+def test_a_refused_forged_token_is_not_filed_under_the_task_and_runtime_it_names(
+    world: World,
+) -> None:
+    """Any local workload may have a forged token validated: one naming another workload's
+    task (its ID is every token's `txn`) was filed under that task, that runtime and that jti,
+    a refusal the task never had, in `audit export --task` and the agent_id index alike."""
+    from svid._proto import task_pb2
+
+    task = world.begin()
+    forged, revoked = (
+        task_pb2.Validation(
+            subject=task.spiffe_id,
+            audience=["docs"],
+            ok=False,
+            reason=reason,
+            jti="j1",
+            txn=task.task_id,
+            claims_verified=verified,
+        )
+        for reason, verified in (("token signature is invalid", False), ("revoked", True))
+    )
+    world.service.record_validations(AGENT, [forged, revoked])
+    unsigned, signed = world.events("jwt_validated")
+    assert (unsigned["agent_id"], unsigned["task_id"], unsigned["credential_id"]) == (None,) * 3
+    assert json.loads(unsigned["extra"])["claimed"] == {
+        "sub": task.spiffe_id,
+        "txn": task.task_id,
+        "jti": "j1",
+    }
+    assert unsigned["reason"] == "token signature is invalid"
+    # A token whose signature held, refused all the same (revoked), is the task's own.
+    assert (signed["agent_id"], signed["task_id"], signed["credential_id"]) == (
+        task.spiffe_id,
+        task.task_id,
+        "j1",
+    )
+    filed = world.audit.store.audit_rows(EventFilter(task_id=task.task_id, kind="jwt_validated"))
+    assert [r["seq"] for r in filed] == [signed["seq"]]
+    assert world.audit.verify().ok
 
 
 def test_a_reported_claim_that_looks_like_a_token_is_not_recorded(world: World) -> None:
