@@ -1203,9 +1203,16 @@ class TaskService:
         server before did already (revocations, the event) is not done twice."""
         # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
         # Listed only now that the parent's end is claimed: a sub-task stored after this
-        # finds its parent ended and ends itself (_parent_ended).
+        # finds its parent ended and ends itself (_parent_ended). Only the parent's runtime's
+        # tasks through its agent are read, as a sub-task is begun by its parent's runtime
+        # (_parent): read on every end, the agent's every active task made each end cost
+        # all its node's runtimes' tasks, and an eviction or an expiry sweep of many tasks
+        # that times their number again.
         children = await asyncio.to_thread(
-            self._store.list_tasks, agent_id=done.agent_id, state=TaskState.ACTIVE.value
+            self._store.list_tasks,
+            agent_id=done.agent_id,
+            runtime_ids=[done.runtime_id],
+            state=TaskState.ACTIVE.value,
         )
         for child in children:
             if child.parent_task_id == done.task_id:

@@ -615,6 +615,34 @@ def test_ending_a_parent_ends_its_sub_tasks(world: World) -> None:
     assert world.service.active_task(child.spiffe_id) is None
 
 
+def test_an_end_reads_only_its_runtimes_tasks_for_sub_tasks(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sub-task is its parent's runtime's: an end looked for its sub-tasks among every
+    active task of its agent, so each end read every task of every runtime on the node, and
+    an eviction or an expiry sweep read their number squared."""
+    other = f"{RUNTIME}-2"
+    world.run(world.state.create_entry(Entry("", other, AGENT, SELECTORS)))
+    for _ in range(5):
+        world.begin(runtime_id=other)
+    parent = world.begin(actions=("read", "write"))
+    child = world.begin(actions=("read",), parent_task_id=parent.task_id)
+    read: list[str] = []
+    list_tasks = world.store.list_tasks
+
+    def counted(**filters: Any) -> Any:
+        found = list_tasks(**filters)
+        read.extend(t.runtime_id for t in found)
+        return found
+
+    monkeypatch.setattr(world.store, "list_tasks", counted)
+    world.run(world.service.end(world.agent, parent.task_id, [RUNTIME]))
+    assert world.store.get_task(child.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
+    assert RUNTIME in read
+    assert other not in read
+    assert len(world.store.list_tasks(state="active")) == 5
+
+
 def test_a_sub_task_whose_parent_ends_while_it_begins_does_not_outlive_it(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
