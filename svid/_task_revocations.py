@@ -1,10 +1,13 @@
 """Which of a task client's live tasks the agent's revocation list says are over.
 
-The server revokes a task's credentials (its X.509 serial, its tokens' jtis) only when the task
+The server revokes a task's X.509-SVID and the JWT-SVIDs its runtime fetched only when the task
 ends, however it ends (its runtime, an operator, its TTL, its parent's end, its agent's removal),
 and the agent lists each with the task's SPIFFE ID when the server named it. So a list naming a
-task's SPIFFE ID, or the jti of a token the task holds, means the task is over. Shared by the
-sync and asyncio clients; no I/O here.
+task's X.509 serial, or the jti of a token the task holds, means the task is over. A token of
+the task's SPIFFE ID it does not hold may be one delegated from it (a token exchange acting for
+another workload), which the server also revokes when that workload's agent is removed, the
+task going on: such a token alone is doubtful (doubtful_jtis), and only the server can tell.
+Shared by the sync and asyncio clients; no I/O here.
 """
 
 from __future__ import annotations
@@ -73,6 +76,24 @@ class LiveTasks(Generic[T]):
             if key in ids or (jtis and not jtis.isdisjoint(task._cached_jtis()))
         ]
         return sorted(hit, key=lambda task: task.info.depth)
+
+
+def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | None:
+    """None when ``update`` (which names ``task``: LiveTasks.named_by) proves it over: it
+    names its X.509 serial or a token it holds. Else the jtis of the tokens it names by the
+    task's SPIFFE ID alone, which may be tokens delegated from the task whose acting workload's
+    agent was removed: an end of the task only if the server no longer lists it active."""
+    sid = str(task.spiffe_id)
+    held = task._cached_jtis()
+    doubtful: set[str] = set()
+    for item in update.items:
+        if item.kind == KIND_JWT_ID and item.value in held:
+            return None
+        if item.spiffe_id == sid:
+            if item.kind != KIND_JWT_ID:
+                return None
+            doubtful.add(item.value)
+    return frozenset(doubtful)
 
 
 def cached_jtis(cached: Iterable[Fetched]) -> frozenset[str]:

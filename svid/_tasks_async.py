@@ -56,7 +56,13 @@ from svid._task_model import (
     fresh_token,
     raised_reason,
 )
-from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
+from svid._task_revocations import (
+    LiveTasks,
+    cached_jtis,
+    doubtful_jtis,
+    ended_with_parent,
+    unconfirmed_end,
+)
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA, REVOCATIONS, RevocationsUpdate
 from svid._workload_client_aio import AsyncWatch
@@ -165,8 +171,11 @@ class AsyncTaskClient:
 
     async def _revocations_seen(self, update: RevocationsUpdate) -> None:
         """As TaskClient._revocations_seen: every live task named is ended at once, then how
-        they ended is asked of the server once for all, within one timeout."""
-        ended = [task for task in self._live.named_by(update) if task._revoked()]
+        they ended is asked of the server once for all, within one timeout; one named by
+        doubtful tokens alone goes on if the server lists it active (TaskClient._going_on)."""
+        named = self._live.named_by(update)
+        going_on = await self._going_on(named, update) if named and not self._closed else set()
+        ended = [task for task in named if task.task_id not in going_on and task._revoked()]
         if not ended or self._closed:
             return
         learnt = await self._ended_infos([task.info for task in ended])
@@ -174,6 +183,27 @@ class AsyncTaskClient:
             info = learnt.get(task.task_id)
             if info is not None:
                 task._learnt_end(info)
+
+    async def _going_on(self, named: Sequence[AsyncTask], update: RevocationsUpdate) -> set[str]:
+        """As TaskClient._going_on."""
+        doubts: dict[AsyncTask, frozenset[str]] = {}
+        for task in named:
+            jtis = doubtful_jtis(task, update)
+            if jtis is not None:
+                doubts[task] = jtis - task._not_its_end
+        going_on = {task.task_id for task, jtis in doubts.items() if not jtis}
+        asked = [task for task, jtis in doubts.items() if jtis]
+        if asked:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    active = await self._active_ids([task.info for task in asked])
+            except (TimeoutError, grpc.aio.AioRpcError, SvidError):
+                active = set()
+            for task in asked:
+                if task.task_id in active:
+                    task._not_its_end |= doubts[task]
+                    going_on.add(task.task_id)
+        return going_on
 
     async def __aenter__(self) -> AsyncTaskClient:
         return self
@@ -371,6 +401,7 @@ class AsyncTask(TaskView):
         self._children: list[AsyncTask] = []
         self._ended = False
         self._confirmed = True  # as Task's
+        self._not_its_end: frozenset[str] = frozenset()  # as Task's
         client._watching(self)
 
     def __repr__(self) -> str:

@@ -48,7 +48,13 @@ from svid._task_model import (
     fresh_token,
     raised_reason,
 )
-from svid._task_revocations import LiveTasks, cached_jtis, ended_with_parent, unconfirmed_end
+from svid._task_revocations import (
+    LiveTasks,
+    cached_jtis,
+    doubtful_jtis,
+    ended_with_parent,
+    unconfirmed_end,
+)
 from svid._workload_address import address_of, grpc_target
 from svid._workload_calls import CHANNEL_OPTIONS, METADATA, REVOCATIONS, RevocationsUpdate
 from svid._workload_client import Watch
@@ -120,8 +126,12 @@ class TaskClient:
     def _revocations_seen(self, update: RevocationsUpdate) -> None:
         """The agent's revocation list: every live task it names is over. All are ended at
         once (parents first: theirs end with them); then how they ended is asked of the server
-        once for all, within one timeout, not one task after another."""
-        ended = [task for task in self._live.named_by(update) if task._revoked()]
+        once for all, within one timeout, not one task after another. A task the list names
+        by doubtful tokens alone (doubtful_jtis) is asked about first, with the others at
+        once, and goes on if the server lists it active."""
+        named = self._live.named_by(update)
+        going_on = self._going_on(named, update) if named and not self._closed else set()
+        ended = [task for task in named if task.task_id not in going_on and task._revoked()]
         if not ended or self._closed:
             return
         learnt = self._ended_infos([task.info for task in ended])
@@ -129,6 +139,32 @@ class TaskClient:
             info = learnt.get(task.task_id)
             if info is not None:
                 task._learnt_end(info)
+
+    def _going_on(self, named: Sequence[Task], update: RevocationsUpdate) -> set[str]:
+        """The IDs of the tasks of ``named`` that the list names by tokens the server says
+        were not their end (tokens delegated from them, revoked as the acting workload's agent
+        was removed): they are listed active. Asked once for all, within one timeout; when it
+        cannot be told, none (fail closed). Ended by them, every runtime whose task delegated
+        to a removed node lost its task to TaskEndedError, the server holding it active."""
+        doubts: dict[Task, frozenset[str]] = {}
+        for task in named:
+            jtis = doubtful_jtis(task, update)
+            if jtis is not None:
+                doubts[task] = jtis - task._not_its_end
+        going_on = {task.task_id for task, jtis in doubts.items() if not jtis}
+        asked = [task for task, jtis in doubts.items() if jtis]
+        if asked:
+            try:
+                active = self._active_ids(
+                    [task.info for task in asked], self.clock.monotonic() + self.timeout
+                )
+            except (grpc.RpcError, SvidError):
+                active = set()
+            for task in asked:
+                if task.task_id in active:
+                    task._not_its_end |= doubts[task]
+                    going_on.add(task.task_id)
+        return going_on
 
     @property
     def _tasks(self) -> task_pb2_grpc.TasksStub:
@@ -363,6 +399,8 @@ class Task(TaskView):
         self._ended = False
         # False while how it ended is not known: ended by the revocation list alone.
         self._confirmed = True
+        # Revoked jtis of its SPIFFE ID the server showed were not its end (TaskClient._going_on).
+        self._not_its_end: frozenset[str] = frozenset()
         client._watching(self)
 
     def __repr__(self) -> str:

@@ -8,7 +8,12 @@ from dataclasses import dataclass, replace
 from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, Revoked
 from svid._spiffe_id import SpiffeId
 from svid._task_model import TaskInfo
-from svid._task_revocations import LiveTasks, ended_with_parent, unconfirmed_end
+from svid._task_revocations import (
+    LiveTasks,
+    doubtful_jtis,
+    ended_with_parent,
+    unconfirmed_end,
+)
 from svid._workload_calls import RevocationsUpdate
 
 RUNTIME = "spiffe://example.org/agents/bot"
@@ -97,3 +102,12 @@ def test_an_end_the_server_did_not_confirm_says_why_and_a_sub_task_follows_its_p
     )
     ended = replace(info("t3"), state="ended", end_reason="done")
     assert ended_with_parent(ended, parent) is ended  # one that ended first keeps its own end
+
+
+def test_a_token_of_the_tasks_id_it_does_not_hold_is_doubtful_its_svid_or_own_token_sure() -> None:
+    task = Held(info("t1"), frozenset({"jti-own"}))
+    sid = f"{RUNTIME}/task/t1"
+    delegated = Revoked(KIND_JWT_ID, "jti-delegated", 0.0, sid)
+    assert doubtful_jtis(task, update(delegated)) == {"jti-delegated"}
+    assert doubtful_jtis(task, update(delegated, Revoked(KIND_X509_SERIAL, "0a", 0.0, sid))) is None
+    assert doubtful_jtis(task, update(delegated, Revoked(KIND_JWT_ID, "jti-own", 0.0, ""))) is None

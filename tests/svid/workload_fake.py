@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from svid import X509Svid, sign_jws
-from svid._proto import revocation_pb2, revocation_pb2_grpc, workload_pb2, workload_pb2_grpc
+from svid._proto import (
+    revocation_pb2,
+    revocation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    workload_pb2,
+    workload_pb2_grpc,
+)
 from svid._workload_calls import KEEPALIVE_MS
 from tests.svid.certs import Issued
 from tests.waits import wait_for
@@ -62,6 +69,8 @@ class State:
     crls: list[bytes] = field(default_factory=list)
     jwt: dict[str, bytes] = field(default_factory=dict)
     revoked: list[revocation_pb2.Revoked] = field(default_factory=list)
+    # What the Tasks service lists (the server's word on them, as the agent forwards it).
+    tasks: list[task_pb2.Task] = field(default_factory=list)
     svid_chain: bytes = b""
     svid_key: bytes = b""
     svids: list[X509Svid] | None = None  # when set, served instead of svid_chain / svid_key
@@ -178,6 +187,23 @@ class FakeRevocations(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[
         )
 
 
+class FakeTasks(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
+    """ListTasks only: one page of the tasks the state holds, by state and runtime."""
+
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+
+    def ListTasks(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.agent._check(context)
+        listed = [
+            t
+            for t in self.agent.s.tasks
+            if (not request.state or t.state == request.state)
+            and (not request.spiffe_id or t.runtime_id == request.spiffe_id)
+        ]
+        return task_pb2.ListTasksResponse(tasks=listed)
+
+
 @dataclass
 class Server:
     state: State
@@ -200,6 +226,7 @@ class Server:
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(agent, server)
         if self.revocations:
             revocation_pb2_grpc.add_RevocationsServicer_to_server(FakeRevocations(agent), server)
+        task_pb2_grpc.add_TasksServicer_to_server(FakeTasks(agent), server)
         server.add_insecure_port(self.address)
         server.start()
         self.server = server

@@ -1,0 +1,83 @@
+"""A task's tokens delegated to another workload are revoked when that workload's agent is
+removed, the task going on: the task clients asked the server before ending a task the
+revocation list named by such tokens alone (a real gRPC fake agent on a Unix socket, its
+Tasks service answering for the server)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from svid._proto import task_pb2
+from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, Revoked
+from svid._tasks_async import AsyncTask, AsyncTaskClient
+from svid._tasks_sync import Task, TaskClient
+from tests.svid.test_task_revocations import RUNTIME, info, update
+from tests.svid.workload_fake import Server, State
+from tests.tmpdirs import short_tmpdir
+
+SID = f"{RUNTIME}/task/t1"
+# A token exchanged from the task's, acting for a workload on a node since evicted.
+DELEGATED = Revoked(KIND_JWT_ID, "jti-delegated", 0.0, SID)
+# The task's own X.509-SVID: revoked only by its end.
+ITS_SVID = Revoked(KIND_X509_SERIAL, "0a", 0.0, SID)
+
+
+@pytest.fixture
+def agent() -> Iterator[Server]:
+    root = short_tmpdir("tdr")
+    server = Server(State(), root / "agent.sock").start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _listed_active(agent: Server, *task_ids: str) -> None:
+    agent.state.change(
+        tasks=[task_pb2.Task(task_id=t, runtime_id=RUNTIME, state="active") for t in task_ids]
+    )
+
+
+def test_a_task_named_by_a_delegated_token_alone_goes_on_while_the_server_holds_it(
+    agent: Server,
+) -> None:
+    with TaskClient(agent.address, watch_revocations=False) as client:
+        task = Task(client, info("t1"))
+        _listed_active(agent, "t1")
+        client._revocations_seen(update(DELEGATED))
+        assert not task.ended
+        # The same list again (every revocation anywhere sends it whole): not asked again.
+        _listed_active(agent)
+        client._revocations_seen(update(DELEGATED))
+        assert not task.ended
+        # Its end revokes its own SVID: over at once, nothing asked.
+        client._revocations_seen(update(DELEGATED, ITS_SVID))
+        assert task.ended
+
+
+def test_a_task_named_by_a_token_of_its_id_is_ended_unless_the_server_lists_it_active(
+    agent: Server,
+) -> None:
+    with TaskClient(agent.address, watch_revocations=False) as client:
+        task = Task(client, info("t1"))
+        _listed_active(agent)
+        client._revocations_seen(update(DELEGATED))
+        assert task.ended
+
+
+def test_an_async_task_named_by_a_delegated_token_alone_goes_on_while_the_server_holds_it(
+    agent: Server,
+) -> None:
+    async def run() -> tuple[bool, bool]:
+        async with AsyncTaskClient(agent.address, watch_revocations=False) as client:
+            task = AsyncTask(client, info("t1"))
+            _listed_active(agent, "t1")
+            await client._revocations_seen(update(DELEGATED))
+            going_on = not task.ended
+            await client._revocations_seen(update(DELEGATED, ITS_SVID))
+            return going_on, task.ended
+
+    assert asyncio.run(run()) == (True, True)
