@@ -20,7 +20,10 @@ from svid._source_state import RevocationEvent
 
 Key = tuple[str, str | CertKey]
 JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
-TXN = "txn"  # a task: every credential of an ended task is revoked together
+# A task: its end revokes its X.509-SVID with every other credential of it. A token of its
+# SPIFFE ID alone says nothing of the task: one delegated from it (a token exchange acting for
+# another workload) is revoked, the task going on, when that workload's agent is removed.
+TXN = "txn"
 # A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
 X509_ISSUED = "x509_issued"
 
@@ -50,7 +53,7 @@ def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
     keys: list[Key] = [
         (event.kind, event.value) if issuer is None else (X509_ISSUED, issuer.key(event.value))
     ]
-    if event.txn is not None:
+    if event.txn is not None and event.kind != KIND_JWT_ID:
         keys.append((TXN, event.txn))
     return tuple(keys)
 

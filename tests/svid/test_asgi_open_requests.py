@@ -33,6 +33,20 @@ def test_each_open_request_is_ended_once_by_any_of_its_keys() -> None:
     assert not requests._by_key
 
 
+def test_a_revoked_token_of_a_tasks_id_ends_only_what_it_admitted_not_the_tasks_all() -> None:
+    """A token delegated from a task (an exchange acting for another workload) is revoked, the
+    task going on, when the acting workload's agent is evicted: it ended every open request
+    and session of the task, here and at every other resource server of it."""
+    ended: list[str] = []
+    requests = OpenRequests()
+    requests.open((("jwt_id", "j1"), (TXN, "t1")), lambda: ended.append("stream"))
+    requests.open((("jwt_id", "j2"), (TXN, "t1")), lambda: ended.append("delegated"))
+    requests.on_revoked(_event("jwt_id", "j2", TASK))
+    assert ended == ["delegated"]
+    requests.on_revoked(_event("x509_serial", "ab", TASK))  # the task's end
+    assert ended == ["delegated", "stream"]
+
+
 def test_a_shared_key_goes_back_to_one_request_and_then_to_none() -> None:
     ended: list[str] = []
     requests = OpenRequests()

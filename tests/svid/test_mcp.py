@@ -628,13 +628,15 @@ def oauth_tickets(source: RevokingSource, **options: Any) -> tuple[MCPServer, An
 @pytest.mark.parametrize(
     "revoked",
     [
-        pytest.param(("a1", TASK_ID), id="its-jti"),
-        # Another credential of its task: the task ended (the agent names the task's ID).
-        pytest.param(("j-other", TASK_ID), id="its-task"),
+        pytest.param(("jwt_id", "a1", TASK_ID), id="its-jti"),
+        # The task's X.509-SVID: the task ended (its end revokes it, the agent names the
+        # task's ID). A token of the task's ID alone may be one delegated from it, revoked
+        # with the acting workload's agent, the task going on (see the test below).
+        pytest.param(("x509_serial", "ab", TASK_ID), id="its-task"),
     ],
 )
 def test_an_access_token_s_open_stream_and_session_end_when_it_or_its_task_is_revoked(
-    source: RevokingSource, revoked: tuple[str, str]
+    source: RevokingSource, revoked: tuple[str, str, str]
 ) -> None:
     server, app = oauth_tickets(source)
     sessions = server.session_manager._server_instances  # the SDK's own table
@@ -647,7 +649,7 @@ def test_an_access_token_s_open_stream_and_session_end_when_it_or_its_task_is_re
                 assert response.status_code == 200
                 assert session in sessions
                 revoked_at = time.monotonic()
-                await asyncio.to_thread(source.revoke, "jwt_id", revoked[0], revoked[1])
+                await asyncio.to_thread(source.revoke, *revoked)
                 async for _ in response.aiter_bytes():  # ends when the server closes it
                     pass
                 closed = time.monotonic() - revoked_at
@@ -670,7 +672,38 @@ def test_an_access_token_s_open_stream_and_session_end_when_it_or_its_task_is_re
     # The token's own jti: refused outright. Another of its task's: the token is not in the
     # revocation set (the server revokes each of the task's credentials by its own jti), but
     # the session it opened is gone.
-    assert after == (401 if revoked[0] == "a1" else 404)
+    assert after == (401 if revoked[1] == "a1" else 404)
+
+
+def test_an_access_token_s_stream_goes_on_when_a_token_delegated_from_its_task_is_revoked(
+    source: RevokingSource,
+) -> None:
+    """The acting workload's agent evicted, the server revokes the token delegated to it, the
+    task going on: that ended every open stream and session of the task."""
+    server, app = oauth_tickets(source)
+    sessions = server.session_manager._server_instances
+
+    async def scenario(url: str) -> tuple[bool, int]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            session, stream = await open_sse_stream(http, url, access_token())
+            async with stream as response:
+                assert response.status_code == 200
+                await asyncio.to_thread(source.revoke, "jwt_id", "j-delegated", TASK_ID)
+                # The revocation callback ran (it is synchronous on the source's thread).
+                held = session in sessions
+            ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+            headers = {
+                **MCP_HEADERS,
+                "Authorization": f"Bearer {access_token()}",
+                "mcp-session-id": session,
+            }
+            after = await http.post(f"{url}/mcp", json=ping, headers=headers)
+            return held, after.status_code
+
+    with serving(app) as url:
+        held, after = asyncio.run(scenario(url))
+    assert held
+    assert after == 200
 
 
 def test_an_access_token_s_session_ends_once_revocation_data_is_older_than_the_verifier_allows(
