@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
-from server.audit.event import check_no_secret, joined_names
+from server.audit.event import check_no_secret
 from server.ca.manager import CaManager
 from server.datastore.base import RemovalClaim
 from server.datastore.records import (
@@ -59,6 +59,7 @@ from server.tasks.crl import CrlCache
 from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id, new_task_id
 from server.tasks.store import TaskStore
+from server.tasks.validations import validation_events
 from svid._clock import Clock
 from svid._limits import cut_text, intent_problem, principal_problem
 from svid._ratelimit import KeyedLimiter
@@ -940,50 +941,9 @@ class TaskService:
         return task, grant
 
     def record_validations(self, agent_id: str, validations: Sequence[Any]) -> None:
-        """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each.
-
-        The claims of a refused token may be unverified: a value that looks like a credential
-        is not recorded (the event keeps the decision and the reason it was dropped). Those of
-        a token whose signature did not hold (claims_verified unset: forged, or garbled) are
-        anyone's words: kept in `extra` as `claimed`, never as the event's agent, task or
-        credential, so that no one files refusals under another workload's ID or task.
-        """
-
-        def text(value: str, limit: int = 512) -> str | None:
-            # PostgreSQL text holds no NUL: one in a claim would fail the whole report as
-            # storage unavailable, which the agent retries, so no later report would land.
-            return value[:limit].replace("\x00", "\ufffd") or None
-
-        events = []
-        for v in validations:
-            signed = v.ok or v.claims_verified
-            named = {"sub": text(v.subject), "txn": text(v.txn), "jti": text(v.jti)}
-            claimed = {} if signed else {k: value for k, value in named.items() if value}
-            try:
-                event = EventDraft(
-                    kind=EventKind.JWT_VALIDATED,
-                    agent_id=named["sub"] if signed else None,
-                    node_id=agent_id,
-                    # Another issuer's audience may hold a comma (the agent lets it through).
-                    resource=text(joined_names(v.audience)),
-                    decision="allow" if v.ok else "deny",
-                    reason=text(v.reason),
-                    task_id=named["txn"] if signed else None,
-                    credential_id=named["jti"] if signed else None,
-                    extra={
-                        "validated_at": int(v.at),
-                        "caller_id": v.caller_id[:512],
-                        **({"claimed": claimed} if claimed else {}),
-                    },
-                )
-            except AuditError:
-                event = EventDraft(
-                    kind=EventKind.JWT_VALIDATED,
-                    node_id=agent_id,
-                    decision="allow" if v.ok else "deny",
-                    reason="report dropped: a field looked like a credential",
-                )
-            events.append(event)
+        """ValidateJWTSVID answers an agent reports (task_pb2.Validation): one event each
+        (server.tasks.validations)."""
+        events = validation_events(agent_id, validations)
         if events:
             self._audit.append_many(events)
 
