@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import (
     Awaitable,
     Callable,
@@ -398,7 +399,9 @@ class AsyncTask(TaskView):
         self._jwts: dict[tuple[str, ...], Fetched] = {}
         # Fetches in flight by audience: callers of one await its fetch rather than make theirs.
         self._fetching: dict[tuple[str, ...], asyncio.Task[JwtSvid]] = {}
+        # Its running sub-tasks, to end with it; an ended one leaves (as Task's).
         self._children: list[AsyncTask] = []
+        self._parent: weakref.ref[AsyncTask] | None = None
         self._ended = False
         self._confirmed = True  # as Task's
         self._not_its_end: frozenset[str] = frozenset()  # as Task's
@@ -552,7 +555,9 @@ class AsyncTask(TaskView):
                 if ended is None:
                     raise
                 raise ended from denied
-            self._children.append(child)
+            child._parent = weakref.ref(self)
+            if not child._ended:  # else ended already (the revocation feed)
+                self._children.append(child)
             return child
 
         return Beginning(begun)
@@ -586,6 +591,9 @@ class AsyncTask(TaskView):
         self._client._live.discard(self)
         for child in children:
             child._mark_ended(ended_with_parent(child._info, self._info))
+        parent = self._parent() if self._parent is not None else None
+        if parent is not None and self in parent._children:
+            parent._children.remove(self)
 
     async def __aenter__(self) -> AsyncTask:
         return self

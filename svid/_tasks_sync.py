@@ -395,7 +395,10 @@ class Task(TaskView):
         self._jwts: dict[tuple[str, ...], Fetched] = {}
         # Fetches in flight by audience: callers of one join its fetch rather than make theirs.
         self._fetching: dict[tuple[str, ...], Future[JwtSvid | None]] = {}
+        # Its running sub-tasks, to end with it; an ended one leaves (_mark_ended): kept, a long
+        # task held every sub-task it ever began.
         self._children: list[Task] = []
+        self._parent: weakref.ref[Task] | None = None
         self._ended = False
         # False while how it ended is not known: ended by the revocation list alone.
         self._confirmed = True
@@ -605,9 +608,16 @@ class Task(TaskView):
             if ended is None:
                 raise
             raise ended from denied
+        child._parent = weakref.ref(self)
         with self._lock:
-            self._children.append(child)
+            if not child._ended:  # else ended already (the revocation feed): nothing to end
+                self._children.append(child)
         return child
+
+    def _child_ended(self, child: Task) -> None:
+        with self._lock:
+            if child in self._children:
+                self._children.remove(child)
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -640,6 +650,9 @@ class Task(TaskView):
         self._client._live.discard(self)
         for child in children:  # the server ended them with this task
             child._mark_ended(ended_with_parent(child._info, info))
+        parent = self._parent() if self._parent is not None else None
+        if parent is not None:
+            parent._child_ended(self)
 
     def __enter__(self) -> Task:
         return self

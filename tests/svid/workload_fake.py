@@ -61,6 +61,10 @@ def signed_crl(issuer: Issued, serials: list[int], next_update: float | None = N
     return crl.public_bytes(serialization.Encoding.DER)
 
 
+# The runtime identity FakeTasks begins every task under.
+TASK_RUNTIME = "spiffe://example.org/agents/bot"
+
+
 @dataclass
 class State:
     """What the fake agent serves; every change wakes the streams (full state each message)."""
@@ -188,10 +192,45 @@ class FakeRevocations(revocation_pb2_grpc.RevocationsServicer):  # type: ignore[
 
 
 class FakeTasks(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
-    """ListTasks only: one page of the tasks the state holds, by state and runtime."""
+    """Grants every begin (under TASK_RUNTIME), ends what it is asked to, and lists one page
+    of the tasks the state holds, by state and runtime."""
 
     def __init__(self, agent: FakeAgent) -> None:
         self.agent = agent
+
+    def BeginTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.agent._check(context)
+        s = self.agent.s
+        with s.cond:
+            task_id = f"{len(s.tasks):016x}"
+            parent = next((t for t in s.tasks if t.task_id == request.parent_task_id), None)
+            task = task_pb2.Task(
+                task_id=task_id,
+                spiffe_id=f"{TASK_RUNTIME}/task/{task_id}",
+                runtime_id=TASK_RUNTIME,
+                actions=request.intent.actions,
+                resources=request.intent.resources,
+                parent_task_id=request.parent_task_id,
+                depth=parent.depth + 1 if parent is not None else 0,
+                state="active",
+                decision="allow",
+                ttl=300,
+                expires_at=int(time.time()) + 300,
+            )
+            s.tasks.append(task)
+        return task_pb2.BeginTaskResponse(task=task)
+
+    def EndTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.agent._check(context)
+        s = self.agent.s
+        with s.cond:
+            task = next((t for t in s.tasks if t.task_id == request.task_id), None)
+            if task is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id!r} not found")
+            if task.state == "active":
+                task.state = "ended"
+                task.end_reason = "ended by its runtime"
+        return task_pb2.EndTaskResponse(task=task)
 
     def ListTasks(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.agent._check(context)
