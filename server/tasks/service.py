@@ -15,7 +15,15 @@ import itertools
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Container, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Container,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -77,6 +85,10 @@ BEGIN_CUT_SHORT = "its begin was cut short: the server stopped before the task h
 # a server from before a row and its event were one transaction (a rolling upgrade) leaves one.
 BEGIN_UNLOGGED = (
     "its begin was cut short: the server stopped before the task's begin was on the audit log"
+)
+# The end reason of a task whose runtime's entry went, or changed (end_unentitled).
+RUNTIME_ENTRY_CHANGED = (
+    "its runtime's entry {entry_id} was deleted, or no longer gives its workload this identity"
 )
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
@@ -188,6 +200,8 @@ class TaskService:
         # Other servers' (one datastore) count here within a second.
         self._violation_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._violations_added = 0  # moves with each of this server's violations
+        # The entries end_unentitled last checked the active tasks against (a snapshot).
+        self._entries_checked: object = None
 
     @property
     def policy(self) -> PolicyEngine:
@@ -1253,6 +1267,33 @@ class TaskService:
             await self._finish(task, TaskState.REVOKED, reason)
         return len(stale) + len(cut_short)
 
+    async def end_unentitled(self) -> int:
+        """End the active tasks whose runtime's entry was deleted, or changed its SPIFFE ID or
+        selectors (runtime_changed): a task is its runtime's unit of work, and its entry copies
+        the runtime's selectors, so it went on serving its SVIDs, for up to its TTL, to the
+        workload the operator had just taken the identity from. Memory names the candidates
+        (only when the entries changed since the last call); the datastore confirms them, as
+        memory may be behind another server's writes. Returns how many it ended."""
+        entries = self._state.entries
+        if entries is self._entries_checked:
+            return 0
+        active = list(self._active.values())
+        changed = await asyncio.to_thread(runtime_changed, active, entries.by_id)
+        if changed:
+            ids = sorted({i for t in changed for i in (t.entry_id, t.runtime_entry_id)})
+            stored = await asyncio.to_thread(self._store.stored_entries, ids)
+            changed = runtime_changed(changed, stored)
+        for task in changed:
+            _log.warning(
+                "ending a task whose runtime's entry went or changed",
+                extra={"task_id": task.task_id, "entry_id": task.runtime_entry_id},
+            )
+            reason = RUNTIME_ENTRY_CHANGED.format(entry_id=task.runtime_entry_id)
+            await self._finish(task, TaskState.REVOKED, reason)
+        # Only once all are ended: one that failed is tried again next time.
+        self._entries_checked = entries
+        return len(changed)
+
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
             self._audit.append,
@@ -1398,6 +1439,27 @@ def cut_short_begins(
         for t in active
         if t.created_at < before and t.expires_at > now and t.entry_id not in entry_ids
     ]
+
+
+def runtime_changed(active: Iterable[Task], entries: Mapping[str, Entry]) -> list[Task]:
+    """The tasks of `active` whose runtime's entry is not in `entries`, or no longer gives
+    their runtime ID, or selects other workloads than their own entry (which copied its
+    selectors at the begin). A task begun before its runtime's entry was recorded has none to
+    check; one whose own entry is not in `entries` is left to the settle sweep (a begin cut
+    short) or to what `entries` was read from (behind another server's writes)."""
+    changed = []
+    for task in active:
+        own = entries.get(task.entry_id) if task.runtime_entry_id else None
+        if own is None:
+            continue
+        runtime = entries.get(task.runtime_entry_id)
+        if (
+            runtime is None
+            or runtime.spiffe_id != task.runtime_id
+            or frozenset(runtime.selectors) != frozenset(own.selectors)
+        ):
+            changed.append(task)
+    return changed
 
 
 def follow_tasks(

@@ -16,7 +16,7 @@ from typing import Protocol
 from server.audit import AuditLog, EventDraft
 from server.audit.outage import LedgerOutage, telling
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
-from server.datastore.records import TaskCursor, TaskRecord, expired_record_kept_from
+from server.datastore.records import Entry, TaskCursor, TaskRecord, expired_record_kept_from
 from server.tasks.model import Credential, Task, TaskState
 
 
@@ -131,7 +131,11 @@ class TaskStore:
 
     def stored_entry_ids(self, entry_ids: Sequence[str]) -> set[str]:
         """The ids among `entry_ids` of entries stored now (whichever server made them)."""
-        return {e.id for e in self._rows.get_entries(entry_ids)}
+        return set(self.stored_entries(entry_ids))
+
+    def stored_entries(self, entry_ids: Sequence[str]) -> dict[str, Entry]:
+        """The entries among `entry_ids` stored now, by id (whichever server wrote them)."""
+        return {e.id: e for e in self._rows.get_entries(entry_ids)}
 
     # -- credentials ----------------------------------------------------------------------------
 

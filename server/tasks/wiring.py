@@ -125,6 +125,7 @@ class TaskLayer:
         while not stop.is_set():
             try:
                 await self.service.expire_due()
+                await self.service.end_unentitled()
                 self.service.refresh_crl()
             except Exception:
                 _log.exception("task housekeeping failed; retrying")

@@ -21,7 +21,7 @@ import pytest
 
 from server.audit.event import EventKind
 from server.datastore.records import EventFilter
-from svid._proto import node_pb2, task_pb2, task_pb2_grpc
+from svid._proto import admin_pb2, node_pb2, task_pb2, task_pb2_grpc
 from tests.e2e.test_tasks_server import POLICY, RUNTIME
 from tests.server.fixtures import RunningServer, make_csr, start_server
 from tests.server.test_issuance_fail_closed import read_only
@@ -221,3 +221,20 @@ def test_an_agent_renewal_the_storage_cannot_save_says_so_on_healthz(
     read_only(srv, False)
     wait_for(lambda: healthz(srv)[0] == 200, 10, "/healthz to say 200 again")
     assert srv.node_stub(agent).RenewAgent(renew, timeout=10).svid.spiffe_id == agent.spiffe_id
+
+
+def test_a_running_servers_task_ends_once_its_runtimes_entry_is_deleted(
+    served: tuple[RunningServer, Path],
+) -> None:
+    """The operator takes the identity from the workload: its tasks end with it (the task
+    loop), where each task entry, a copy of its selectors, served it SVIDs to the task's TTL."""
+    srv, _ = served
+    _, task = begun(srv)
+    (runtime,) = [e for e in srv.server.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    srv.admin().DeleteEntry(admin_pb2.DeleteEntryRequest(id=runtime.id), timeout=10)
+
+    def revoked() -> bool:
+        return srv.server.tasks.service.get(task.task_id).state.value == "revoked"
+
+    wait_for(revoked, 10, "the task to end with its runtime's entry")
+    assert srv.server.tasks.service.active_task(task.spiffe_id) is None

@@ -615,6 +615,49 @@ def test_ending_a_parent_ends_its_sub_tasks(world: World) -> None:
     assert world.service.active_task(child.spiffe_id) is None
 
 
+@pytest.mark.parametrize("change", ["deleted", "selectors", "spiffe_id"])
+def test_a_task_ends_when_its_runtimes_entry_is_deleted_or_changed(
+    world: World, change: str
+) -> None:
+    """An operator deleting a workload's entry (or moving its identity to other workloads)
+    left its tasks running, each task entry still selecting the old workload, its SVIDs
+    served for up to the task's TTL."""
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    task = world.begin()
+    issue_x509(world, task.spiffe_id)
+    assert world.run(world.service.end_unentitled()) == 0
+    if change == "deleted":
+        world.run(world.state.delete_entry(runtime.id))
+    elif change == "selectors":
+        moved = dataclasses.replace(runtime, selectors=(Selector("unix", "uid:2000"),))
+        world.run(world.state.update_entry(moved))
+    else:
+        moved = dataclasses.replace(runtime, spiffe_id=f"{RUNTIME}-renamed")
+        world.run(world.state.update_entry(moved))
+    assert world.run(world.service.end_unentitled()) == 1
+    ended = world.store.get_task(task.task_id)
+    assert ended is not None
+    assert ended.state is TaskState.REVOKED
+    assert f"runtime's entry {runtime.id}" in ended.end_reason
+    assert world.service.active_task(task.spiffe_id) is None
+    assert task.entry_id not in world.state.entries.by_id
+    (cred,) = world.store.task_credentials(task.task_id, 0)
+    assert world.state.is_revoked(cred.kind, cred.value)
+    (event,) = world.events("task_end")
+    assert event["task_id"] == task.task_id
+
+
+def test_a_task_goes_on_when_another_entry_changes_or_its_runtimes_keeps_its_selectors(
+    world: World,
+) -> None:
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    task = world.begin()
+    world.run(world.state.create_entry(Entry("", f"{RUNTIME}-2", AGENT, SELECTORS)))
+    world.run(world.state.update_entry(dataclasses.replace(runtime, x509_svid_ttl=120)))
+    assert world.run(world.service.end_unentitled()) == 0
+    assert world.service.active_task(task.spiffe_id) is not None
+
+
 def test_an_end_reads_only_its_runtimes_tasks_for_sub_tasks(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
