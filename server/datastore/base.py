@@ -253,7 +253,9 @@ class RegistrationStore(Protocol):
         """Atomically take or keep the lease `name` until now + ttl: True when it was free,
         already `holder`'s (renewed), or its holder let it expire (expires_at <= now; taken
         over). False, changing nothing, while another holder's lease runs. Exactly one of
-        several concurrent callers for a free lease gets True. ValueError for ttl <= 0."""
+        several concurrent callers for a free lease gets True. ValueError for ttl <= 0.
+        PostgreSQL counts `now` on the database's clock (postgres_time.py): servers sharing
+        it agree on the expiry whatever their own clocks say."""
         ...
 
     def release_lease(self, name: str, holder: str) -> None:

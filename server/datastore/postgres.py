@@ -93,6 +93,7 @@ from server.datastore.postgres_dsn import redact_dsn, scrub
 from server.datastore.postgres_federation import PostgresFederation
 from server.datastore.postgres_ledger import PostgresLedger
 from server.datastore.postgres_sql import pg
+from server.datastore.postgres_time import DatabaseTime
 from server.datastore.records import (
     AGENT_PRUNE_BATCH,
     FEED_AGENT,
@@ -296,6 +297,8 @@ class PostgresDataStore(
         (the server's guard of a datastore lost beside its files: server/datastore/lost.py)."""
         self._dsn = dsn
         self._clock = clock
+        # Lease and claim expiries on the database's clock: servers' clocks disagree.
+        self._lease_time = DatabaseTime(clock, self._database_now)
         self._id_lock = threading.Lock()
         self._last_id_millis = self._last_created = 0
         self._closed = False
@@ -487,6 +490,9 @@ class PostgresDataStore(
 
     def _now(self) -> int:
         return int(self._clock.now())
+
+    def _database_now(self) -> float:
+        return float(self._tuples("read the database's clock", ps.DATABASE_NOW, {})[0][0])
 
     @staticmethod
     def _execute_in(cur: Cursor, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
@@ -833,7 +839,7 @@ class PostgresDataStore(
         )
 
     def claim_removal(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
-        params = _claim_params(agent_id, holder, now, ttl)
+        params = _claim_params(agent_id, holder, self._lease_time.of(now), ttl)
         # One statement decides (a concurrent caller waits on the row, then re-checks it).
         return self._write(
             "claim the removal",
@@ -841,7 +847,7 @@ class PostgresDataStore(
         )
 
     def renew_removal_claim(self, agent_id: str, holder: str, now: int, ttl: int) -> bool:
-        params = _claim_params(agent_id, holder, now, ttl)
+        params = _claim_params(agent_id, holder, self._lease_time.of(now), ttl)
         return self._write(
             "renew the removal claim",
             lambda cur: int(cur.execute(pg(q.RENEW_REMOVAL_CLAIM), params).rowcount) == 1,
@@ -888,6 +894,7 @@ class PostgresDataStore(
     def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl}")
+        now = self._lease_time.of(now)
         params = {"name": name, "holder": holder, "now": now, "expires_at": now + ttl}
         # One statement decides (a concurrent caller waits on the row, then re-checks it).
         return self._write(

@@ -77,6 +77,8 @@ BUMP_COUNTER_BY = "UPDATE counters SET value = value + :n WHERE name = :name RET
 FEED_CHANNEL = "svidd_feed"
 _SCHEMA = "coalesce(current_schema(), '')"  # a notification's payload, and what a listener reads
 OWN_SCHEMA = f"SELECT {_SCHEMA}"
+# The database's clock (postgres_time.py): the time now, not the transaction's start.
+DATABASE_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
 NOTIFY_FEED = f"SELECT pg_notify('{FEED_CHANNEL}', {_SCHEMA})"
 LISTEN_FEED = f"LISTEN {FEED_CHANNEL}"
 # Revocations actually added (a revocation already there is kept as is, and not fed).

@@ -998,6 +998,62 @@ def test_writes_on_another_schema_neither_end_nor_shorten_a_feed_wait(
     assert len(written) >= 10  # the other schema's writes went on all through the wait
 
 
+# -- leases between servers whose clocks disagree ------------------------------------------------
+
+# Within MAX_CLOCK_SKEW (60 s), and more than a third of the lease's life: the holder still
+# trusts its last renewal (Lease.held: two thirds of the ttl) when the row lapses by B's clock.
+SKEW = 40
+LEASE_TTL = 30
+
+
+def test_a_lease_is_not_taken_by_a_server_whose_clock_runs_ahead_of_the_holders(
+    postgres_dsn: str,
+) -> None:
+    """The row's expiry is counted on the database's clock, not each server's: B, its clock
+    40 s ahead of A's, found A's fresh row lapsed and took the lease while A still acted on it
+    (two servers rotating the CA, two pruning the audit chain). Moving both clocks on still
+    lets the lease lapse, as a holder that stopped renewing must."""
+    from server.housekeeping import HOUSEKEEPING_LEASE, Lease
+
+    a_clock, b_clock = FakeClock(NOW), FakeClock(NOW + SKEW)
+    a_store = PostgresDataStore(postgres_dsn, a_clock)
+    b_store = PostgresDataStore(postgres_dsn, b_clock)
+    try:
+        a = Lease(a_store, HOUSEKEEPING_LEASE, "a", a_clock, LEASE_TTL)
+        b = Lease(b_store, HOUSEKEEPING_LEASE, "b", b_clock, LEASE_TTL)
+        assert a.renew()
+        assert not b.renew(), "B took the lease A holds"
+        assert a.held
+        assert not b.held
+        for moved in (a_clock, b_clock):  # A stops renewing; its row lapses for everyone
+            moved.advance(LEASE_TTL)
+        assert not a.held
+        assert b.renew()
+    finally:
+        a_store.close()
+        b_store.close()
+
+
+def test_a_removal_claim_is_not_taken_by_a_server_whose_clock_runs_ahead(
+    postgres_dsn: str,
+) -> None:
+    a_clock, b_clock = FakeClock(NOW), FakeClock(NOW + SKEW)
+    a_store = PostgresDataStore(postgres_dsn, a_clock)
+    b_store = PostgresDataStore(postgres_dsn, b_clock)
+    try:
+        a_store.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        a_store.delete_agent(AGENT, Removal(AGENT, REMOVAL_EVICTED, NOW))
+        assert a_store.claim_removal(AGENT, "a", int(a_clock.now()), LEASE_TTL)
+        assert not b_store.claim_removal(AGENT, "b", int(b_clock.now()), LEASE_TTL)
+        assert a_store.renew_removal_claim(AGENT, "a", int(a_clock.now()), LEASE_TTL)
+        for moved in (a_clock, b_clock):
+            moved.advance(LEASE_TTL + 1)
+        assert b_store.claim_removal(AGENT, "b", int(b_clock.now()), LEASE_TTL)
+    finally:
+        a_store.close()
+        b_store.close()
+
+
 # -- a database that stops answering ------------------------------------------------------------
 
 

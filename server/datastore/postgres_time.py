@@ -1,0 +1,52 @@
+"""Lease and claim times on one clock for every server sharing a PostgreSQL database.
+
+A lease row (`leases`, a removal's claim) is written with an expiry by the writer's clock and
+taken over by another server once that expiry has passed by *its* clock. Servers' clocks
+disagree (MAX_CLOCK_SKEW allows a minute): a server whose clock ran more than a third of the
+lease's life ahead of the holder's found the row lapsed while the holder still trusted its
+last renewal (Lease.held), and both rotated the CA or pruned the audit chain at once.
+
+So each store counts lease times on the database's clock: the caller's `now` (by the store's
+own clock) less the offset of that clock from the database's, measured with one query. The
+offset is measured once, and again when the store's clock is seen to step (its wall time and
+its monotonic time no longer moving together: NTP stepping a clock that was off at boot),
+not at every call: an injected clock moved by hand (tests) keeps meaning what it says.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from svid._clock import Clock
+
+# How far the wall clock may move apart from the monotonic one before the offset is measured
+# again: a step, not the slewing of NTP (at most 0.5 ms a second).
+STEP = 1.0
+
+
+class DatabaseTime:
+    """Turns a time by `clock` into the database's clock, as `read_database_now` (one query,
+    Unix seconds) tells it."""
+
+    def __init__(self, clock: Clock, read_database_now: Callable[[], float]) -> None:
+        self._clock = clock
+        self._read = read_database_now
+        self._lock = threading.Lock()
+        self._offset: int | None = None
+        self._wall = self._mono = 0.0
+
+    def of(self, now: int) -> int:
+        """`now` (by the store's clock) on the database's clock, in whole seconds."""
+        return now - self._current_offset()
+
+    def _current_offset(self) -> int:
+        with self._lock:
+            wall, mono = self._clock.now(), self._clock.monotonic()
+            stepped = abs((wall - self._wall) - (mono - self._mono)) > STEP
+            if self._offset is None or stepped:
+                database = self._read()
+                # Read once the database answered: the query's own time is no part of it.
+                self._wall, self._mono = self._clock.now(), self._clock.monotonic()
+                self._offset = round(self._wall - database)
+            return self._offset
