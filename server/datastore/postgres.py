@@ -326,10 +326,12 @@ class PostgresDataStore(
             if migrate:
                 with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
                     self._migrate(conn, on_new_schema)
+                    self._lease_time.measure(_database_clock(conn))
             else:
                 with psycopg.connect(dsn, autocommit=True, **self._options) as conn:
                     oldest = MIGRATIONS[-1].version if oldest_schema is None else oldest_schema
                     refuse_other(self._versions(conn), oldest)
+                    self._lease_time.measure(_database_clock(conn))
         except psycopg.Error as e:
             raise StorageError(
                 f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
@@ -492,7 +494,8 @@ class PostgresDataStore(
         return int(self._clock.now())
 
     def _database_now(self) -> float:
-        return float(self._tuples("read the database's clock", ps.DATABASE_NOW, {})[0][0])
+        with self._connection("read the database's clock") as conn:
+            return _database_clock(conn)
 
     @staticmethod
     def _execute_in(cur: Cursor, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
@@ -1064,6 +1067,13 @@ class PostgresDataStore(
             if self._listener is not None:
                 self._listener[0].close()
                 self._listener = None
+
+
+def _database_clock(conn: psycopg.Connection[Any]) -> float:
+    """The database's clock now (Unix seconds), as `conn` reads it."""
+    row = conn.execute(ps.DATABASE_NOW).fetchone()
+    assert row is not None
+    return float(row[0])
 
 
 @contextmanager

@@ -7,8 +7,8 @@ lease's life ahead of the holder's found the row lapsed while the holder still t
 last renewal (Lease.held), and both rotated the CA or pruned the audit chain at once.
 
 So each store counts lease times on the database's clock: the caller's `now` (by the store's
-own clock) less the offset of that clock from the database's, measured with one query. The
-offset is measured once, and again when the store's clock is seen to step (its wall time and
+own clock) less the offset of that clock from the database's, measured with one query as the
+store opens, and again when the store's clock is seen to step (its wall time and
 its monotonic time no longer moving together: NTP stepping a clock that was off at boot),
 not at every call: an injected clock moved by hand (tests) keeps meaning what it says.
 """
@@ -36,6 +36,13 @@ class DatabaseTime:
         self._offset: int | None = None
         self._wall = self._mono = 0.0
 
+    def measure(self, database_now: float) -> None:
+        """Take the offset from the database's clock as just read (`database_now`). A store
+        measures as it opens: stores opened together (servers, and tests' stores sharing one
+        hand-moved clock) agree from then on, whatever their clocks do evenly."""
+        with self._lock:
+            self._measured(database_now)
+
     def of(self, now: int) -> int:
         """`now` (by the store's clock) on the database's clock, in whole seconds."""
         return now - self._current_offset()
@@ -45,8 +52,11 @@ class DatabaseTime:
             wall, mono = self._clock.now(), self._clock.monotonic()
             stepped = abs((wall - self._wall) - (mono - self._mono)) > STEP
             if self._offset is None or stepped:
-                database = self._read()
-                # Read once the database answered: the query's own time is no part of it.
-                self._wall, self._mono = self._clock.now(), self._clock.monotonic()
-                self._offset = round(self._wall - database)
+                self._measured(self._read())
+            assert self._offset is not None
             return self._offset
+
+    def _measured(self, database_now: float) -> None:
+        # The store's clock read once the database answered: the query's time is no part of it.
+        self._wall, self._mono = self._clock.now(), self._clock.monotonic()
+        self._offset = round(self._wall - database_now)
