@@ -138,6 +138,12 @@ FEED_CONNECTIONS = 2
 # How long a call waits for a free (or a new) connection before it fails, and how long opening
 # one may take (seconds): an issuing call must fail, UNAVAILABLE, while its client still waits.
 CONNECT_TIMEOUT = 5.0
+# How long the pool retries, with backoff, to replace a connection it lost before it gives
+# that one up (the next call asks for a fresh one). psycopg_pool's default, 5 minutes, let the
+# backoff grow to a minute and more: a database back after a failover of a minute or two
+# found every slot of the pool waiting out its delay, and each call failed UNAVAILABLE, for
+# as long again. Its retries stay a second or two apart this way.
+RECONNECT_TIMEOUT = CONNECT_TIMEOUT
 # A statement of the server's own takes milliseconds: PostgreSQL cancels one past this (a lock
 # held by a server that went silent mid-transaction, say), and the connection stays usable.
 STATEMENT_TIMEOUT = 5.0
@@ -351,6 +357,7 @@ class PostgresDataStore(
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             kwargs={"autocommit": True, **self._options},
             name=name,
             open=True,

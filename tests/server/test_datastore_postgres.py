@@ -1089,6 +1089,47 @@ def test_a_database_gone_silent_fails_a_call_once_no_answer_came_in_time(
         store.close()
 
 
+# Long enough for psycopg_pool's default backoff to reach half a minute between attempts.
+OUTAGE = 35.0
+
+
+def test_a_database_back_after_a_long_outage_is_used_at_once(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """A failover of half a minute or more: every connection of a full pool is lost, and the
+    pool retries each one with backoff. Once the database is back, the next call is served:
+    with psycopg_pool's default retry budget (5 minutes) each slot waited out a delay grown
+    past 30 s, and every call meanwhile failed UNAVAILABLE after the pool's timeout, the
+    database up all along."""
+    relay = CuttableRelay(upstream_of(postgres_dsn))
+    store = PostgresDataStore(relay.dsn_through(postgres_dsn), clock)
+    try:
+
+        def busy() -> None:  # the pool grows to its size, as a loaded server's does
+            with store._connection("wait") as conn:
+                conn.execute("SELECT pg_sleep(0.3)")
+
+        race([busy] * postgres_module.MAX_CONNECTIONS)
+        relay.cut()
+        down_until = time.monotonic() + OUTAGE
+        while time.monotonic() < down_until:  # the server's calls go on, and fail
+            with pytest.raises(UnreachableError):
+                store.revision()
+            time.sleep(0.5)
+        relay.restore()
+        answers: list[BaseException | int] = []
+        for _ in range(2):  # a call may still catch the one attempt being made
+            try:
+                answers.append(store.revision())
+                break
+            except UnreachableError as e:
+                answers.append(e)
+        assert isinstance(answers[-1], int), answers
+    finally:
+        relay.cut()
+        store.close()
+
+
 def test_a_statement_past_the_timeout_is_cancelled_and_bulk_work_may_run_long(
     postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
