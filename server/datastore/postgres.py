@@ -29,11 +29,16 @@ Connections: a small pool (the server's datastore calls are short; a few connect
 The change feed's follower has connections of its own (`feed_reading`): a burst of writes
 holding the whole pool must not hold up its reads, or the server's view turns stale.
 A call whose connection died raises StorageError; the pool then checks its idle connections and
-replaces the dead ones, so the next call gets a fresh one and the server keeps serving. A write
+replaces the dead ones, so the next call gets a fresh one and the server keeps serving; while
+the database is away it retries each for RECONNECT_TIMEOUT only, so that once it is back the
+next call connects at once. A write
 whose connection died with its COMMIT sent raises CommitUnknownError instead: PostgreSQL may
 have committed it, so its caller is told the outcome is unknown, and the server's view follows
 what was committed through the change feed as for any other write (no fail-stop: PostgreSQL's
 own server handles its fsync failures).
+
+Leases and removal claims expire by the database's clock (postgres_time.py), not by each
+server's: servers whose clocks disagree never hold one at once.
 
 A database that goes silent without closing its connections (its host frozen, packets dropped,
 a proxy in front of it that still acknowledges) fails calls within seconds rather than holding
