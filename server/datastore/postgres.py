@@ -49,7 +49,8 @@ CONNECT_TIMEOUT, and TCP keepalives and a user timeout find a dead peer under an
 A thread of this process stalled inside a transaction would hold its locks for ever: PostgreSQL
 ends a session left idle in a transaction past IDLE_IN_TRANSACTION_TIMEOUT.
 Bulk work that may rightly run long on a big database (listing everything, prunes,
-migrations, an audit snapshot) asks for BULK_TIMEOUT instead (`bulk=True`).
+migrations, an audit snapshot) asks for BULK_TIMEOUT instead (`bulk=True`); only a
+transaction its caller keeps open between statements (`held_open=True`) may sit idle that long.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ IDLE_IN_TRANSACTION_TIMEOUT = 30.0
 # silent, the connection is closed and the call fails. Past STATEMENT_TIMEOUT, so a slow
 # statement is PostgreSQL's to cancel first.
 ANSWER_TIMEOUT = STATEMENT_TIMEOUT + 1.0
-# All three, for work that may rightly run long on a big database (`bulk=True`), or keep
-# a transaction open while its caller works through the rows (an audit snapshot).
+# The statement and answer timeouts for work that may rightly run long on a big database
+# (`bulk=True`); the idle-in-transaction one too for a transaction kept open while its caller
+# works through the rows (an audit snapshot, a migration: `held_open=True`).
 BULK_TIMEOUT = 600.0
 # TCP: a peer that vanished under an idle connection (a LISTEN) is found within about
 # idle + interval x count seconds; data unacknowledged for the user timeout (ms) ends it.
@@ -421,7 +423,11 @@ class PostgresDataStore(
             on_connected()
 
     @contextmanager
-    def _connection(self, what: str, *, bulk: bool = False) -> Iterator[AnsweredConnection]:
+    def _connection(
+        self, what: str, *, bulk: bool = False, held_open: bool = False
+    ) -> Iterator[AnsweredConnection]:
+        """A pooled connection; `bulk`: under the bulk limits (_patient), `held_open` too for
+        a transaction left idle while the caller works."""
         if self._closed:
             raise StorageError(f"cannot {what}: the datastore is closed")
         feeding = getattr(self._feeding, "on", False)
@@ -430,10 +436,10 @@ class PostgresDataStore(
             with pool.connection() as conn:
                 if feeding:
                     self._feed_connected()
-                if not bulk:
+                if not (bulk or held_open):
                     yield conn
                     return
-                with _patient(conn):
+                with _patient(conn, held_open=held_open):
                     yield conn
         except psycopg.Error as e:
             raise self._failed(what, e, pool) from e
@@ -572,7 +578,8 @@ class PostgresDataStore(
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; returns the versions applied now (empty when up to date)."""
-        with self._connection("migrate the datastore", bulk=True) as conn:
+        # Held open: a migration's own work between its statements may take a while.
+        with self._connection("migrate the datastore", held_open=True) as conn:
             return self._migrate(conn)
 
     def schema_versions(self) -> list[int]:
@@ -1089,14 +1096,17 @@ def _database_clock(conn: psycopg.Connection[Any]) -> float:
 
 
 @contextmanager
-def _patient(conn: AnsweredConnection) -> Iterator[None]:
-    """BULK_TIMEOUT for the statements run on `conn` meanwhile, and for a transaction of
-    theirs left idle while its caller works (an audit snapshot's rows), then the session's own
-    again."""
+def _patient(conn: AnsweredConnection, *, held_open: bool = False) -> Iterator[None]:
+    """BULK_TIMEOUT for the statements run on `conn` meanwhile, then the session's own again.
+    `held_open`: for a transaction left idle while its caller works (an audit snapshot's rows)
+    too. Not for the others: a bulk write runs its statements back to back, and one whose
+    server stalled midway would hold its locks (the entries' turn, a banned agent's row) for
+    the bulk bound, every other server's writes waiting on them failing all along."""
     bulk = int(BULK_TIMEOUT * 1000)
-    conn.execute(
-        f"SET statement_timeout = {bulk}; SET idle_in_transaction_session_timeout = {bulk}"
-    )
+    timeouts = ["statement_timeout"]
+    if held_open:
+        timeouts.append("idle_in_transaction_session_timeout")
+    conn.execute("; ".join(f"SET {name} = {bulk}" for name in timeouts))
     before, conn.answer_timeout = conn.answer_timeout, BULK_TIMEOUT
     try:
         yield
@@ -1105,6 +1115,6 @@ def _patient(conn: AnsweredConnection) -> Iterator[None]:
         if conn.closed:
             pass
         elif conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            conn.execute("RESET statement_timeout; RESET idle_in_transaction_session_timeout")
+            conn.execute("; ".join(f"RESET {name}" for name in timeouts))
         else:
             conn.close()  # the pool would keep it with the bulk timeout: it replaces it

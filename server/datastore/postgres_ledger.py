@@ -110,7 +110,7 @@ class PostgresLedger:
     """Task records, credential ledger and audit chain on the datastore's pool."""
 
     def _connection(
-        self, what: str, *, bulk: bool = False
+        self, what: str, *, bulk: bool = False, held_open: bool = False
     ) -> AbstractContextManager[psycopg.Connection[Any]]:
         raise NotImplementedError  # PostgresDataStore's
 
@@ -399,7 +399,7 @@ class PostgresLedger:
         """One REPEATABLE READ, READ ONLY transaction on a pool connection of its own: every
         statement in it sees the state of its first, while writers go on. Rows stream through
         a server-side cursor, a page at a time. Creates nothing."""
-        with self._connection("read the audit log", bulk=True) as conn:
+        with self._connection("read the audit log", held_open=True) as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             try:
                 names = {r[0] for r in conn.execute(ps.TABLES_IN_SCHEMA).fetchall()}

@@ -1198,6 +1198,49 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_locks_go(
         other.close()
 
 
+def test_a_bulk_write_left_idle_is_ended_by_the_server_as_any_write_is(
+    postgres_dsn: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry write, an agent's ban or eviction, a prune run under the bulk limits (their
+    turn, or the rows they delete, may rightly take long to come), but each runs its
+    statements back to back. One whose server stalled midway (paused, its VM frozen) held its
+    locks for the bulk bound, ten minutes: every server's entry writes, or the banned agent's
+    issuance, failed all along. PostgreSQL ends it as it ends any other write left idle."""
+    monkeypatch.setattr(postgres_module, "IDLE_IN_TRANSACTION_TIMEOUT", 0.5)
+    stalled = PostgresDataStore(postgres_dsn, clock, max_connections=1)
+    other = PostgresDataStore(postgres_dsn, clock)
+    held, resume = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def stall(cur: Any) -> None:
+        cur.execute(pg(ps.BUMP_COUNTER), {"name": "revision"})
+        held.set()
+        resume.wait(30)
+        cur.execute("SELECT 1")
+
+    def run() -> None:
+        try:
+            stalled._write("stall", stall, bulk=True)
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        assert held.wait(30)
+        other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+        resume.set()
+        thread.join(30)
+        assert isinstance(outcome[0], StorageError), outcome
+        assert other.revision() == 1  # the stalled bump was rolled back
+    finally:
+        resume.set()
+        thread.join(30)
+        stalled.close()
+        other.close()
+
+
 def test_connection_options_bound_every_wait_unless_the_dsn_sets_its_own() -> None:
     found = connection_options("postgresql://u@h/db?options=-csearch_path%3Ds&keepalives_idle=60")
     assert found["options"] == (
