@@ -294,6 +294,43 @@ def test_the_per_request_access_token_is_what_model_construct_makes(
         fast.token = "other"  # type: ignore[misc]
 
 
+def test_a_tool_changing_its_token_s_nested_claims_changes_no_later_request(
+    source: RevokingSource,
+) -> None:
+    """The verifier caches a token's claims for its next requests: a tool that edits the
+    ``act`` (or any nested claim) of the token it was handed edits its own copy, not what
+    the next request with the same token is shown and typed from."""
+    auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
+    server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
+
+    @server.tool()
+    def read_ticket(ticket_id: str) -> str:
+        token = get_access_token()
+        SEEN.append((dict(token.claims["act"]), list(token.claims["tctx"]["resources"])))
+        token.claims["act"]["sub"] = "spiffe://example.org/someone-else"
+        token.claims["tctx"]["resources"].append("https://elsewhere.example")
+        return "ok"
+
+    token = task_token()
+    with serving(auth.protect(server)) as url:
+        for ticket in ("1", "2"):
+            assert not asyncio.run(call(url, token, "read_ticket", {"ticket_id": ticket})).is_error
+    first, second = SEEN
+    assert first == second == ({"sub": f"{RUNTIME}/task/t1"}, [AUDIENCE])
+    again = auth.access_token(token)  # typed from the verifier's cached claims
+    assert again.task is not None
+    assert again.task.resources == (AUDIENCE,)
+
+    oauth = svid.mcp.AccessTokenAuth(source, issuer=ISSUER, resource=RESOURCE)
+    exchanged = access_token()
+    seen = asyncio.run(oauth.verify_token(exchanged))
+    assert seen is not None
+    seen.claims["act"]["sub"] = "spiffe://example.org/someone-else"
+    later = asyncio.run(oauth.verify_token(exchanged))
+    assert later is not None
+    assert later.claims["act"] == {"sub": f"{RUNTIME}/task/t1"}
+
+
 def _sdk_checks_behind(
     protecting: svid.mcp.TaskAuth, token: str, *checkers: tuple[svid.mcp.TaskAuth, str]
 ) -> tuple[int, list[Any]]:
