@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_attestor import parent_death
-from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
+from svid._unix_socket import MAX_UNIX_PATH, unix_path_size, unix_uri
 
 TRUST_DOMAIN = "example.org"
 START_TIMEOUT = 30.0
@@ -206,7 +206,7 @@ svidd demo is running (logs in {self.root}/server.log and agent.log).
   agent:     {parent}
   workload:  {spiffe_id}   (any process of user {user}, selector unix:uid:{os.getuid()})
 
-  export SPIFFE_ENDPOINT_SOCKET={shlex.quote(f"unix://{self.socket}")}
+  export SPIFFE_ENDPOINT_SOCKET={shlex.quote(unix_uri(self.socket))}
 
   {agent_cmd} api fetch x509 --write /tmp/svids
   {agent_cmd} api fetch jwt --audience my-service

@@ -19,7 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 from agent_attestor.config import DEFAULT_SOCKET
 from agent_attestor.errors import AgentError, ConfigError
 from svid._proto import task_pb2, task_pb2_grpc, workload_pb2, workload_pb2_grpc
-from svid._unix_socket import SocketProblem, grpc_unix_target, socket_problem
+from svid._unix_socket import (
+    SocketProblem,
+    grpc_unix_target,
+    socket_problem,
+    unix_uri,
+    unix_uri_path,
+)
 from svid._workload_address import ENV_SOCKET, WorkloadApiAddressError, grpc_target
 from svid._workload_errors import unreachable
 
@@ -68,7 +74,8 @@ def endpoint(socket_path: Path | None) -> Endpoint:
         target = grpc_target(value)
     except WorkloadApiAddressError as exc:
         raise ConfigError(f"{ENV_SOCKET}: {exc}") from None
-    unix = Path(target.removeprefix("unix://")) if target.startswith("unix://") else None
+    # The socket checked is the one gRPC will open: the URI's path decoded (a space is "%20").
+    unix = unix_uri_path(target.removeprefix("unix://")) if target.startswith("unix://") else None
     return Endpoint(target, ENV_SOCKET, unix)
 
 
@@ -90,7 +97,7 @@ def check_socket(where: Endpoint) -> None:
 
 
 def socket_uri(path: Path) -> str:
-    return f"unix://{path.resolve()}"
+    return unix_uri(path.resolve())
 
 
 class WorkloadClient:

@@ -73,3 +73,16 @@ def grpc_unix_target(path: Path) -> str:
     "%" an escape, so the path is percent-encoded (its bytes, whatever the locale).
     """
     return "unix:" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def unix_uri(path: Path) -> str:
+    """``unix:///...``, the SPIFFE_ENDPOINT_SOCKET value naming the Unix socket at ``path``
+    (absolute). A URI, which gRPC and every SPIFFE client decode: its path percent-encoded as
+    the gRPC target's is, or a "%41" in a directory name named another path ("A"), and a "#"
+    or "?" began a fragment or query that clients refuse."""
+    return "unix://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def unix_uri_path(uri_path: str) -> Path:
+    """The file a ``unix://`` URI's (still encoded) path names, as gRPC reads it."""
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(uri_path)))

@@ -6,25 +6,31 @@ import argparse
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 
 from agent_attestor import cli
 from agent_attestor.app import AgentApp
 from agent_attestor.config import KEYS, build_config, load_toml
 from agent_attestor.errors import ConfigError
 from agent_attestor.servers import Target
-from agent_attestor.workload_client import WorkloadClient, endpoint
+from agent_attestor.workload_client import WorkloadClient, endpoint, socket_uri
 from svid._clock import format_utc
 from svid._proto import task_pb2
+from svid._unix_socket import grpc_unix_target
 from tests.agent_attestor.harness import Harness
+from tests.tmpdirs import short_tmpdir
 from tests.users import NOBODY
 
 
@@ -315,6 +321,30 @@ def test_endpoint_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="SPIFFE_ENDPOINT_SOCKET"):
         endpoint(None)
     assert endpoint(Path("/x/y.sock")).target == "unix:/x/y.sock"
+
+
+@pytest.mark.parametrize("name", ["sv d", "sv\u00f6", "sv%41", "sv#h", "sv?q"])
+def test_the_printed_socket_uri_reaches_the_socket_whatever_its_path_holds(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """SPIFFE_ENDPOINT_SOCKET is a URI, which gRPC decodes: the agent's printed line held the
+    path as it was, so in a directory whose name held "%41" it named another path ("A"), and
+    one holding "#" or "?" began a fragment or query that every client refused."""
+    root = short_tmpdir(prefix=name)
+    sock = root / "api.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(grpc_unix_target(sock))
+    server.start()
+    try:
+        monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", socket_uri(sock))
+        where = endpoint(None)
+        assert where.path == sock  # what the CLI checks before it connects
+        with WorkloadClient(where, timeout=10) as client:
+            assert client.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None)
+        shutil.rmtree(root)
 
 
 def test_run_with_a_bad_config_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
