@@ -127,6 +127,12 @@ def fetch_bundle(
     url = urlsplit(rel.endpoint_url)
     if url.scheme != "https" or not url.hostname:
         raise FederationError(f"{td}: bundle endpoint URL {rel.endpoint_url!r} is not https://")
+    try:  # one stored before relationships were checked for it: named, not a ValueError
+        port = url.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise FederationError(f"{td}: bundle endpoint URL {rel.endpoint_url!r} has no valid port")
 
     def check_peer(der: bytes | None) -> None:
         presented = endpoint_id_of(der)

@@ -151,6 +151,14 @@ def _check_authority(url: str) -> None:
         host = None
     if not host:
         raise InvalidRequestError(f"bundle_endpoint_url: {url!r} names no host")
+    # Read only when connecting: stored as given, a port past 65535 (or not a number) failed
+    # every fetch as an unknown error (ValueError: INTERNAL, a traceback at each retry).
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise InvalidRequestError(f"bundle_endpoint_url: {url!r} has a port not in 1-65535")
 
 
 def parse_static(text: str, own: TrustDomain) -> FederationRelationship:

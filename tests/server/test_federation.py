@@ -243,6 +243,10 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
             ({"ca_file": "/etc/ca\x00.pem"}, "ca_file: may not contain NUL"),
             ({"bundle_endpoint_url": "https://127.0.0.1\x00:1/"}, "bundle_endpoint_url: may"),
             ({"bundle_endpoint_url": "https://127.0.0.1:1/\n"}, "bundle_endpoint_url: one line"),
+            # Read only at the fetch: stored, each failed as an internal error (ValueError).
+            ({"bundle_endpoint_url": "https://127.0.0.1:99999/"}, "port not in 1-65535"),
+            ({"bundle_endpoint_url": "https://[::1]:https/"}, "port not in 1-65535"),
+            ({"bundle_endpoint_url": "https://127.0.0.1:0/"}, "port not in 1-65535"),
         ):
             wrong = admin_pb2.FederationRelationship()
             wrong.CopyFrom(rel)
@@ -255,6 +259,15 @@ def test_dynamic_relationships_round_trip_and_are_validated() -> None:
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert field in str(refused.value.details())
             assert "secret" not in str(refused.value.details())
+        # An IPv6 literal and a port, and no port at all, are endpoints like any other.
+        for url in ("https://[::1]:8443/bundle", "https://bundle.example.org/"):
+            good = admin_pb2.FederationRelationship()
+            good.CopyFrom(rel)
+            good.bundle_endpoint_url = url
+            changed = admin.UpdateFederationRelationship(
+                admin_pb2.UpdateFederationRelationshipRequest(relationship=good), timeout=10
+            )
+            assert changed.bundle_endpoint_url == url
         admin.DeleteFederationRelationship(
             admin_pb2.DeleteFederationRelationshipRequest(trust_domain="example.org"), timeout=10
         )
@@ -291,6 +304,15 @@ def test_https_web_endpoint_is_checked_by_its_ca_and_a_wrong_trust_domain_refuse
         # An endpoint that serves another trust domain's bundle than the relationship names.
         with pytest.raises(FederationError, match=r"belongs to spiffe://example\.org"):
             fetch_bundle(replace(rel, trust_domain="other.org"), None)
+
+
+def test_a_stored_endpoint_url_with_a_port_past_65535_fails_its_fetch_by_name() -> None:
+    """One stored before relationships were checked for it: each fetch raised ValueError, an
+    unknown error to `federation refresh` and a traceback at every retry."""
+    for url in ("https://127.0.0.1:99999/", "https://127.0.0.1:x/"):
+        rel = FederationRelationship("example.org", url, HTTPS_WEB)
+        with pytest.raises(FederationError, match="has no valid port"):
+            fetch_bundle(rel, None)
 
 
 def test_a_bootstrapped_relationship_fetches_at_once(home: tuple[RunningServer, int]) -> None:
