@@ -73,11 +73,33 @@ def _parse_id(field_name: str, text: str) -> SpiffeId:
         raise InvalidRequestError(f"{field_name}: {exc}") from None
 
 
+def _is_dns(lowered: str) -> bool:
+    labels = lowered[2:].split(".") if lowered.startswith("*.") else lowered.split(".")
+    return all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _spelling_taken(name: str) -> str:
+    """The spelling of `name` a SAN takes where only the spelling was refused ("" if none):
+    an FQDN without its final dot, an internationalized name in its IDNA (xn--) form."""
+    if len(name) > 253:  # no IDNA encoding of an unbounded text (punycode is quadratic)
+        return ""
+    written = name.removesuffix(".").lower()
+    try:
+        taken = written.encode("idna").decode("ascii")
+        # Python's codec is IDNA 2003, which maps some names to others ("ß" to "ss"): only
+        # a spelling that reads back as the name written is offered.
+        same = taken.encode("ascii").decode("idna") == written
+    except UnicodeError:
+        return ""
+    return taken if same and 0 < len(taken) <= 253 and _is_dns(taken) else ""
+
+
 def _check_dns(name: str) -> str:
     lowered = name.lower()
-    labels = lowered[2:].split(".") if lowered.startswith("*.") else lowered.split(".")
-    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise InvalidRequestError(f"dns_names: {name!r} is not a valid DNS name")
+    if not name or len(name) > 253 or not _is_dns(lowered):
+        taken = _spelling_taken(name) if name else ""
+        spelled = f" (a certificate takes it as {taken!r})" if taken else ""
+        raise InvalidRequestError(f"dns_names: {name!r} is not a valid DNS name{spelled}")
     if lowered == SERVER_DNS_NAME:
         raise InvalidRequestError(f"dns_names: {name!r} is reserved for the server's certificate")
     return lowered

@@ -51,6 +51,21 @@ def test_dns_names_up_to_the_limit_are_kept() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        # What a SAN takes is ASCII: the refusal says which spelling of the same name it wants.
+        ("b\u00fccher.example.org", "'xn--bcher-kva.example.org'"),
+        ("web.example.org.", "'web.example.org'"),
+    ],
+)
+def test_a_dns_name_refused_for_its_spelling_names_the_one_taken(name: str, says: str) -> None:
+    with pytest.raises(InvalidRequestError, match=f"dns_names: {name!r} .*{says}"):
+        validate_entry(replace(GOOD, dns_names=(name,)), IDS, INDEX)
+    taken = says.strip("'")
+    assert validate_entry(replace(GOOD, dns_names=(taken,)), IDS, INDEX).dns_names == (taken,)
+
+
+@pytest.mark.parametrize(
     "parent",
     [
         "spiffe://example.org/svid/server",
