@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from server import status
+from server import listing, status
 from server.datastore.records import FederationRelationship
 from server.errors import UnavailableError
 from server.federation.service import FederationService
@@ -134,10 +134,17 @@ class FederationAdmin:
     async def ListFederatedBundles(
         self, request: admin_pb2.ListFederatedBundlesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListFederatedBundlesResponse:
+        limit = listing.page_size(request.page_size)
+        query = ["federated_bundles"]
+        after = listing.decode_token(request.page_token, query)
         service = self._service()
+        # Paged by trust domain name: bundles near their 1 MiB maximum would otherwise put a
+        # few of them past gRPC's 4 MiB reply limit and the listing would fail whole.
+        page, last = listing.take_page(
+            ((td, (td, b)) for td, b in sorted(service.bundles().items()) if td > after),
+            limit,
+            lambda item: _bundle_to_proto(item[1], service.updated_at(item[0])),
+        )
         return admin_pb2.ListFederatedBundlesResponse(
-            bundles=[
-                _bundle_to_proto(b, service.updated_at(td))
-                for td, b in sorted(service.bundles().items())
-            ]
+            bundles=page, next_page_token=listing.encode_token(last, query) if last else ""
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from server import cli_output as out
+from server.cli_entries import all_pages
 from server.errors import CliError
 from svid._bundle import SpiffeBundle
 from svid._errors import SvidError
@@ -212,9 +213,13 @@ def run_command(
         )
         emit(args, _bundle_text(stored), _bundle_json(stored))
     elif cmd == ("bundle", "list"):
-        bundles = list(
-            stub.ListFederatedBundles(admin_pb2.ListFederatedBundlesRequest(), timeout=t).bundles
-        )
+
+        def bundle_page(token: str) -> tuple[list[admin_pb2.FederatedBundle], str]:
+            request = admin_pb2.ListFederatedBundlesRequest(page_token=token)
+            reply = stub.ListFederatedBundles(request, timeout=t)
+            return list(reply.bundles), reply.next_page_token
+
+        bundles = all_pages(bundle_page)
         text = "\n\n".join(
             [f"Found {len(bundles)} foreign bundle(s)", *(_bundle_text(b) for b in bundles)]
         )

@@ -347,11 +347,17 @@ class DeleteFederatedBundleResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListFederatedBundlesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListFederatedBundlesResponse(_message.Message):
-    __slots__ = ("bundles",)
+    __slots__ = ("bundles", "next_page_token")
     BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.RepeatedCompositeFieldContainer[FederatedBundle]
-    def __init__(self, bundles: _Optional[_Iterable[_Union[FederatedBundle, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, bundles: _Optional[_Iterable[_Union[FederatedBundle, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
