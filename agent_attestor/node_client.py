@@ -536,7 +536,7 @@ class NodeClient:
         )
         stub = await self._ready()
         reply = await stub.BatchNewX509SVID(request, timeout=30)
-        return [
+        results = [
             X509Result(
                 entry_id=r.entry_id,
                 chain_der=r.cert_chain,
@@ -544,6 +544,12 @@ class NodeClient:
             )
             for r in reply.results
         ]
+        # The server answers the first params and leaves the last `deferred` for another call.
+        left = max(0, min(reply.deferred, len(params) - len(results)))
+        results.extend(
+            X509Result(entry_id=e, deferred=True) for e, _ in params[len(params) - left :]
+        )
+        return results
 
     async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
         stub = await self._ready()

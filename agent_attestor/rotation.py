@@ -298,7 +298,7 @@ class Rotator:
             batch = due[start : start + MAX_BATCH]
             self._in_flight = set(batch)
             try:
-                await self._issue(batch)
+                deferred = await self._issue(batch)
             except Exception as exc:  # the server being away must never stop the loop
                 for eid in due[start:]:
                     if self._cache.entry(eid) is not None:
@@ -320,6 +320,8 @@ class Rotator:
                 return delay
             finally:
                 self._in_flight = set()
+            for eid in deferred:  # the server's reply had no room for them: next tick
+                (self._urgent if eid in urgent else self._pending).setdefault(eid, None)
             rest = due[start + MAX_BATCH :]
             if rest and self._urgent:
                 # A workload started waiting while a long backlog (a restart) is minted: it
@@ -335,23 +337,28 @@ class Rotator:
             self._failures = 0
             self._failure_log = KeyedThrottles(FAILURE_LOG_INTERVAL, self._clock)  # next: news
 
-    async def _issue(self, entry_ids: Sequence[str]) -> None:
-        """Mint and install SVIDs for `entry_ids`."""
+    async def _issue(self, entry_ids: Sequence[str]) -> list[str]:
+        """Mint and install SVIDs for `entry_ids`; return those the server left for another
+        call (its reply had no room for them)."""
         entries = [e for e in map(self._cache.entry, entry_ids) if e is not None]
         if not entries:
-            return
+            return []
         # Key generation and CSR signing are CPU work: keep them off the event loop.
         requests = await asyncio.to_thread(_make_requests, entries)
         results = await self._signer.batch_new_x509([(e.id, csr) for e, _, csr in requests])
         by_id = {r.entry_id: r for r in results}
         issued: list[IssuedSvid] = []
         expired: list[IssuedSvid] = []
+        deferred: list[str] = []
         received = self._clock.now()
         elapsed = self._elapsed.monotonic()
         for entry, key, _ in requests:
             if self._cache.entry(entry.id) is None:
                 continue  # removed while it was minted (_forget): nothing to retry or keep
             result = by_id.get(entry.id)
+            if result is not None and result.deferred:
+                deferred.append(entry.id)
+                continue
             if result is None or result.error or not result.chain_der:
                 log.warning(
                     "server refused an SVID",
@@ -402,6 +409,7 @@ class Rotator:
             "issued X.509-SVIDs",
             extra={"count": len(installed), "next_due_in": self.next_due_in()},
         )
+        return deferred
 
     async def run(self, idle: float = 30.0) -> None:
         """Tick forever: sleep until the next due time or a wake-up (new entries, a workload

@@ -11,6 +11,9 @@ class X509Result:
     entry_id: str
     chain_der: bytes = b""
     error: str = ""
+    # Not answered in this call (the server's reply would have outgrown a message): asked
+    # for again at once, neither refused nor waited for.
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -501,13 +501,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
         agent = await self._authority.authorize(peer)
         params = request.params
         _check_batch_size("params", len(params))
-        if not self._limits.x509.try_take(agent.spiffe_id, len(params)):
+        asked = [(item.entry_id, item.csr) for item in params]
+        # SVIDs with many long DNS names: a batch the reply could not carry under gRPC's
+        # message limit is answered in part, the agent asking again for the rest.
+        wanted = asked[: self._issuer.x509_answerable(asked)]
+        if not self._limits.x509.try_take(agent.spiffe_id, len(wanted)):
             raise RateLimitedError(f"X.509 signing rate limit exceeded for {agent.spiffe_id}")
-        outcomes = await self._issuer.issue_x509(
-            agent, [(item.entry_id, item.csr) for item in params]
-        )
+        outcomes = await self._issuer.issue_x509(agent, wanted)
         self._still_authorized(peer, agent)
-        response = node_pb2.BatchNewX509SVIDResponse()
+        response = node_pb2.BatchNewX509SVIDResponse(deferred=len(asked) - len(wanted))
         add = response.results.add
         for outcome in outcomes:
             if outcome.error is None:

@@ -341,6 +341,11 @@ class X509Signer:
         return self._chain
 
     @property
+    def chain_bytes(self) -> int:
+        """The DER size of `chain`: what every SVID of this CA carries after its leaf."""
+        return len(self._chain_der)
+
+    @property
     def trust_domain(self) -> TrustDomain:
         return self._trust_domain
 

@@ -40,6 +40,7 @@ from server.issuance.records import (
     workload_jwt_record,
     x509_record,
 )
+from server.issuance.reply_budget import answerable
 from server.issuance.task_port import TaskDecisions, TaskGrant, TaskJwtGrant
 from server.metrics import Metrics, observe_times
 from server.state import ServerState
@@ -205,6 +206,11 @@ class Issuer:
                 committed = sent
             self._x509_issued.inc(committed)
         return outcomes
+
+    def x509_answerable(self, requests: Sequence[tuple[str, bytes]]) -> int:
+        """How many of `requests`, from the first, one reply can carry (reply_budget)."""
+        chain_bytes = self._ca.x509_signer().chain_bytes
+        return answerable(requests, self._state.entries.by_id.get, chain_bytes)
 
     def _unless_ended(self, outcome: X509Outcome, ended: frozenset[str]) -> X509Outcome:
         if outcome.error is None and (

@@ -159,10 +159,12 @@ class BatchNewX509SVIDRequest(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[X509SVIDParams, _Mapping]]] = ...) -> None: ...
 
 class BatchNewX509SVIDResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "deferred")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[X509SVIDResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[X509SVIDResult, _Mapping]]] = ...) -> None: ...
+    deferred: int
+    def __init__(self, results: _Optional[_Iterable[_Union[X509SVIDResult, _Mapping]]] = ..., deferred: _Optional[int] = ...) -> None: ...
 
 class NewJWTSVIDRequest(_message.Message):
     __slots__ = ("spiffe_id", "audience", "entry_id")

@@ -130,14 +130,17 @@ class FakeSigner:
         # The server's per-agent JWT limit, as a count (the tests' clock stands still): past
         # it a mint fails as the server's RESOURCE_EXHAUSTED does (any error but a decision).
         self.jwt_budget: int | None = None
+        # Items one reply has room for (the server's byte bound): the rest are deferred.
+        self.answer_at_most: int | None = None
 
     async def batch_new_x509(self, params: list[tuple[str, bytes]]) -> list[X509Result]:
         if self.fail:
             raise ConnectionError("server unreachable")
         self.batches.append(len(params))
         self.requested.append([entry_id for entry_id, _ in params])
+        room = len(params) if self.answer_at_most is None else self.answer_at_most
         out = []
-        for entry_id, csr_der in params:
+        for entry_id, csr_der in params[:room]:
             sid = self.spiffe_ids.get(entry_id)
             if sid is None:
                 out.append(X509Result(entry_id, error="not entitled"))
@@ -148,7 +151,7 @@ class FakeSigner:
             assert isinstance(pub, ec.EllipticCurvePublicKey)
             leaf = self.ca.sign_leaf(pub, sid, self.ttls.get(entry_id))
             out.append(X509Result(entry_id, leaf.public_bytes(serialization.Encoding.DER)))
-        return out
+        return out + [X509Result(entry_id, deferred=True) for entry_id, _ in params[room:]]
 
     async def new_jwt(self, spiffe_id: str, audience: list[str], entry_id: str) -> MintedJwt:
         if self.fail:

@@ -725,6 +725,35 @@ def test_svids_of_an_expiring_entry_end_with_it(srv: RunningServer) -> None:
     assert [r.svid.expires_at for r in batch.results] == [until, until]
 
 
+def test_a_batch_too_big_for_one_reply_is_answered_in_part_and_the_rest_asked_again(
+    srv: RunningServer,
+) -> None:
+    # 500 SVIDs of an entry with 100 DNS names of ~200 bytes: some 10 MB, past gRPC's 4 MiB
+    # limit. The whole reply failed, and the agent, asking for the same batch, failed forever.
+    agent = srv.attest()
+    names = [f"{'a' * 63}.{'b' * 63}.{'c' * 60}.n{n:03d}.example.org" for n in range(100)]
+    entry = srv.create_entry("/x509/many-names", agent.spiffe_id, dns_names=names)
+    key, csr = make_csr()
+    asked = [node_pb2.X509SVIDParams(entry_id=entry.id, csr=csr)] * 500
+    stub = srv.node_stub(agent)
+    answered = 0
+    calls = 0
+    while asked:
+        reply = stub.BatchNewX509SVID(node_pb2.BatchNewX509SVIDRequest(params=asked), timeout=60)
+        calls += 1
+        assert reply.ByteSize() < 4 * 1024 * 1024
+        assert reply.results, "every call answers at least one item"
+        assert len(reply.results) + reply.deferred == len(asked)
+        assert [r.error.code for r in reply.results] == [0] * len(reply.results)
+        leaf = der_chain(reply.results[-1].cert_chain)[0]
+        assert leaf.public_key() == key.public_key()
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == names
+        answered += len(reply.results)
+        asked = asked[len(reply.results) :]
+    assert (answered, calls > 1) == (500, True)
+
+
 @pytest.mark.parametrize(("count", "message"), [(0, "at least one"), (1001, "at most 1000")])
 def test_batch_size_limits(srv: RunningServer, count: int, message: str) -> None:
     agent = srv.attest()
