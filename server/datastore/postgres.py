@@ -659,7 +659,8 @@ class PostgresDataStore(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:
         params = {"spiffe_id": spiffe_id, "parent_id": parent_id}
-        rows = self._rows("list entries", ps.LIST_ENTRIES, params, bulk=True)
+        sql = q.list_entries(spiffe_id=spiffe_id is not None, parent_id=parent_id is not None)
+        rows = self._rows("list entries", sql, params, bulk=True)
         return [_entry_from(r) for r in rows]
 
     # -- join tokens ----------------------------------------------------------------------------

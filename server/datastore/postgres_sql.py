@@ -29,7 +29,6 @@ BUMP_COUNTER = "UPDATE counters SET value = value + 1 WHERE name = :name RETURNI
 
 # A NULL filter matches everything; PostgreSQL must be told the type of a parameter it meets
 # first in `IS NULL` (the filters are text columns).
-LIST_ENTRIES = re.sub(r"(:\w+) IS NULL", r"\1::text IS NULL", q.LIST_ENTRIES)
 
 # A concurrent insert of the same id waits for the first and then does nothing: rowcount 0.
 INSERT_JOIN_TOKEN_UNLESS_EXISTS = q.INSERT_JOIN_TOKEN + " ON CONFLICT DO NOTHING"

@@ -639,7 +639,8 @@ class SqliteDataStore(
     def list_entries(
         self, spiffe_id: str | None = None, parent_id: str | None = None
     ) -> list[Entry]:
-        rows = self._rows(q.LIST_ENTRIES, {"spiffe_id": spiffe_id, "parent_id": parent_id})
+        sql = q.list_entries(spiffe_id=spiffe_id is not None, parent_id=parent_id is not None)
+        rows = self._rows(sql, {"spiffe_id": spiffe_id, "parent_id": parent_id})
         return [_entry_from(r) for r in rows]
 
     # -- join tokens ----------------------------------------------------------------------------

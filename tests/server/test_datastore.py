@@ -646,6 +646,28 @@ def test_every_task_page_reads_an_index_in_order(
         db.close()
 
 
+@pytest.mark.parametrize(
+    ("by_spiffe_id", "by_parent", "index"),
+    [(True, False, "entries_spiffe_id"), (False, True, "entries_parent_id")],
+)
+def test_entries_filtered_by_an_id_are_read_by_index(
+    tmp_path: Path, clock: FakeClock, by_spiffe_id: bool, by_parent: bool, index: str
+) -> None:
+    """An exact SPIFFE ID or parent ID is an index search: written `(:x IS NULL OR col = :x)`,
+    the one query for every filter read the whole table in id order."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    sql = queries.list_entries(spiffe_id=by_spiffe_id, parent_id=by_parent)
+    params = {"spiffe_id": "spiffe://example.org/w", "parent_id": AGENT}
+    try:
+        steps = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    finally:
+        db.close()
+    reads = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
+    assert len(reads) == 1, steps
+    assert reads[0].startswith(f"SEARCH entries USING INDEX {index}"), steps
+
+
 def test_the_revocation_events_of_a_node_are_read_by_index(
     tmp_path: Path, clock: FakeClock
 ) -> None:

@@ -460,6 +460,23 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
     assert "audit_events_node_revocations" in " ".join(row[0] for row in plan), plan
 
 
+@pytest.mark.parametrize(
+    ("by_spiffe_id", "by_parent", "index"),
+    [(True, False, "entries_spiffe_id"), (False, True, "entries_parent_id")],
+)
+def test_entries_filtered_by_an_id_are_read_by_index(
+    postgres_dsn: str, clock: FakeClock, by_spiffe_id: bool, by_parent: bool, index: str
+) -> None:
+    """An exact SPIFFE ID or parent ID is an index search on PostgreSQL too."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    sql = q.list_entries(spiffe_id=by_spiffe_id, parent_id=by_parent)
+    params = {"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a"}
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(sql)}", params))
+    assert index in plan, plan
+
+
 def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
     """Migration 21's partial index serves the JWT-bearer grant's lookup on PostgreSQL too."""
     from server.datastore.ledger_queries import WORKLOAD_JWT
