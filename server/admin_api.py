@@ -22,6 +22,7 @@ from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError
 from server.datastore.records import REMOVAL_EVICTED, AttestedAgent, Entry, Removal, Selector
 from server.entitlement import EntryIndex
+from server.entry_listing import EntryKeys
 from server.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server.federation.service import FederationService
 from server.ids import ServerIds
@@ -126,7 +127,7 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         self._finish_removal = finish_removal
         self._audit_checkpoint = audit_checkpoint
         # Sorted listing keys, per snapshot: paging through a snapshot sorts it once.
-        self._entry_keys: tuple[EntryIndex | None, dict[str, tuple[str, ...]]] = (None, {})
+        self._entry_keys = EntryKeys()
         self._agent_keys: tuple[Mapping[str, AttestedAgent] | None, tuple[str, ...]] = (None, ())
 
     def on_error(self, code: grpc.StatusCode) -> None:
@@ -268,19 +269,6 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
             results=[_item_result(o, i) for o, i in zip(outcomes, asked, strict=True)]
         )
 
-    def _sorted_entry_ids(self, index: EntryIndex, parent_id: str) -> tuple[str, ...]:
-        cached_index, by_parent = self._entry_keys
-        if cached_index is not index:
-            by_parent = {}
-            self._entry_keys = (index, by_parent)
-        if not parent_id:
-            return index.sorted_ids
-        keys = by_parent.get(parent_id)
-        if keys is None:
-            keys = tuple(sorted(e.id for e in index.by_parent.get(parent_id, ())))
-            by_parent[parent_id] = keys
-        return keys
-
     @status.unary
     async def ListEntries(  # type: ignore[override]
         self, request: admin_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
@@ -291,23 +279,29 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         query = ["entries", request.spiffe_id, request.parent_id, prefix, *selectors.key()]
         after = listing.decode_token(request.page_token, query)
         index = self._state.entries
-        spiffe_id = request.spiffe_id
+        spiffe_id, parent_id = request.spiffe_id, request.parent_id
 
         def keep(e: Entry) -> bool:
             return (
                 (not spiffe_id or e.spiffe_id == spiffe_id)
+                and (not parent_id or e.parent_id == parent_id)
                 and listing.under_prefix(e.spiffe_id, prefix)
                 and selectors.matches(e.selectors)
             )
 
-        page, last = listing.paginate(
-            self._sorted_entry_ids(index, request.parent_id),
-            after,
-            limit,
-            load=index.by_id.get,
-            keep=keep,
-            encode=entry_to_proto,
-        )
+        def page_of() -> tuple[list[common_pb2.Entry], str]:
+            return listing.paginate(
+                self._entry_keys.keys(index, spiffe_id, parent_id),
+                after,
+                limit,
+                load=index.by_id.get,
+                keep=keep,
+                encode=entry_to_proto,
+            )
+
+        # A filter may walk many entries to fill a page (a prefix, selectors): in a thread,
+        # so the event loop serves the node API meanwhile. The snapshot does not change.
+        page, last = await asyncio.to_thread(page_of)
         return admin_pb2.ListEntriesResponse(
             entries=page, next_page_token=listing.encode_token(last, query) if last else ""
         )

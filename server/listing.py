@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from server.datastore.records import Selector
 from server.errors import InvalidRequestError
+from server.sorted_keys import SortedKeys
 from svid._errors import SpiffeIdError
 from svid._proto import admin_pb2
 from svid._spiffe_id import SpiffeId
@@ -125,8 +126,16 @@ class SelectorFilter:
         return self.selectors <= present
 
 
+def keys_after(keys: Sequence[str] | SortedKeys, after: str) -> Iterator[str]:
+    """The keys of `keys` (sorted) greater than `after` ("": all), in order."""
+    if isinstance(keys, SortedKeys):
+        return keys.after(after)
+    start = bisect.bisect_right(keys, after) if after else 0
+    return (keys[position] for position in range(start, len(keys)))
+
+
 def paginate(
-    keys: Sequence[str],
+    keys: Sequence[str] | SortedKeys,
     after: str,
     limit: int,
     *,
@@ -138,8 +147,7 @@ def paginate(
     the key to continue after ("" when no later item is kept). As `take_page`."""
 
     def kept() -> Iterator[tuple[str, _T]]:
-        for position in range(bisect.bisect_right(keys, after) if after else 0, len(keys)):
-            key = keys[position]
+        for key in keys_after(keys, after):
             item = load(key)
             if item is not None and keep(item):
                 yield key, item
