@@ -339,12 +339,12 @@ class PostgresDataStore(
             if migrate:
                 with psycopg.connect(dsn, autocommit=True, **tcp) as conn:
                     self._migrate(conn, on_new_schema)
-                    self._lease_time.measure(_database_clock(conn))
+                    self._lease_time.measure(lambda: _database_clock(conn))
             else:
                 with psycopg.connect(dsn, autocommit=True, **self._options) as conn:
                     oldest = MIGRATIONS[-1].version if oldest_schema is None else oldest_schema
                     refuse_other(self._versions(conn), oldest)
-                    self._lease_time.measure(_database_clock(conn))
+                    self._lease_time.measure(lambda: _database_clock(conn))
         except psycopg.Error as e:
             raise StorageError(
                 f"cannot open the PostgreSQL datastore at {redact_dsn(dsn)}: {scrub(str(e), dsn)}"
