@@ -42,6 +42,7 @@ from server.datastore.errors import (
     DatastoreMovedError,
     HolderGoneError,
     JtiHeldError,
+    LeaseLostError,
     RemovalClaimLostError,
     RemovalUnderWayError,
     StorageError,
@@ -238,6 +239,9 @@ RULES: Mapping[type[BaseException], Rule] = {
     # A removal's finisher lost its claim to another server's (removals.py answers it by
     # leaving the rest to that one; this is for any other caller): nothing was logged.
     RemovalClaimLostError: Rule(Code.ABORTED),
+    # The ca-rotation lease's holder paused past its life and another server took it over:
+    # its key-slot write was refused (the manager answers it; this is for any other caller).
+    LeaseLostError: Rule(Code.ABORTED),
     # Another server moved the audit chain; the audit log reseals and retries, so one reaching
     # here is a storage failure like any other.
     ChainMovedError: _STORAGE,

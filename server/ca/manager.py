@@ -65,7 +65,8 @@ from server.ca.keys import (
 )
 from server.ca.sealing import KEK_SETTING, KeyEncryptionKey, sealed_kek_id
 from server.ca.signer import JwtSigner, X509Signer
-from server.datastore.base import DataStore
+from server.datastore.base import DataStore, LeaseFence
+from server.datastore.errors import LeaseLostError
 from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock
@@ -228,8 +229,12 @@ class CaManager:
             self._check_kek(self._kek)
             owner = self._wait_for_keys()
             if owner:
-                self._apply_schedule()
-            else:
+                try:
+                    self._apply_schedule()
+                except LeaseLostError:
+                    self._lost_lease()
+                    owner = False
+            if not owner:
                 self._read_slots()
             self._publish(self._ds.next_bundle_sequence() if owner else self._ds.bundle_sequence())
 
@@ -254,7 +259,10 @@ class CaManager:
         if self._take_lease():
             # A new holder numbers a fresh bundle: the last one may have died between its
             # journal writes and its sequence bump.
-            return self._rotate_journal(takeover=not was_holder)
+            try:
+                return self._rotate_journal(takeover=not was_holder)
+            except LeaseLostError:
+                self._lost_lease()
         self._read_slots()
         return self._sync_published(owner=False)
 
@@ -431,6 +439,23 @@ class CaManager:
         self._holds_lease = held
         return held
 
+    def _fence(self) -> LeaseFence | None:
+        """The lease a journal write of the holder's requires, held now by the database's
+        reckoning: a holder paused past the lease's life since it took it (a stalled VM, a
+        long GC) would otherwise write beside the server that took it over."""
+        if not (self.shared and self._holds_lease):
+            return None
+        return LeaseFence(ROTATION_LEASE, self._holder, int(self._clock.now()))
+
+    def _lost_lease(self) -> None:
+        """A journal write refused: the lease went to another server while this one paused.
+        What it wrote before stays (the new holder's plan goes on from the journal)."""
+        self._holds_lease = False
+        _log.warning(
+            "ca-rotation lease lost to another server mid-rotation: the rest left to it",
+            extra={"holder": self._holder},
+        )
+
     def _read_slots(self) -> None:
         for kind in (X509_KIND, JWT_KIND):
             self._slots[kind] = self._ds.list_key_slots(kind)
@@ -487,7 +512,7 @@ class CaManager:
                 if not slot.sealed_key:
                     key = self._keys.load(slot.slot_id)
                     sealed = kek.seal(key, slot.slot_id, slot.kind, slot.kid)
-                    self._ds.save_key_slot(replace(slot, sealed_key=sealed))
+                    self._ds.save_key_slot(replace(slot, sealed_key=sealed), fence=self._fence())
                     _log.info("key sealed into the datastore", extra={"slot_id": slot.slot_id})
                 self._keys.delete(slot.slot_id)
 
@@ -533,7 +558,7 @@ class CaManager:
             # The key first: a crash between the two leaves a slot this plan drops again at
             # the next start, never a key file the journal no longer names.
             self._custody.forget(slot_id)
-            self._ds.delete_key_slot(slot_id)
+            self._ds.delete_key_slot(slot_id, fence=self._fence())
             _log.info("key dropped", extra={"kind": kind, "slot_id": slot_id})
         # Activate before retiring: a reader between the two writes sees two active slots and
         # signs with the newer, never none (and a replay retires the older one).
@@ -560,11 +585,11 @@ class CaManager:
                 "key slot has no sealed key: dropping it",
                 extra={"kind": kind, "slot_id": slot.slot_id},
             )
-            self._ds.delete_key_slot(slot.slot_id)
+            self._ds.delete_key_slot(slot.slot_id, fence=self._fence())
         return kept
 
     def _set_status(self, slot: KeySlot, status: str) -> None:
-        self._ds.save_key_slot(replace(slot, status=status))
+        self._ds.save_key_slot(replace(slot, status=status), fence=self._fence())
         _log.info("key %s", status, extra={"kind": slot.kind, "slot_id": slot.slot_id})
 
     def _create_slot(self, kind: str, status: str, now: int) -> KeySlot:
@@ -604,7 +629,7 @@ class CaManager:
             self._keys.save_record(slot_id, record)
         try:
             slot = self._custody.keep(slot, key)
-            self._ds.save_key_slot(slot)
+            self._ds.save_key_slot(slot, fence=self._fence())
         except BaseException:
             self._custody.forget(slot_id)  # never journaled: the file would be an orphan
             raise
@@ -699,7 +724,7 @@ class CaManager:
             self._audit_taken_back(taken, named)
         for kind, slots in plans.items():
             for slot in slots:
-                self._ds.save_key_slot(slot)
+                self._ds.save_key_slot(slot, fence=self._fence())
                 _log.warning(
                     "key the datastore journals as prepared was activated since, as the keys "
                     "taken back after it show"

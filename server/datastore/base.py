@@ -230,19 +230,21 @@ class RegistrationStore(Protocol):
 
     # -- CA and JWT key slots -------------------------------------------------------------------
 
-    def save_key_slot(self, slot: KeySlot) -> None:
-        """Insert or replace by slot_id."""
+    def save_key_slot(self, slot: KeySlot, *, fence: LeaseFence | None = None) -> None:
+        """Insert or replace by slot_id. `fence`: only while its lease is held (LeaseFence;
+        LeaseLostError, nothing written, if not)."""
         ...
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         """Slots of one kind ("x509" or "jwt"), oldest not_before first."""
         ...
 
-    def delete_key_slot(self, slot_id: str) -> None:
-        """Deleting an absent slot is not an error (the journal may be replayed)."""
+    def delete_key_slot(self, slot_id: str, *, fence: LeaseFence | None = None) -> None:
+        """Deleting an absent slot is not an error (the journal may be replayed). `fence`: as
+        save_key_slot's."""
         ...
 
-    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+    def delete_key_slots(self, slot_ids: Sequence[str], *, fence: LeaseFence | None = None) -> None:
         """delete_key_slot for each, all in one transaction (an operator's forget of lost
         keys: all of them or none)."""
         ...
@@ -569,6 +571,18 @@ class JtiClaim(NamedTuple):
     issuer: str
     jti: str
     expires_at: int
+
+
+class LeaseFence(NamedTuple):
+    """A write only a lease's holder may make (the ca-rotation lease's key-slot writes): the
+    backend checks, in the write's own transaction, that `holder` holds lease `name` unexpired
+    at `now` (by the caller's clock; PostgreSQL counts it on the database's, as acquire_lease
+    does), and refuses the write otherwise (LeaseLostError). A holder paused past the lease's
+    life between taking it and writing wrote beside the server that took it over."""
+
+    name: str
+    holder: str
+    now: int
 
 
 class RemovalClaim(NamedTuple):

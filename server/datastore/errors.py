@@ -269,3 +269,15 @@ def held_message(held: Iterable[tuple[str, str]]) -> str:
     """JtiHeldError's message: the first few held jtis (names of assertions, not secrets)."""
     names = sorted(jti[:64] for _, jti in held)
     return f"assertion jti(s) accepted before: {', '.join(repr(n) for n in names[:4])}"
+
+
+class LeaseLostError(StorageError):
+    """A write fenced by a lease (LeaseFence) whose holder no longer holds it: another server
+    took it over (the holder paused past its life), or it lapsed. Nothing was written."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"the lease {name!r} is no longer this server's (another took it over, or it "
+            "lapsed): nothing was written"
+        )

@@ -74,7 +74,7 @@ from psycopg_pool import ConnectionPool
 
 from server.datastore import postgres_sql as ps
 from server.datastore import queries as q
-from server.datastore.base import JtiClaim
+from server.datastore.base import JtiClaim, LeaseFence
 from server.datastore.entry_writes import REVISION as _REVISION
 from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
@@ -82,6 +82,7 @@ from server.datastore.errors import (
     AlreadyExistsError,
     CommitUnknownError,
     ConflictError,
+    LeaseLostError,
     NotFoundError,
     RemovalUnderWayError,
     StorageError,
@@ -885,10 +886,12 @@ class PostgresDataStore(
 
     # -- key slots ------------------------------------------------------------------------------
 
-    def save_key_slot(self, slot: KeySlot) -> None:
+    def save_key_slot(self, slot: KeySlot, *, fence: LeaseFence | None = None) -> None:
         params = key_slot_params(slot)
+        held = self._fence_params(fence)
 
         def work(cur: Cursor) -> None:
+            _check_fence(cur, held)
             cur.execute(pg(q.UPSERT_KEY_SLOT), params)
             self._append_feed(cur, FEED_KEY_SLOT, (slot.slot_id,))
 
@@ -898,11 +901,14 @@ class PostgresDataStore(
         rows = self._rows("list key slots", q.LIST_KEY_SLOTS, {"kind": kind})
         return [_slot_from(r) for r in rows]
 
-    def delete_key_slot(self, slot_id: str) -> None:
-        self.delete_key_slots([slot_id])
+    def delete_key_slot(self, slot_id: str, *, fence: LeaseFence | None = None) -> None:
+        self.delete_key_slots([slot_id], fence=fence)
 
-    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+    def delete_key_slots(self, slot_ids: Sequence[str], *, fence: LeaseFence | None = None) -> None:
+        held = self._fence_params(fence)
+
         def work(cur: Cursor) -> None:
+            _check_fence(cur, held)
             gone = [
                 slot_id
                 for slot_id in slot_ids
@@ -911,6 +917,12 @@ class PostgresDataStore(
             self._append_feed(cur, FEED_KEY_SLOT, gone)
 
         self._write("delete key slots", work)
+
+    def _fence_params(self, fence: LeaseFence | None) -> dict[str, Any] | None:
+        """`fence`'s lease check, its `now` on the database's clock (as acquire_lease's)."""
+        if fence is None:
+            return None
+        return {**fence._asdict(), "now": self._lease_time.of(fence.now)}
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -1087,6 +1099,14 @@ class PostgresDataStore(
             if self._listener is not None:
                 self._listener[0].close()
                 self._listener = None
+
+
+def _check_fence(cur: Cursor, held: dict[str, Any] | None) -> None:
+    """LeaseLostError unless the fence's lease (`held`, _fence_params) is its holder's,
+    unexpired. FOR SHARE until the commit: a takeover (an UPDATE of the row) waits for this
+    write, so none lands between the check and the write."""
+    if held is not None and cur.execute(pg(q.LEASE_HELD + " FOR SHARE"), held).fetchone() is None:
+        raise LeaseLostError(str(held["name"]))
 
 
 def _database_clock(conn: psycopg.Connection[Any]) -> float:

@@ -213,6 +213,9 @@ ACQUIRE_LEASE = (
     "WHERE leases.holder = excluded.holder OR leases.expires_at <= :now"
 )
 RELEASE_LEASE = "DELETE FROM leases WHERE name = :name AND holder = :holder"
+# A write fenced by a lease (LeaseFence): the lease's row, still its holder's and unexpired
+# (PostgreSQL appends FOR SHARE: a takeover, an UPDATE of the row, waits for the write).
+LEASE_HELD = "SELECT name FROM leases WHERE name = :name AND holder = :holder AND expires_at > :now"
 
 _REVOCATION_COLUMNS = "kind, value, spiffe_id, expires_at, reason, revoked_at, issuer"
 INSERT_REVOCATION = (

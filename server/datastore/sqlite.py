@@ -34,7 +34,7 @@ import sqlite_utils
 
 from server.datastore import queries as q
 from server.datastore import sqlite_audit
-from server.datastore.base import JtiClaim
+from server.datastore.base import JtiClaim, LeaseFence
 from server.datastore.entry_writes import REVISION as _REVISION
 from server.datastore.entry_writes import EntryWrites
 from server.datastore.errors import (
@@ -43,6 +43,7 @@ from server.datastore.errors import (
     CommitUnknownError,
     ConflictError,
     DatastoreMovedError,
+    LeaseLostError,
     NotFoundError,
     RemovalUnderWayError,
     StorageError,
@@ -812,20 +813,22 @@ class SqliteDataStore(
 
     # -- key slots ------------------------------------------------------------------------------
 
-    def save_key_slot(self, slot: KeySlot) -> None:
+    def save_key_slot(self, slot: KeySlot, *, fence: LeaseFence | None = None) -> None:
         params = key_slot_params(slot)
         with self._transaction() as db:
+            _check_fence(db, fence)
             db.execute(q.UPSERT_KEY_SLOT, params)
             self._append_feed(db, FEED_KEY_SLOT, (slot.slot_id,))
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         return [_slot_from(r) for r in self._rows(q.LIST_KEY_SLOTS, {"kind": kind})]
 
-    def delete_key_slot(self, slot_id: str) -> None:
-        self.delete_key_slots([slot_id])
+    def delete_key_slot(self, slot_id: str, *, fence: LeaseFence | None = None) -> None:
+        self.delete_key_slots([slot_id], fence=fence)
 
-    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+    def delete_key_slots(self, slot_ids: Sequence[str], *, fence: LeaseFence | None = None) -> None:
         with self._transaction() as db:
+            _check_fence(db, fence)
             gone = [
                 slot_id
                 for slot_id in slot_ids
@@ -957,3 +960,10 @@ class SqliteDataStore(
             if step == steps or self._closing.wait(FEED_POLL_SECONDS):
                 return False
         return False
+
+
+def _check_fence(db: sqlite_utils.Database, fence: LeaseFence | None) -> None:
+    """LeaseLostError unless `fence`'s lease is its holder's, unexpired (LeaseFence). Inside
+    the write's BEGIN IMMEDIATE: no takeover commits between the check and the write."""
+    if fence is not None and db.execute(q.LEASE_HELD, fence._asdict()).fetchone() is None:
+        raise LeaseLostError(fence.name)

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from server.datastore.base import DataStore, JtiClaim, RemovalClaim
+from server.datastore.base import DataStore, JtiClaim, LeaseFence, RemovalClaim
 from server.datastore.chain import Resealer
 from server.datastore.errors import DataStoreError
 from server.datastore.records import (
@@ -191,21 +191,21 @@ class FaultInjectingDataStore:
         self._enter("resume_removal")
         return self.inner.resume_removal(removal)
 
-    def save_key_slot(self, slot: KeySlot) -> None:
+    def save_key_slot(self, slot: KeySlot, *, fence: LeaseFence | None = None) -> None:
         self._enter("save_key_slot")
-        self.inner.save_key_slot(slot)
+        self.inner.save_key_slot(slot, fence=fence)
 
     def list_key_slots(self, kind: str) -> list[KeySlot]:
         self._enter("list_key_slots")
         return self.inner.list_key_slots(kind)
 
-    def delete_key_slot(self, slot_id: str) -> None:
+    def delete_key_slot(self, slot_id: str, *, fence: LeaseFence | None = None) -> None:
         self._enter("delete_key_slot")
-        self.inner.delete_key_slot(slot_id)
+        self.inner.delete_key_slot(slot_id, fence=fence)
 
-    def delete_key_slots(self, slot_ids: Sequence[str]) -> None:
+    def delete_key_slots(self, slot_ids: Sequence[str], *, fence: LeaseFence | None = None) -> None:
         self._enter("delete_key_slots")
-        self.inner.delete_key_slots(slot_ids)
+        self.inner.delete_key_slots(slot_ids, fence=fence)
 
     def acquire_lease(self, name: str, holder: str, now: int, ttl: int) -> bool:
         self._enter("acquire_lease")

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -25,7 +26,7 @@ from server.ca.manager import ROTATION_LEASE, CaConfig, CaManager
 from server.ca.rotation import prepare_at
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND
+from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid._clock import FakeClock
@@ -335,6 +336,37 @@ def test_a_holder_that_dies_mid_rotation_leaves_a_journal_the_next_one_finishes(
         _cap(b.manager)
     statuses = [s.status for s in b.manager.key_slots(X509_KIND)]
     assert statuses.count(ACTIVE) == 1
+
+
+def test_a_holder_paused_past_its_lease_does_not_journal_beside_the_new_holder(
+    nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a takes the lease, plans the next CA, then pauses (a stalled VM) past the lease's life
+    before journaling it; meanwhile b takes the lease over and journals its own next CA. a's
+    key then landed beside b's: two prepared CAs, two servers each publishing its own bundle
+    until a later tick repaired it. Its write is refused; it leaves the rotation to b."""
+    a, b = nodes["a"], nodes["b"]
+    active = a.manager.key_slots(X509_KIND)[0]
+    clock.set(math.ceil(prepare_at(active.not_before, active.not_after)))
+    journal = a.store.save_key_slot
+    paused: list[str] = []
+
+    def pause_then_save(slot: KeySlot, **kw: Any) -> None:
+        if not paused:
+            paused.append(slot.slot_id)
+            clock.advance(LEASE_TTL + 1)
+            assert b.manager.rotate()  # b takes the lease over and journals its next CA
+            assert b.manager.holds_rotation_lease
+        journal(slot, **kw)
+
+    monkeypatch.setattr(a.store, "save_key_slot", pause_then_save)
+    a.manager.rotate()
+    assert paused
+    assert not a.manager.holds_rotation_lease
+    prepared = [s for s in a.raw.list_key_slots(X509_KIND) if s.status == PREPARED]
+    assert [s.slot_id for s in prepared] == [_slot(b.manager, X509_KIND, PREPARED)]
+    assert paused[0] not in {s.slot_id for s in a.raw.list_key_slots(X509_KIND)}
+    _same_bundle(a.manager, b.manager)
 
 
 def test_reload_is_safe_from_any_thread(nodes: Cluster, clock: FakeClock) -> None:

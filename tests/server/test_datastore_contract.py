@@ -32,12 +32,13 @@ from server.datastore import (
     TaskRecord,
 )
 from server.datastore import ledger_queries as lq
-from server.datastore.base import JtiClaim, RemovalClaim
+from server.datastore.base import JtiClaim, LeaseFence, RemovalClaim
 from server.datastore.errors import (
     AgentRemovedError,
     AgentReplacedError,
     BundleRefusedError,
     JtiHeldError,
+    LeaseLostError,
     RemovalClaimLostError,
     RemovalUnderWayError,
     TaskEndedMeanwhileError,
@@ -821,6 +822,40 @@ def test_a_lease_has_one_holder_until_it_expires(store: DataStore) -> None:
     assert not store.acquire_lease("ca-rotation", "a", NOW + 60, 30)
     with pytest.raises(ValueError, match="ttl"):
         store.acquire_lease("ca-rotation", "b", NOW, 0)
+
+
+def test_a_key_slot_write_by_a_holder_that_lost_its_lease_is_refused(open_store: Opener) -> None:
+    """Two servers on one datastore. The ca-rotation holder paused past the lease's life
+    between taking it and journaling its rotation: the other took the lease over and journaled
+    its own, and the first one's slot landed beside it (a second prepared key, a drop of the
+    new holder's). Each key-slot write checks the lease in its own transaction."""
+    a, b = open_store(), open_store()
+
+    def slot(slot_id: str) -> KeySlot:
+        return KeySlot(slot_id, "x509", "prepared", b"der", slot_id, NOW, NOW + 600, NOW)
+
+    def fence(holder: str, now: int) -> LeaseFence:
+        return LeaseFence("ca-rotation", holder, now)
+
+    assert a.acquire_lease("ca-rotation", "a", NOW, 30)
+    a.save_key_slot(slot("a1"), fence=fence("a", NOW + 28))  # held: written
+    # a pauses; its lease lapses and b takes it over and journals.
+    assert b.acquire_lease("ca-rotation", "b", NOW + 32, 30)
+    b.save_key_slot(slot("b1"), fence=fence("b", NOW + 32))
+    head = b.feed_head()
+    with pytest.raises(LeaseLostError, match="ca-rotation"):
+        a.save_key_slot(slot("a2"), fence=fence("a", NOW + 32))
+    with pytest.raises(LeaseLostError):
+        a.delete_key_slot("b1", fence=fence("a", NOW + 32))
+    with pytest.raises(LeaseLostError):
+        a.delete_key_slots(["a1", "b1"], fence=fence("a", NOW + 32))
+    assert [s.slot_id for s in b.list_key_slots("x509")] == ["a1", "b1"]
+    assert b.feed_head() == head  # nothing written, nothing fed
+    # Lapsed with no one else holding it: refused too (the holder renews first).
+    with pytest.raises(LeaseLostError):
+        b.save_key_slot(slot("b2"), fence=fence("b", NOW + 64))
+    b.delete_key_slot("a1")  # unfenced writes (a lone server, an operator's forget) go on
+    assert [s.slot_id for s in a.list_key_slots("x509")] == ["b1"]
 
 
 def test_releasing_a_lease_frees_it_only_for_its_holder(store: DataStore) -> None:
