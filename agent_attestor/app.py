@@ -158,6 +158,7 @@ class AgentApp:
             channel=self.syncer.channel,
             streams=streams,
             link=self.syncer.link,
+            mints=mints,
         )
         self.api = WorkloadApi(
             self.cache,

@@ -233,6 +233,23 @@ class JwtCache:
         self._insert(key, jwt, uid, asked_at)
         return jwt
 
+    async def fresh(
+        self,
+        spiffe_id: str,
+        audience: Sequence[str],
+        entry_id: str,
+        admit: Callable[[], str | None],
+    ) -> MintedJwt:
+        """A token for (ID, audiences) through `entry_id` minted anew, neither read from the
+        cache nor kept in it (what is held stays what FetchJWTSVID hands out). `admit` is asked
+        first, as for a mint `get` starts: each is a mint the server counts against this agent."""
+        refusal = admit()
+        if refusal is not None:
+            raise MintRefusedError(refusal)
+        jwt = await self._signer.new_jwt(spiffe_id, list(audience_key(audience)), entry_id)
+        self.mints += 1
+        return jwt
+
     def refresh_at(self, key: Key, jwt: MintedJwt) -> float:
         """The refresh point of `jwt` if it is the token held for `key`; else now (an answer
         built on a token not held is not served again)."""

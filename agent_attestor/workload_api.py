@@ -111,6 +111,25 @@ PARTIAL_WAIT = 0.5
 MINT_FAILURE_LOG_INTERVAL = 30.0
 
 
+async def abort_mint_failure(
+    context: grpc.aio.ServicerContext, exc: Exception, failures: KeyedThrottles
+) -> None:
+    """Abort a call whose JWT-SVID mint raised `exc`, with the status that says whose fault it
+    was; a failure of the server's is logged (once an interval a kind, in `failures`) and
+    told the caller only as UNAVAILABLE."""
+    if isinstance(exc, MintRefusedError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, NoIdentityError):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, BadRequestError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+    times = failures.due((type(exc), code))
+    if times:
+        log.warning("could not mint a JWT-SVID", extra={"error": str(exc)[:300], "times": times})
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
+
+
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -393,20 +412,8 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
             return await self._jwts.get(
                 entry.spiffe_id, audience, entry.id, uid, lambda: self.mints.take(uid)
             )
-        except MintRefusedError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except NoIdentityError as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except BadRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-            times = self._mint_failures.due((type(exc), code))
-            if times:
-                log.warning(
-                    "could not mint a JWT-SVID", extra={"error": str(exc)[:300], "times": times}
-                )
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
+            await abort_mint_failure(context, exc, self._mint_failures)
         raise AssertionError("abort() raises")  # pragma: no cover
 
     async def FetchJWTBundles(  # noqa: N802 - gRPC method name

@@ -1,4 +1,5 @@
-"""The Tasks service on the Workload API socket: a workload begins, ends and lists its tasks.
+"""The Tasks service on the Workload API socket: a workload begins, ends and lists its tasks,
+and has a task JWT-SVID minted anew (MintTaskJWT).
 
 The caller is identified exactly as for the Workload API (the relay's registry) and may begin a
 task only under an identity it holds now. The agent forwards the request to the server, which
@@ -23,11 +24,13 @@ from agent_attestor.cache import Cache
 from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.errors import NotReadyError
 from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.mint_budget import MintBudget
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
+from agent_attestor.workload_api import MINT_FAILURE_LOG_INTERVAL, abort_mint_failure
 from svid._clock import Clock, SystemClock
-from svid._limits import intent_problem, principal_problem
+from svid._limits import audience_problem, intent_problem, principal_problem
 from svid._log_throttle import KeyedThrottles
 from svid._proto import task_pb2, task_pb2_grpc
 
@@ -81,8 +84,14 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         *,
         entry_wait: float = ENTRY_WAIT,
         clock: Clock | None = None,
+        mints: MintBudget | None = None,
     ) -> None:
-        self._server_failures = KeyedThrottles(SERVER_FAILURE_LOG_INTERVAL, clock or SystemClock())
+        clock = clock or SystemClock()
+        self._server_failures = KeyedThrottles(SERVER_FAILURE_LOG_INTERVAL, clock)
+        self._mint_failures = KeyedThrottles(MINT_FAILURE_LOG_INTERVAL, clock)
+        # The Workload API's (app.py passes the one both use): a uid's fresh task tokens and
+        # its cache misses count together.
+        self._mints = mints or MintBudget(clock)
         self._cache = cache
         self._registry = registry
         self._client = client
@@ -278,6 +287,45 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         if task.runtime_id:
             self._jwts.forget_under(f"{task.runtime_id}{TASK_PATH}")
         self._jwts.forget({task.spiffe_id})
+
+    async def MintTaskJWT(
+        self, request: task_pb2.MintTaskJWTRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.MintTaskJWTResponse:
+        """A JWT-SVID of one of the caller's task identities minted anew (task.proto says why),
+        within its uid's minting rate: a runtime asking in a loop is refused RESOURCE_EXHAUSTED
+        past it, as for new audiences, and spends no more of the server's per-agent rate."""
+        caller = await checked_caller(context, self._registry)
+        audience = [a for a in request.audience if a]
+        if not audience:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        too_big = audience_problem(audience)
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
+        if not request.spiffe_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spiffe_id: required")
+        snap = self._cache.snapshot()
+        problem = not_serving(snap)
+        if problem is not None:
+            await context.abort(*problem)
+        # Only a task identity: a workload's own JWT-SVID is not traded once per resource, and
+        # FetchJWTSVID's cache is what serves it.
+        held = [
+            e
+            for e in snap.index.match(caller.selectors)
+            if e.is_task and e.spiffe_id == request.spiffe_id
+        ]
+        if not held:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller holds no task identity {request.spiffe_id[:200]!r}",
+            )
+        try:
+            jwt = await self._jwts.fresh(
+                request.spiffe_id, audience, held[0].id, lambda: self._mints.take(caller.uid)
+            )
+        except Exception as exc:
+            await abort_mint_failure(context, exc, self._mint_failures)
+        return task_pb2.MintTaskJWTResponse(svid=jwt.token)
 
     async def ListTasks(
         self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext

@@ -12,6 +12,7 @@ import grpc
 
 from agent_attestor.cache import Cache
 from agent_attestor.jwt_cache import JwtCache
+from agent_attestor.mint_budget import MintBudget
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.server_link import ServerLink
 from agent_attestor.stream_budget import StreamBudget
@@ -55,13 +56,15 @@ def build_task_layer(
     streams: StreamBudget,
     expiries: Expiries | None = None,
     link: ServerLink | None = None,
+    mints: MintBudget | None = None,
 ) -> AgentTaskLayer:
     """`channel()` returns the current mTLS channel to the server (the agent SVID's);
-    `streams` is the Workload API's, as a uid's streams count together across services; `link`,
-    the agent's link to the server, whose loss the revocation stream tells verifiers of."""
+    `streams` is the Workload API's, as a uid's streams count together across services;
+    `link`, the agent's link to the server, whose loss the revocation stream tells verifiers
+    of; `mints`, the Workload API's minting budget, which MintTaskJWT's tokens count against."""
     client = GrpcTaskClient(channel)
     return AgentTaskLayer(
-        tasks=TasksApi(cache, registry, client, jwts, clock=clock),
+        tasks=TasksApi(cache, registry, client, jwts, clock=clock, mints=mints),
         revocations=RevocationsApi(cache, registry, streams, expiries, link),
         reporter=ValidationReporter(client.report, clock),
         cache=cache,

@@ -133,6 +133,20 @@ class ListTasksResponse(_message.Message):
     next_page_token: str
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class MintTaskJWTRequest(_message.Message):
+    __slots__ = ("spiffe_id", "audience")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MintTaskJWTResponse(_message.Message):
+    __slots__ = ("svid",)
+    SVID_FIELD_NUMBER: _ClassVar[int]
+    svid: str
+    def __init__(self, svid: _Optional[str] = ...) -> None: ...
+
 class NodeBeginTaskRequest(_message.Message):
     __slots__ = ("runtime_id", "intent", "ttl", "parent_task_id", "goal_sha256", "elevate", "runtime_entry_id")
     RUNTIME_ID_FIELD_NUMBER: _ClassVar[int]

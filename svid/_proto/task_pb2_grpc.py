@@ -50,6 +50,11 @@ class TasksStub:
                 request_serializer=task__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=task__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.MintTaskJWT = channel.unary_unary(
+                '/svid.task.v1.Tasks/MintTaskJWT',
+                request_serializer=task__pb2.MintTaskJWTRequest.SerializeToString,
+                response_deserializer=task__pb2.MintTaskJWTResponse.FromString,
+                _registered_method=True)
 
 
 class TasksServicer:
@@ -73,6 +78,12 @@ class TasksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MintTaskJWT(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TasksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +101,11 @@ def add_TasksServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=task__pb2.ListTasksRequest.FromString,
                     response_serializer=task__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'MintTaskJWT': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintTaskJWT,
+                    request_deserializer=task__pb2.MintTaskJWTRequest.FromString,
+                    response_serializer=task__pb2.MintTaskJWTResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +189,33 @@ class Tasks:
             '/svid.task.v1.Tasks/ListTasks',
             task__pb2.ListTasksRequest.SerializeToString,
             task__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintTaskJWT(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svid.task.v1.Tasks/MintTaskJWT',
+            task__pb2.MintTaskJWTRequest.SerializeToString,
+            task__pb2.MintTaskJWTResponse.FromString,
             options,
             channel_credentials,
             insecure,

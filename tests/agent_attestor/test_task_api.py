@@ -119,7 +119,8 @@ class TaskAgent:
 def ta() -> Iterator[TaskAgent]:
     h = Harness()
     client = FakeClient(cache=h.cache, entry_delay=0.0)
-    tasks = TasksApi(h.cache, h.registry, client, h.jwts, entry_wait=1.0)
+    # The Workload API's minting budget, shared as app.py shares it.
+    tasks = TasksApi(h.cache, h.registry, client, h.jwts, entry_wait=1.0, mints=h.api.mints)
     revs = RevocationsApi(h.cache, h.registry, h.api.streams)
     endpoint = WorkloadEndpoint(
         socket_path=h.root / "public" / "tasks.sock",
@@ -190,6 +191,66 @@ def test_begin_answers_once_the_task_entry_is_served_here(ta: TaskAgent) -> None
         timeout=10,
     )
     assert [s.spiffe_id for s in reply.svids] == [task.spiffe_id]
+
+
+def _mint_task_jwt(ta: TaskAgent, spiffe_id: str, audience: str = "svidd") -> str:
+    request = task_pb2.MintTaskJWTRequest(spiffe_id=spiffe_id, audience=[audience])
+    return str(ta.tasks().MintTaskJWT(request, metadata=HEADER, timeout=10).svid)
+
+
+def _fetch_jwt(ta: TaskAgent, spiffe_id: str, audience: str = "svidd") -> str:
+    request = workload_pb2.JWTSVIDRequest(audience=[audience], spiffe_id=spiffe_id)
+    return str(ta.h.stub().FetchJWTSVID(request, metadata=HEADER, timeout=10).svids[0].svid)
+
+
+def test_mint_task_jwt_mints_anew_each_time_and_leaves_the_cached_token(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    task = begin(ta).task
+    cached = _fetch_jwt(ta, task.spiffe_id)
+    assert _fetch_jwt(ta, task.spiffe_id) == cached
+    first, second = _mint_task_jwt(ta, task.spiffe_id), _mint_task_jwt(ta, task.spiffe_id)
+    jtis = {JwtSvid.parse_insecure(t).claims["jti"] for t in (cached, first, second)}
+    assert len(jtis) == 3
+    minted = JwtSvid.parse_insecure(first)
+    assert str(minted.spiffe_id) == task.spiffe_id
+    assert list(minted.audience) == ["svidd"]
+    # What FetchJWTSVID hands out is as before: a fresh mint is the asker's alone.
+    assert _fetch_jwt(ta, task.spiffe_id) == cached
+
+
+def test_mint_task_jwt_only_for_a_task_identity_the_caller_holds(ta: TaskAgent) -> None:
+    ta.h.add_entry("/bot")
+    ta.h.add_entry("/other/task/t9", selectors=frozenset({Selector("unix", "uid:4294967294")}))
+    begin(ta)
+    for spiffe_id, code in [
+        (f"{TD}/bot", grpc.StatusCode.PERMISSION_DENIED),  # its own, not a task's
+        (f"{TD}/other/task/t9", grpc.StatusCode.PERMISSION_DENIED),  # another workload's
+        ("", grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(grpc.RpcError) as refused:
+            _mint_task_jwt(ta, spiffe_id)
+        assert refused.value.code() is code, spiffe_id
+    with pytest.raises(grpc.RpcError) as no_audience:
+        _mint_task_jwt(ta, f"{TD}/bot/task/t1", audience="")
+    assert no_audience.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_mint_task_jwt_counts_against_the_callers_uid_minting_rate(ta: TaskAgent) -> None:
+    """A runtime asking for fresh tokens in a loop is held to its uid's budget, the one its
+    FetchJWTSVID cache misses spend: it cannot mint past it by asking fresh."""
+    ta.h.add_entry("/bot")
+    task = begin(ta).task
+    mints = ta.h.api.mints
+    while ta.h.lt.call(lambda: mints.take(os.getuid())) is None:  # spent (the clock stands)
+        pass
+    calls = ta.h.signer.jwt_calls
+    with pytest.raises(grpc.RpcError) as refused:
+        _mint_task_jwt(ta, task.spiffe_id)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "jwt_mints_per_uid_rate" in str(refused.value.details())
+    assert ta.h.signer.jwt_calls == calls  # refused before the server was asked
+    ta.h.clock.advance(1)  # the bucket refills at its rate
+    assert _mint_task_jwt(ta, task.spiffe_id)
 
 
 def test_begin_answers_anyway_when_the_entry_is_late(ta: TaskAgent) -> None:
