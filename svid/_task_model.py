@@ -8,11 +8,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from svid._clock import Clock
+from svid._errors import SvidError
 from svid._jwt import JwtSvid
 from svid._limits import intent_problem
 from svid._proto import task_pb2
 from svid._spiffe_id import SpiffeId
-from svid._task_errors import TaskEndedError, TaskRequestError
+from svid._task_errors import TaskEndedError, TaskError, TaskRequestError
 
 TOOL_SEPARATOR = "#"
 
@@ -332,6 +333,15 @@ def fresh(jwt: JwtSvid, fetched_at: float, now: float, elapsed: float | None = N
 # A cached token: the token, and when it was fetched on the wall and on the monotonic clock
 # (its holder's ElapsedClock, which counts a sleep of the host: see fresh_token).
 Fetched = tuple[JwtSvid, float, float]
+
+
+def agent_jwt(token: str, method: str) -> JwtSvid:
+    """A task JWT-SVID as the agent sent it (``method``'s answer): read, not verified (the
+    agent is trusted); one that cannot be read is the agent's fault, said as such."""
+    try:
+        return JwtSvid.parse_insecure(token)
+    except SvidError as exc:
+        raise TaskError(f"{method} sent an unusable token: {exc}", "BAD_RESPONSE") from exc
 
 
 def fresh_token(cached: Fetched | None, clock: Clock) -> JwtSvid | None:

@@ -38,7 +38,6 @@ from svid._spiffe_id import SpiffeId
 from svid._task_errors import (
     TaskDeniedError,
     TaskEndedError,
-    TaskError,
     closed_client,
     translate,
 )
@@ -49,6 +48,7 @@ from svid._task_model import (
     TaskView,
     Tools,
     active_tasks_request,
+    agent_jwt,
     audience_key,
     begin_request,
     child_call,
@@ -348,10 +348,15 @@ class AsyncTaskClient:
             raise translate(exc, "FetchJWTSVID", self.address) from exc
         if not reply.svids:
             raise WorkloadApiError("Workload API FetchJWTSVID returned no SVID", "NO_MESSAGE")
+        return agent_jwt(reply.svids[0].svid, "FetchJWTSVID")
+
+    async def _mint_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
+        request = task_pb2.MintTaskJWTRequest(audience=list(audience), spiffe_id=str(spiffe_id))
         try:
-            return JwtSvid.parse_insecure(reply.svids[0].svid)  # from the agent: trusted
-        except SvidError as exc:
-            raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
+            reply = await self._tasks.MintTaskJWT(request, metadata=METADATA, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "MintTaskJWT", self.address) from exc
+        return agent_jwt(reply.svid, "MintTaskJWT")
 
 
 def _read_outcome(flight: asyncio.Task[JwtSvid]) -> None:
@@ -429,10 +434,11 @@ class AsyncTask(TaskView):
         self._info = info
         self._confirmed = True
 
-    async def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
+    async def jwt_svid(self, audience: str | Iterable[str], *, fresh: bool = False) -> JwtSvid:
+        """As Task.jwt_svid (``fresh`` too)."""
         key = audience_key(audience)
         try:
-            return await self._jwt_svid(key)
+            return await (self._fresh(key) if fresh else self._jwt_svid(key))
         except TaskDeniedError as denied:
             ended = await self._ended_instead()
             if ended is None:
@@ -471,6 +477,18 @@ class AsyncTask(TaskView):
         self._jwts[key] = (jwt, *now)
         return jwt
 
+    async def _fresh(self, key: tuple[str, ...]) -> JwtSvid:
+        """As Task._fresh."""
+        if self._ended:
+            raise ended_error(self._info)
+        clock = self._client._elapsed
+        now = (clock.now(), clock.monotonic())
+        jwt = await self._client._mint_jwt(self.spiffe_id, key)
+        if self._ended:
+            raise ended_error(self._info)
+        self._jwts[key] = (jwt, *now)
+        return jwt
+
     async def _ended_instead(self) -> TaskEndedError | None:
         """As Task._ended_instead: a denial for a task the server has ended says so."""
         info = await self._client._ended_info(self._info)
@@ -479,8 +497,8 @@ class AsyncTask(TaskView):
         self._mark_ended(info)
         return ended_error(info)
 
-    async def jwt(self, audience: str | Iterable[str]) -> str:
-        return (await self.jwt_svid(audience)).token
+    async def jwt(self, audience: str | Iterable[str], *, fresh: bool = False) -> str:
+        return (await self.jwt_svid(audience, fresh=fresh)).token
 
     def subtask(
         self,

@@ -28,7 +28,6 @@ from svid._spiffe_id import SpiffeId
 from svid._task_errors import (
     TaskDeniedError,
     TaskEndedError,
-    TaskError,
     closed_client,
     no_answer,
     translate,
@@ -40,6 +39,7 @@ from svid._task_model import (
     TaskView,
     Tools,
     active_tasks_request,
+    agent_jwt,
     audience_key,
     begin_request,
     child_call,
@@ -333,10 +333,15 @@ class TaskClient:
             raise translate(exc, "FetchJWTSVID", self.address) from exc
         if not reply.svids:
             raise WorkloadApiError("Workload API FetchJWTSVID returned no SVID", "NO_MESSAGE")
+        return agent_jwt(reply.svids[0].svid, "FetchJWTSVID")
+
+    def _mint_jwt(self, spiffe_id: SpiffeId, audience: tuple[str, ...]) -> JwtSvid:
+        request = task_pb2.MintTaskJWTRequest(audience=list(audience), spiffe_id=str(spiffe_id))
         try:
-            return JwtSvid.parse_insecure(reply.svids[0].svid)  # from the agent: trusted
-        except SvidError as exc:
-            raise TaskError(f"FetchJWTSVID sent an unusable token: {exc}", "BAD_RESPONSE") from exc
+            reply = self._tasks.MintTaskJWT(request, metadata=METADATA, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, "MintTaskJWT", self.address) from exc
+        return agent_jwt(reply.svid, "MintTaskJWT")
 
 
 def _stream_opener(
@@ -437,12 +442,18 @@ class Task(TaskView):
 
     # -- tokens --------------------------------------------------------------------------------
 
-    def jwt_svid(self, audience: str | Iterable[str]) -> JwtSvid:
+    def jwt_svid(self, audience: str | Iterable[str], *, fresh: bool = False) -> JwtSvid:
         """A task JWT-SVID for ``audience`` (each mint is a policy decision at the server).
-        Raises TaskEndedError once the task has ended, however it ended."""
+        Raises TaskEndedError once the task has ended, however it ended.
+
+        The same one is handed out for a while (the agent's and this task's caches); ``fresh``
+        asks the agent to mint one anew (counted against this uid's minting rate: past it,
+        RESOURCE_EXHAUSTED), which is then the one handed out. For a place that takes a task
+        JWT-SVID once, as svidd's token endpoint does per resource: asking it again (an OAuth
+        step-up after ``insufficient_scope``) needs one the task has not traded there."""
         key = audience_key(audience)
         try:
-            return self._jwt_svid(key)
+            return self._fresh(key) if fresh else self._jwt_svid(key)
         except TaskDeniedError as denied:
             ended = self._ended_instead()
             if ended is None:
@@ -499,6 +510,23 @@ class Task(TaskView):
         flight.set_result(jwt)
         return jwt
 
+    def _fresh(self, key: tuple[str, ...]) -> JwtSvid:
+        """A token for ``key`` minted anew, kept in place of the cached one: a later plain
+        ``jwt_svid`` hands out the newest. A fetch in flight is not joined (it may bring the
+        token already spent); one landing later replaces it, which a caller asking fresh again
+        then gets past."""
+        with self._lock:
+            if self._ended:
+                raise ended_error(self._info)
+            clock = self._client._elapsed
+            now = (clock.now(), clock.monotonic())
+        jwt = self._client._mint_jwt(self.spiffe_id, key)
+        with self._lock:
+            if self._ended:
+                raise ended_error(self._info)  # ended while it was being minted
+            self._jwts[key] = (jwt, *now)
+        return jwt
+
     def _landed(self, key: tuple[str, ...], flight: Future[JwtSvid | None]) -> None:
         with self._lock:
             if self._fetching.get(key) is flight:
@@ -527,9 +555,9 @@ class Task(TaskView):
         self._mark_ended(info)
         return ended_error(info)
 
-    def jwt(self, audience: str | Iterable[str]) -> str:
-        """The bearer token of ``jwt_svid(audience)``."""
-        return self.jwt_svid(audience).token
+    def jwt(self, audience: str | Iterable[str], *, fresh: bool = False) -> str:
+        """The bearer token of ``jwt_svid(audience, fresh=fresh)``."""
+        return self.jwt_svid(audience, fresh=fresh).token
 
     # -- sub-tasks -----------------------------------------------------------------------------
 

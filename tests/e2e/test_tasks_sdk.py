@@ -218,6 +218,35 @@ def test_a_task_jwt_is_fetched_again_once_half_its_lifetime_has_passed(stack: St
         assert stack.verify(second.token, "docs").task is not None
 
 
+def test_a_fresh_task_jwt_is_minted_anew_and_then_handed_out(stack: Stack) -> None:
+    """jwt(fresh=True): one the task has not traded, for a place that takes each once (svidd's
+    token endpoint); a task JWT-SVID as any other, and what the task hands out next."""
+    with TaskClient(stack.address) as client:
+        with client.begin(actions=["read"], resources=["docs"]) as task:
+            cached = task.jwt_svid("docs")
+            fresh = task.jwt_svid("docs", fresh=True)
+            assert fresh.claims["jti"] != cached.claims["jti"]
+            assert task.jwt("docs") == fresh.token
+            assert stack.verify(fresh.token, "docs").task is not None
+            # (Not asked for a resource outside the task: each such request counts towards
+            # stop_risky_agents for this module's runtime, which the other tests share.)
+        with pytest.raises(TaskEndedError):
+            task.jwt("docs", fresh=True)
+
+    async def run() -> tuple[str, str, str]:
+        async with (
+            AsyncTaskClient(stack.address) as aclient,
+            aclient.begin(actions=["read"], resources=["docs"]) as atask,
+        ):
+            first = await atask.jwt("docs")
+            again = await atask.jwt("docs", fresh=True)
+            return first, again, await atask.jwt("docs")
+
+    first, again, after = asyncio.run(run())
+    assert again != first
+    assert after == again
+
+
 def test_a_sub_task_token_carries_its_parents_txn_and_ends_with_it(stack: Stack) -> None:
     with TaskClient(stack.address) as client:
         with client.begin(
