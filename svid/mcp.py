@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -63,6 +62,7 @@ from svid._open_requests import JWT, CallerAdmission, OpenRequests
 from svid._source_views import SourceViews
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._task_claims import TOOL_SCOPE_PREFIX, TaskClaims, tool_scope
+from svid._unspent_assertions import UnspentAssertions
 from svid._verify_access import AccessTokenVerifier, VerifiedAccessToken
 from svid._verify_jwt import JwtVerifier
 from svid.asgi import (
@@ -806,20 +806,13 @@ def oauth_auth(
     (``AccessTokenAuth``): the SDK's own RFC 7523 client (``IdentityAssertionOAuthProvider``)
     presenting ``task``'s JWT-SVID for ``issuer`` (``task.jwt(issuer)``) to svidd's token
     endpoint there. svidd takes a task JWT-SVID once per resource; after a 403
-    ``insufficient_scope`` the SDK asks again for the tool it names, which svidd refuses
-    ``invalid_scope``, naming it, when the task's intent does not hold it; a tool the intent
-    holds is refused as a replay (the task hands out the JWT-SVID it already traded, until it
-    renews it). ``task``: an ``AsyncTask`` (or a ``Task``, asked on a thread); ``scope``: ask
-    for less than the task's grant (the tools left out are then out of reach of that JWT-SVID:
-    a step-up to one is a replay); ``storage``: the SDK's ``TokenStorage`` (in memory by
-    default)."""
-    jwt = task.jwt
-    sync = not inspect.iscoroutinefunction(jwt)  # a Task: its call blocks, so off the loop
-
-    async def assertion(audience: str, resource: str) -> str:
-        del resource  # the token request names it (RFC 8707); the JWT-SVID is for svidd
-        return str(await asyncio.to_thread(jwt, audience) if sync else await jwt(audience))
-
+    ``insufficient_scope`` the SDK asks again for the tool it names (a step-up), presenting a
+    JWT-SVID the agent mints anew (``task.jwt(issuer, fresh=True)``: the task hands out the one
+    already traded for a while), and so when its token expires; svidd refuses
+    ``invalid_scope``, naming it, a tool the task's intent does not hold. ``task``: an
+    ``AsyncTask`` (or a ``Task``, asked on a thread); ``scope``: ask for less than the task's
+    grant (a step-up then gets the tool named as well); ``storage``: the SDK's
+    ``TokenStorage`` (in memory by default)."""
     return IdentityAssertionOAuthProvider(
         server_url=url,
         storage=storage if storage is not None else _MemoryTokens(),
@@ -829,6 +822,6 @@ def oauth_auth(
         # its JWT-SVID (RFC 7523 §3.1) and reads no secret.
         client_secret="unused",  # noqa: S106  (not a secret: svidd reads none)
         issuer=issuer,
-        assertion_provider=assertion,
+        assertion_provider=UnspentAssertions(task),
         scope=scope,
     )

@@ -794,7 +794,8 @@ class Grants:
             raise InvalidGrantError(
                 f"{exc.description}: a task JWT-SVID is traded for one token per resource; for "
                 "a scope its token did not get, ask with a JWT-SVID the task has not traded for "
-                "it (the next one it is handed, once it renews the current one)"
+                "it: one its agent mints anew (svid's task.jwt(audience, fresh=True), which "
+                "svid.mcp.oauth_auth asks for), or the next one it is handed"
             ) from None
 
     def _within_task(self, spiffe_id: str, resource: str, asked: tuple[str, ...] | None) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import httpx2
@@ -30,7 +31,7 @@ from mcp.shared.exceptions import MCPError
 
 import svid.mcp
 from svid import AccessTokenVerifier, RevokedError, WorkloadApiSource
-from svid.tasks import AsyncTaskClient, TaskClient
+from svid.tasks import AsyncTaskClient, Task, TaskClient
 from tests.e2e.agent_process import AgentProcess, agent_stack, create_entry
 from tests.e2e.conftest import TRUST_DOMAIN, make_server, short_tmpdir, wait_for
 from tests.ports import free_port
@@ -334,3 +335,88 @@ def test_an_exchanged_token_s_open_stream_and_session_end_when_its_task_ends(
     assert "printer" in text
     assert closed < 1, f"the SSE stream was still open {closed:.2f} s after the task ended"
     assert gone < 1, f"the sessions were still open {gone:.2f} s after the task ended"
+
+
+def _bearer_grant(stack: Stack, task_jwt: str, resource: str) -> httpx.Response:
+    """The SDK client's own token request (RFC 7523 JWT-bearer grant) for `resource`."""
+    return httpx.post(
+        stack.issuer + "/token",
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "assertion": task_jwt,
+            "resource": resource,
+        },
+        timeout=10,
+    )
+
+
+async def _handed_out(task: Any, audience: str) -> str:
+    """The task JWT-SVID `task` (an AsyncTask or a Task) hands out now."""
+    if isinstance(task, Task):
+        return await asyncio.to_thread(task.jwt, audience)
+    return str(await task.jwt(audience))
+
+
+async def _step_up(stack: Stack, task: Any) -> tuple[str, str, str, list[httpx.Response]]:
+    """A client narrowed to read_ticket calls export_customer_data, which the task was granted
+    too: 403 insufficient_scope, a step-up, the call made. Returns both tools' answers, the
+    token's scope after, and svidd's answers to the JWT-SVIDs the client traded, presented
+    again (read back from the task: the first its cached one, then the one it minted anew)."""
+    spent = [await _handed_out(task, stack.issuer)]
+    storage = svid.mcp._MemoryTokens()
+    provider = svid.mcp.oauth_auth(
+        task, stack.mcp_url, issuer=stack.issuer, scope="tool:read_ticket", storage=storage
+    )
+    async with (
+        httpx2.AsyncClient(auth=provider, timeout=20) as http,
+        streamable_http_client(stack.mcp_url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        read_one = await session.call_tool("read_ticket", {"ticket_id": "T-1"})
+        assert storage.tokens is not None
+        assert "tool:export_customer_data" not in str(storage.tokens.scope).split()
+        exported = await session.call_tool("export_customer_data", {})
+    # The step-up's JWT-SVID, minted for it, is now the one the task hands out.
+    spent.append(await _handed_out(task, stack.issuer))
+    assert spent[0] != spent[1]
+    assert storage.tokens is not None
+    # While the task is active: a refusal is then for the replay, not for its end.
+    replays = [await asyncio.to_thread(_bearer_grant, stack, jwt, stack.mcp_url) for jwt in spent]
+
+    def text(result: Any) -> str:
+        return "error" if result.is_error else str(result.content[0].text)
+
+    return text(read_one), text(exported), str(storage.tokens.scope), replays
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async_task", "task"])
+def test_a_client_narrowed_to_one_tool_steps_up_to_another_its_task_was_granted(
+    stack: Stack, sync: bool
+) -> None:
+    """svidd takes a task JWT-SVID for one token per resource, and the task hands out the one
+    it traded until it renews it: the step-up presents one the agent mints anew. Replay
+    protection holds: each JWT-SVID the client traded is refused when presented again."""
+    intent: dict[str, Any] = {
+        "actions": ["read"],
+        "resources": [stack.issuer],
+        "tools": {stack.mcp_url: ["read_ticket", "export_customer_data"]},
+        "ttl": 120,
+        "spiffe_id": RUNTIME,
+    }
+
+    async def scenario() -> tuple[str, str, str, list[httpx.Response]]:
+        if sync:
+            with TaskClient(stack.socket) as tasks, tasks.begin(**intent) as task:
+                return await _step_up(stack, task)
+        async with AsyncTaskClient(stack.socket) as atasks, atasks.begin(**intent) as atask:
+            return await _step_up(stack, atask)
+
+    read_one, exported, scope, replays = asyncio.run(scenario())
+    assert "printer" in read_one
+    assert "Ada" in exported, exported
+    assert {"tool:read_ticket", "tool:export_customer_data"} <= set(scope.split())
+    for replayed in replays:
+        assert replayed.status_code == 400, replayed.text
+        assert replayed.json()["error"] == "invalid_grant", replayed.text
+        assert "(replay)" in replayed.json()["error_description"], replayed.text

@@ -1061,3 +1061,43 @@ def test_oauth_auth_asks_a_sync_task_for_its_jwt_off_the_event_loop() -> None:
     assert async_jwt == f"async-jwt-for-{ISSUER}"
     (asked_on,) = loop_thread
     assert asked_on != here
+
+
+def test_oauth_auth_never_presents_a_task_jwt_it_presented_before() -> None:
+    """svidd takes a task JWT-SVID once per resource and the task hands out the same one for a
+    while: the SDK's next token request (a step-up after insufficient_scope, or once its token
+    expired) presents one minted anew; a new one the task hands out is presented as it is."""
+    asked: list[tuple[str, bool]] = []
+
+    class Task:
+        spiffe_id = TASK_ID
+        handed_out = "jwt-1"
+        minted = 1
+
+        async def jwt(self, audience: str, *, fresh: bool = False) -> str:
+            asked.append((audience, fresh))
+            if fresh:
+                self.minted += 1
+                self.handed_out = f"jwt-{self.minted}"
+            return self.handed_out
+
+    task = Task()
+
+    async def assertions() -> list[str]:
+        provider = svid.mcp.oauth_auth(task, RESOURCE, issuer=ISSUER)
+        presented = []
+        for renewed in (False, False, True, False):
+            if renewed:
+                task.handed_out = "renewed"
+            presented.append(await provider._assertion_provider(ISSUER, RESOURCE))  # type: ignore[attr-defined]
+        return presented
+
+    assert asyncio.run(assertions()) == ["jwt-1", "jwt-2", "renewed", "jwt-3"]
+    assert asked == [
+        (ISSUER, False),
+        (ISSUER, False),
+        (ISSUER, True),
+        (ISSUER, False),
+        (ISSUER, False),
+        (ISSUER, True),
+    ]
