@@ -96,6 +96,23 @@ def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | 
     return frozenset(doubtful)
 
 
+def proven_and_doubted(
+    named: Iterable[T], update: RevocationsUpdate
+) -> tuple[list[T], dict[T, frozenset[str]]]:
+    """``named`` (LiveTasks.named_by, in its order) split into the tasks ``update`` proves
+    over, and the others by the jtis that name them (doubtful_jtis), which only the server
+    can tell about: the first end at once, without waiting for that answer."""
+    proven: list[T] = []
+    doubted: dict[T, frozenset[str]] = {}
+    for task in named:
+        jtis = doubtful_jtis(task, update)
+        if jtis is None:
+            proven.append(task)
+        else:
+            doubted[task] = jtis
+    return proven, doubted
+
+
 def cached_jtis(cached: Iterable[Fetched]) -> frozenset[str]:
     """The jtis of a task's cached tokens (as its ``_jwts`` values hold them)."""
     jtis = (jwt.claims.get("jti") for jwt, _, _ in cached)

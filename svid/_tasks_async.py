@@ -60,8 +60,8 @@ from svid._task_model import (
 from svid._task_revocations import (
     LiveTasks,
     cached_jtis,
-    doubtful_jtis,
     ended_with_parent,
+    proven_and_doubted,
     unconfirmed_end,
 )
 from svid._workload_address import address_of, grpc_target
@@ -175,8 +175,14 @@ class AsyncTaskClient:
         they ended is asked of the server once for all, within one timeout; one named by
         doubtful tokens alone goes on if the server lists it active (TaskClient._going_on)."""
         named = self._live.named_by(update)
-        going_on = await self._going_on(named, update) if named and not self._closed else set()
-        ended = [task for task in named if task.task_id not in going_on and task._revoked()]
+        if not named:
+            return
+        proven, doubts = proven_and_doubted(named, update)
+        # Those the list proves over end before the server is asked about the others: its
+        # answer (a timeout, at a server away) must not hold up an end (TaskClient's).
+        ended = [task for task in proven if task._revoked()]
+        going_on = await self._going_on(doubts) if doubts and not self._closed else set()
+        ended += [task for task in doubts if task.task_id not in going_on and task._revoked()]
         if not ended or self._closed:
             return
         learnt = await self._ended_infos([task.info for task in ended])
@@ -185,15 +191,11 @@ class AsyncTaskClient:
             if info is not None:
                 task._learnt_end(info)
 
-    async def _going_on(self, named: Sequence[AsyncTask], update: RevocationsUpdate) -> set[str]:
+    async def _going_on(self, doubts: Mapping[AsyncTask, frozenset[str]]) -> set[str]:
         """As TaskClient._going_on."""
-        doubts: dict[AsyncTask, frozenset[str]] = {}
-        for task in named:
-            jtis = doubtful_jtis(task, update)
-            if jtis is not None:
-                doubts[task] = jtis - task._not_its_end
-        going_on = {task.task_id for task, jtis in doubts.items() if not jtis}
-        asked = [task for task, jtis in doubts.items() if jtis]
+        unsettled = {task: jtis - task._not_its_end for task, jtis in doubts.items()}
+        going_on = {task.task_id for task, jtis in unsettled.items() if not jtis}
+        asked = [task for task, jtis in unsettled.items() if jtis]
         if asked:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -202,7 +204,7 @@ class AsyncTaskClient:
                 active = set()
             for task in asked:
                 if task.task_id in active:
-                    task._not_its_end |= doubts[task]
+                    task._not_its_end |= unsettled[task]
                     going_on.add(task.task_id)
         return going_on
 

@@ -51,8 +51,8 @@ from svid._task_model import (
 from svid._task_revocations import (
     LiveTasks,
     cached_jtis,
-    doubtful_jtis,
     ended_with_parent,
+    proven_and_doubted,
     unconfirmed_end,
 )
 from svid._workload_address import address_of, grpc_target
@@ -127,11 +127,18 @@ class TaskClient:
         """The agent's revocation list: every live task it names is over. All are ended at
         once (parents first: theirs end with them); then how they ended is asked of the server
         once for all, within one timeout, not one task after another. A task the list names
-        by doubtful tokens alone (doubtful_jtis) is asked about first, with the others at
-        once, and goes on if the server lists it active."""
+        by doubtful tokens alone (doubtful_jtis) is asked about once the others have ended,
+        all of those at once, and goes on if the server lists it active."""
         named = self._live.named_by(update)
-        going_on = self._going_on(named, update) if named and not self._closed else set()
-        ended = [task for task in named if task.task_id not in going_on and task._revoked()]
+        if not named:
+            return
+        proven, doubts = proven_and_doubted(named, update)
+        # Those the list proves over end before the server is asked about the others: the
+        # ask (up to a timeout, 10 s by default, at a server away) held up an end it proved,
+        # the task minting tokens meanwhile, whenever one update named both kinds.
+        ended = [task for task in proven if task._revoked()]
+        going_on = self._going_on(doubts) if doubts and not self._closed else set()
+        ended += [task for task in doubts if task.task_id not in going_on and task._revoked()]
         if not ended or self._closed:
             return
         learnt = self._ended_infos([task.info for task in ended])
@@ -140,19 +147,16 @@ class TaskClient:
             if info is not None:
                 task._learnt_end(info)
 
-    def _going_on(self, named: Sequence[Task], update: RevocationsUpdate) -> set[str]:
-        """The IDs of the tasks of ``named`` that the list names by tokens the server says
-        were not their end (tokens delegated from them, revoked as the acting workload's agent
-        was removed): they are listed active. Asked once for all, within one timeout; when it
-        cannot be told, none (fail closed). Ended by them, every runtime whose task delegated
-        to a removed node lost its task to TaskEndedError, the server holding it active."""
-        doubts: dict[Task, frozenset[str]] = {}
-        for task in named:
-            jtis = doubtful_jtis(task, update)
-            if jtis is not None:
-                doubts[task] = jtis - task._not_its_end
-        going_on = {task.task_id for task, jtis in doubts.items() if not jtis}
-        asked = [task for task, jtis in doubts.items() if jtis]
+    def _going_on(self, doubts: Mapping[Task, frozenset[str]]) -> set[str]:
+        """The IDs of the tasks of ``doubts`` (each with the doubtful jtis the list names it
+        by: proven_and_doubted) that the server says were not their end (tokens delegated
+        from them, revoked as the acting workload's agent was removed): they are listed
+        active. Asked once for all, within one timeout; when it cannot be told, none (fail
+        closed). Ended by them, every runtime whose task delegated to a removed node lost its
+        task to TaskEndedError, the server holding it active."""
+        unsettled = {task: jtis - task._not_its_end for task, jtis in doubts.items()}
+        going_on = {task.task_id for task, jtis in unsettled.items() if not jtis}
+        asked = [task for task, jtis in unsettled.items() if jtis]
         if asked:
             try:
                 active = self._active_ids(
@@ -162,7 +166,7 @@ class TaskClient:
                 active = set()
             for task in asked:
                 if task.task_id in active:
-                    task._not_its_end |= doubts[task]
+                    task._not_its_end |= unsettled[task]
                     going_on.add(task.task_id)
         return going_on
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,57 @@ def test_an_async_task_named_by_a_delegated_token_alone_goes_on_while_the_server
             return going_on, task.ended
 
     assert asyncio.run(run()) == (True, True)
+
+
+OTHER = f"{RUNTIME}/task/t2"
+# Another task's own X.509-SVID, in the same update: that task is over, for sure.
+OTHER_SVID = Revoked(KIND_X509_SERIAL, "0b", 0.0, OTHER)
+
+
+def test_a_task_its_svid_ends_is_over_before_the_server_is_asked_about_another(
+    agent: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One update named a task by a delegated token and another by its own X.509-SVID: the
+    second stayed live (minting tokens) until the server had answered about the first, a
+    timeout (10 s by default) when the server was away."""
+    with TaskClient(agent.address, watch_revocations=False) as client:
+        doubted = Task(client, info("t1"))
+        over = Task(client, info("t2"))
+        _listed_active(agent, "t1", "t2")
+        seen_when_asked: list[bool] = []
+        ask = client._active_ids
+
+        def asked(*args: Any) -> set[str]:
+            seen_when_asked.append(over.ended)
+            return ask(*args)
+
+        monkeypatch.setattr(client, "_active_ids", asked)
+        client._revocations_seen(update(DELEGATED, OTHER_SVID))
+        assert seen_when_asked[:1] == [True]
+        assert over.ended
+        assert not doubted.ended
+
+
+def test_an_async_task_its_svid_ends_is_over_before_the_server_is_asked_about_another(
+    agent: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> tuple[list[bool], bool, bool]:
+        async with AsyncTaskClient(agent.address, watch_revocations=False) as client:
+            doubted = AsyncTask(client, info("t1"))
+            over = AsyncTask(client, info("t2"))
+            _listed_active(agent, "t1", "t2")
+            seen_when_asked: list[bool] = []
+            ask = client._active_ids
+
+            async def asked(*args: Any) -> set[str]:
+                seen_when_asked.append(over.ended)
+                return await ask(*args)
+
+            monkeypatch.setattr(client, "_active_ids", asked)
+            await client._revocations_seen(update(DELEGATED, OTHER_SVID))
+            return seen_when_asked, over.ended, doubted.ended
+
+    seen_when_asked, over_ended, doubted_ended = asyncio.run(run())
+    assert seen_when_asked[:1] == [True]
+    assert over_ended
+    assert not doubted_ended
