@@ -26,7 +26,13 @@ from agent_attestor.signer import MintedJwt
 from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.watchers import Watch
 from svid._clock import Clock
-from svid._errors import ExpiredError, RevokedError, SpiffeIdError, VerificationError
+from svid._errors import (
+    AudienceError,
+    ExpiredError,
+    RevokedError,
+    SpiffeIdError,
+    VerificationError,
+)
 from svid._limits import audience_problem
 from svid._log_throttle import KeyedThrottles
 from svid._proto import workload_pb2, workload_pb2_grpc
@@ -487,17 +493,18 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         try:
             result = self._validator.validate(request.svid, request.audience)
         except VerificationError as exc:  # ExpiredError and RevokedError included
-            # Those two are raised once the signature held: the claims are the issuer's. Any
-            # other refusal may be of a forged token, whose sub, jti and txn name whoever its
-            # sender likes (another workload, another task): reported as unverified, so that
-            # the audit log does not file the refusal under them.
+            # Those three are raised once the signature held: the claims are the issuer's (a
+            # task's genuine token presented to another audience, a replay, is the task's to
+            # answer for). Any other refusal may be of a forged token, whose sub, jti and txn
+            # name whoever its sender likes (another workload, another task): reported as
+            # unverified, so that the audit log does not file the refusal under them.
             self._report(
                 snap,
                 caller,
                 request,
                 unverified_claims(request.svid),
                 str(exc),
-                verified=isinstance(exc, ExpiredError | RevokedError),
+                verified=isinstance(exc, ExpiredError | RevokedError | AudienceError),
             )
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, _details(f"token is invalid: {exc}")

@@ -278,6 +278,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     svid_errors.VerificationError: Rule(Code.PERMISSION_DENIED),
     svid_errors.RevokedError: Rule(Code.PERMISSION_DENIED),
     svid_errors.ExpiredError: Rule(Code.PERMISSION_DENIED),
+    svid_errors.AudienceError: Rule(Code.PERMISSION_DENIED),
     # The Workload API client side of the library: a handler of this server never calls it,
     # so one reaching here is the server's fault.
     WorkloadApiError: _SERVER_FAULT,

@@ -54,6 +54,7 @@ from svid._bundle import BundleSet, JwtBundle, SpiffeBundle, X509Bundle
 from svid._clock import Clock, FakeClock, SystemClock
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
 from svid._errors import (
+    AudienceError,
     BundleError,
     ExpiredError,
     JwtSvidError,
@@ -109,6 +110,7 @@ __all__ = [
     "AsyncWorkloadApiClient",
     "AsyncWorkloadApiSource",
     "AsyncX509Source",
+    "AudienceError",
     "AuditCheckpoint",
     "AuditCheckpointError",
     "BundleError",

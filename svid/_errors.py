@@ -39,6 +39,11 @@ class ExpiredError(VerificationError):
     """A credential is outside its validity window."""
 
 
+class AudienceError(VerificationError):
+    """A credential is genuine (its signature held) but not for the expected audience: its
+    claims are its issuer's, so a refusal can be filed under whom it names."""
+
+
 class StaleRevocationsError(VerificationError):
     """Revocation data is older than the verifier allows (``max_revocation_staleness``): its feed,
     usually the local agent, has been unreachable for too long to rule a revocation out."""

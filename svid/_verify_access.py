@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 from svid._bundle import JwtBundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
-from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
+from svid._errors import (
+    AudienceError,
+    ExpiredError,
+    JwtSvidError,
+    RevokedError,
+    VerificationError,
+)
 from svid._jose import SignatureCheck
 from svid._jwt import is_time, split_typed_token
 from svid._revocation import (
@@ -237,7 +243,7 @@ class AccessTokenVerifier:
                 f"token typ is {result.token_type!r}, expected {typ!r} (of {result.subject})"
             )
         if audience not in result.audience:
-            raise VerificationError(f"token for {result.subject} is not for audience {audience!r}")
+            raise AudienceError(f"token for {result.subject} is not for audience {audience!r}")
         return result
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:

@@ -14,7 +14,13 @@ from typing import Any, NamedTuple
 from svid._bundle import JwtBundle
 from svid._cache import LruCache
 from svid._clock import Clock, SystemClock
-from svid._errors import ExpiredError, JwtSvidError, RevokedError, VerificationError
+from svid._errors import (
+    AudienceError,
+    ExpiredError,
+    JwtSvidError,
+    RevokedError,
+    VerificationError,
+)
 from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
 from svid._revocation import (
@@ -150,9 +156,7 @@ class JwtVerifier:
             raise VerificationError("an expected audience is required")
         result = self._result(token)
         if audience not in result.audience:
-            raise VerificationError(
-                f"token for {result.spiffe_id} is not for audience {audience!r}"
-            )
+            raise AudienceError(f"token for {result.spiffe_id} is not for audience {audience!r}")
         return result
 
     def verify_any(self, token: str, audiences: Sequence[str]) -> VerifiedJwt:
@@ -172,7 +176,7 @@ class JwtVerifier:
             raise VerificationError("expected audiences are required")
         result = self._result(token)
         if not any(a in result.audience for a in audiences):
-            raise VerificationError(
+            raise AudienceError(
                 f"token for {result.spiffe_id} is for {list(result.audience)[:4]!r}, "
                 f"none of {list(audiences)!r}"
             )

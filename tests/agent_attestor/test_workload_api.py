@@ -498,6 +498,26 @@ def test_validate_jwt_refuses_a_token_whose_jti_the_server_revoked(agent: Harnes
     assert [s["claims_verified"] for s in seen] == [True, True]
 
 
+def test_a_genuine_tokens_refusal_for_another_audience_is_reported_as_verified(
+    agent: Harness,
+) -> None:
+    # A task's token replayed at a service it was not minted for: its signature held, so its
+    # txn and jti are the issuer's, and the refusal is the task's to answer for (audit export
+    # --task). Reported unverified, the replay was filed under nobody.
+    seen: list[dict[str, object]] = []
+    agent.api._on_validate = lambda **kw: seen.append(kw)
+    agent.add_entry("/w")
+    token = agent.ca.mint_jwt("spiffe://example.org/w/task/t1", ["docs"]).token
+    jti = json.loads(b64url_decode(token.split(".")[1]))["jti"]
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub().ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="billing", svid=token), metadata=HEADER
+        )
+    assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not for audience" in exc.value.details()  # type: ignore[attr-defined]
+    assert [(s["ok"], s["jti"], s["claims_verified"]) for s in seen] == [(False, jti, True)]
+
+
 def test_a_forged_tokens_refusal_is_reported_with_its_claims_unverified(agent: Harness) -> None:
     # Any caller may have a token naming another workload's task (its `txn` is in every token
     # of it) validated: reported as the issuer's words, the server filed the refusal under that

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from svid import (
     MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
+    AudienceError,
     ExpiredError,
     FakeClock,
     JwtVerifier,
@@ -95,8 +96,11 @@ def test_rsa_token(verifier: JwtVerifier) -> None:
 def test_verify_any_accepts_a_token_naming_one_of_the_names(verifier: JwtVerifier) -> None:
     t = token(aud=["other", "svc-endpoint"])
     assert verifier.verify_any(t, ("svc", "svc-endpoint")).audience == ("other", "svc-endpoint")
-    with pytest.raises(VerificationError, match="none of"):
+    # Refused after its signature held: an AudienceError, whose claims are the issuer's.
+    with pytest.raises(AudienceError, match="none of"):
         verifier.verify_any(t, ("svc", "nope"))
+    with pytest.raises(AudienceError, match="is not for audience"):
+        verifier.verify(t, "nope")
     with pytest.raises(VerificationError, match="required"):
         verifier.verify_any(t, ())
     with pytest.raises(VerificationError, match="signature"):
