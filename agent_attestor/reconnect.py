@@ -10,7 +10,11 @@ random source.
   some 200 a second, not 1000: the load of SPIRE's agents polling every 5 s. Every wait is
   full jitter (uniform from 0), so the herd is spread over the window, not moved to its end.
 - Any other failure (a connection refused, an attestation failing) backs off exponentially
-  from reconnect_min, as before (svid._backoff).
+  from reconnect_min, as before (svid._backoff). The backoff starts afresh only after a
+  connection that lasted (sync._hold_stream), not after any stream that came up: a server
+  that serves a snapshot then drops the stream, again and again, would otherwise have every
+  agent back within the herd's window each time, each one a snapshot, never backing off to
+  reconnect_max. A lost stream's wait is the longer of the two.
 - No wait is longer than WAIT_SHARE of the life the agent SVID has left: an agent whose SVID
   is near expiry draws from a shorter window, so it is among the first back and renews before
   it lapses, however long the herd's window or the backoff has grown. Bouncing between slow
@@ -51,10 +55,11 @@ def reconnect_delay(
     sync). `low`, `high`: reconnect_min, reconnect_max. `lost_live`: the failure ended a Sync
     stream that was up (see above). `life_left`: what the agent SVID in use has left (None:
     there is none; 0 or less: lapsed, and there is nothing left to hurry for)."""
-    if lost_live and attempt == 0:
-        ceiling = max(low, high * HERD_SHARE)
-    else:
-        ceiling = backoff_ceiling(attempt, low, high)
+    ceiling = backoff_ceiling(attempt, low, high)
+    if lost_live:
+        # Never under the herd's window, nor under the backoff grown: a server that drops
+        # every stream soon after its snapshot (crash-looping) is not met ever sooner.
+        ceiling = max(ceiling, low, high * HERD_SHARE)
     if life_left is not None and life_left > 0:
         ceiling = min(ceiling, max(WAIT_FLOOR, life_left * WAIT_SHARE))
     return rand.uniform(0.0, ceiling)

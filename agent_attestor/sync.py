@@ -934,8 +934,10 @@ class Syncer:
             self._on_change("disconnected")
             # A stream that was up, lost: every agent of its server lost theirs at once.
             lost_live = self.syncs > syncs
-            if lost_live or self._clock.monotonic() - started > 30:
-                attempt = 0  # it was a healthy connection: start backing off afresh
+            # Only a connection that lasted starts the backoff afresh: one whose stream came
+            # up and was dropped at once, each time (a crash-looping server), backs off.
+            if self._clock.monotonic() - started > 30:
+                attempt = 0
             delay = reconnect_delay(
                 attempt,
                 self._s.reconnect_min,

@@ -79,9 +79,22 @@ def test_only_the_first_wait_after_a_live_stream_spreads_over_the_herds_window()
     """A connection that failed (refused, attestation failing) backs off from reconnect_min,
     as a fleet's first start does; so do the retries after the first once a stream was lost."""
     first = [reconnect_delay(0, LOW, HIGH, random.Random(n)) for n in range(200)]
-    again = [reconnect_delay(1, LOW, HIGH, random.Random(n), lost_live=True) for n in range(200)]
+    again = [reconnect_delay(1, LOW, HIGH, random.Random(n)) for n in range(200)]
     assert max(first) <= LOW
     assert max(again) <= 2 * LOW
+
+
+@pytest.mark.parametrize(("attempt", "ceiling"), [(0, 5.0), (2, 5.0), (3, 8.0), (6, 10.0)])
+def test_a_stream_lost_again_soon_waits_the_herds_window_or_the_backoff_grown(
+    attempt: int, ceiling: float
+) -> None:
+    """A server that drops every stream soon after its snapshot (crash-looping) is met after
+    the longer of the two: never sooner than a herd's, and backing off to reconnect_max."""
+    delays = [
+        reconnect_delay(attempt, LOW, HIGH, random.Random(n), lost_live=True) for n in range(200)
+    ]
+    assert max(delays) <= ceiling
+    assert max(delays) > ceiling * 0.9
 
 
 def test_the_herds_window_is_never_under_reconnect_min_nor_over_reconnect_max() -> None:

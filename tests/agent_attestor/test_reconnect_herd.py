@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+from pathlib import Path
+
+import pytest
 
 from agent_attestor.agent_store import AgentStore
 from agent_attestor.cache import Cache
@@ -73,3 +76,36 @@ def test_an_agent_whose_server_stops_under_its_live_stream_waits_over_the_herds_
     first, second = rand.windows[:2]
     assert first == 2.0  # half of reconnect_max: the herd's window
     assert second == 0.2  # the server still gone: the backoff from reconnect_min, doubled
+
+
+def test_a_server_that_drops_every_stream_after_its_snapshot_is_backed_off_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server crash-looping: each connection's Sync stream comes up (a snapshot applied),
+    then ends at once. Every such loss started the backoff afresh, so each agent was back
+    within the herd's window (half of reconnect_max) every time, a snapshot each, and never
+    backed off to reconnect_max. Now the windows grow to it (none under the herd's)."""
+    rand = _Windows()
+    settings = SyncSettings(
+        (Target("127.0.0.1:1", "127.0.0.1:1"),), reconnect_min=1.0, reconnect_max=10.0, rand=rand
+    )
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    syncer = Syncer(settings, store, Cache(), FakeClock())
+
+    async def up_then_dropped(self: Syncer) -> None:
+        self.syncs += 1  # a snapshot applied: the stream was up
+        raise ConnectionError("the server's process exited")
+
+    monkeypatch.setattr(Syncer, "_sync_once", up_then_dropped)
+
+    async def scenario() -> None:
+        holding = asyncio.create_task(syncer._hold_stream())
+        try:
+            while len(rand.windows) < 6:
+                await asyncio.sleep(0.01)
+        finally:
+            await cancel_all([holding])
+            await syncer.close()
+
+    asyncio.run(scenario())
+    assert rand.windows[:6] == [5.0, 5.0, 5.0, 8.0, 10.0, 10.0]
