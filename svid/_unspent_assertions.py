@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections import deque
+import math
 from typing import Any
 
-# Presented tokens remembered: the task hands out its newest or, once that is past a quarter
-# of its life, the agent's, so only the last few can come back.
-SPENT_KEPT = 8
+from svid._clock import Clock, SystemClock
+from svid._errors import SvidError
+from svid._jwt import JwtSvid
+
+# Presented tokens are remembered until they expire: the oldest can come back. A fresh one is
+# kept by the task only until a quarter of its life, and the task then asks the agent, whose
+# cache still holds the first one it minted (until half that one's life) however many fresh
+# ones were presented since: a count of the last few forgot it after as many step-ups, and it
+# was presented again, a replay. This bound only caps memory (the uid's minting rate bounds
+# how many a runtime presents in a token's life).
+SPENT_KEPT = 1024
 
 
 class UnspentAssertions:
@@ -26,20 +34,30 @@ class UnspentAssertions:
     minted anew when the one it hands out was presented here before. ``task``: an
     ``AsyncTask``, or a ``Task`` (asked on a thread: its call blocks)."""
 
-    def __init__(self, task: Any) -> None:
+    def __init__(self, task: Any, clock: Clock | None = None) -> None:
         self._jwt = task.jwt
         self._sync = not inspect.iscoroutinefunction(self._jwt)
-        self._presented: deque[str] = deque(maxlen=SPENT_KEPT)
+        self._clock = clock or SystemClock()
+        self._presented: dict[str, float] = {}  # token -> its exp (inf: not read), in order
 
     async def __call__(self, audience: str, resource: str) -> str:
         del resource  # the token request names it (RFC 8707); the JWT-SVID is for svidd
+        self._forget_expired()
         token = await self._ask(audience)
         if token in self._presented:
             # Presented, so maybe spent (or left unspent by an invalid_scope refusal: this side
             # cannot tell which); a fresh one costs only a mint.
             token = await self._ask(audience, fresh=True)
-        self._presented.append(token)
+        self._presented[token] = _expiry(token)
+        while len(self._presented) > SPENT_KEPT:
+            del self._presented[next(iter(self._presented))]
         return token
+
+    def _forget_expired(self) -> None:
+        # An expired token is never handed out again (nor taken by svidd).
+        now = self._clock.now()
+        for token in [t for t, exp in self._presented.items() if exp <= now]:
+            del self._presented[token]
 
     async def _ask(self, audience: str, *, fresh: bool = False) -> str:
         # Plain asks as before (a task-like object without `fresh` keeps working).
@@ -47,3 +65,10 @@ class UnspentAssertions:
         if self._sync:
             return str(await asyncio.to_thread(self._jwt, audience, **args))
         return str(await self._jwt(audience, **args))
+
+
+def _expiry(token: str) -> float:
+    try:
+        return float(JwtSvid.parse_insecure(token).expires_at)
+    except SvidError:
+        return math.inf  # not a JWT we can read: kept until the cap drops it

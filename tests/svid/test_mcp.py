@@ -29,6 +29,7 @@ from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
 from svid._open_requests import X509, OpenRequests
 from svid._staleness_watch import StalenessWatch
+from svid._unspent_assertions import UnspentAssertions
 from svid.asgi import DEFAULT_MAX_BODY
 from tests.svid.adapter_world import (
     AUDIENCE,
@@ -1101,3 +1102,55 @@ def test_oauth_auth_never_presents_a_task_jwt_it_presented_before() -> None:
         (ISSUER, False),
         (ISSUER, True),
     ]
+
+
+def test_oauth_auth_never_presents_again_the_agent_s_token_after_many_step_ups() -> None:
+    """The task keeps a fresh JWT-SVID a quarter of its life, then asks the agent, whose cache
+    still holds the first one (until half its life) however many fresh ones were presented
+    since. Only the last 8 presented were remembered: after more step-ups than that, the
+    agent's first one was presented a second time, and svidd refused it as a replay."""
+    agents = task_token(jti="agent-1")
+
+    class Task:  # the task's cache (`held`) in front of the agent's (`agents`)
+        spiffe_id = TASK_ID
+        held = agents
+        minted = 0
+
+        async def jwt(self, audience: str, *, fresh: bool = False) -> str:
+            if fresh:
+                self.minted += 1
+                self.held = task_token(jti=f"fresh-{self.minted}")
+            return self.held
+
+    task = Task()
+
+    async def assertions() -> list[str]:
+        provider = svid.mcp.oauth_auth(task, RESOURCE, issuer=ISSUER)
+        presented = [await provider._assertion_provider(ISSUER, RESOURCE)]  # type: ignore[attr-defined]
+        for _ in range(12):  # step-ups, one tool after another
+            presented.append(await provider._assertion_provider(ISSUER, RESOURCE))  # type: ignore[attr-defined]
+        task.held = agents  # the fresh one past a quarter of its life: the agent's again
+        presented.append(await provider._assertion_provider(ISSUER, RESOURCE))  # type: ignore[attr-defined]
+        return presented
+
+    presented = asyncio.run(assertions())
+    assert presented[0] == agents
+    assert len(set(presented)) == len(presented), "a JWT-SVID presented twice is a replay"
+
+
+def test_unspent_assertions_forget_tokens_once_expired() -> None:
+    """What is remembered is bounded by the tokens' lives: an expired one never comes back."""
+    clock = FakeClock(time.time())
+    tokens = iter([task_token(jti=f"j{n}", exp=int(clock.now()) + 60) for n in range(3)])
+
+    class Task:
+        async def jwt(self, audience: str, *, fresh: bool = False) -> str:
+            return next(tokens)
+
+    provider = UnspentAssertions(Task(), clock)
+    asyncio.run(provider(ISSUER, RESOURCE))
+    asyncio.run(provider(ISSUER, RESOURCE))
+    assert len(provider._presented) == 2
+    clock.advance(61)
+    asyncio.run(provider(ISSUER, RESOURCE))
+    assert len(provider._presented) == 1
