@@ -27,6 +27,9 @@ from svid._jwt import JwtSvid
 # was presented again, a replay. This bound only caps memory (the uid's minting rate bounds
 # how many a runtime presents in a token's life).
 SPENT_KEPT = 1024
+# Kept this long past their exp: exp is the issuer's clock, and this host's may run ahead of it
+# while the agent (on its own clock) still hands the token out.
+EXPIRED_KEPT = 300.0
 
 
 class UnspentAssertions:
@@ -55,7 +58,7 @@ class UnspentAssertions:
 
     def _forget_expired(self) -> None:
         # An expired token is never handed out again (nor taken by svidd).
-        now = self._clock.now()
+        now = self._clock.now() - EXPIRED_KEPT
         for token in [t for t, exp in self._presented.items() if exp <= now]:
             del self._presented[token]
 

@@ -29,7 +29,7 @@ from svid._clock import FakeClock
 from svid._crl import revoked_from_crls
 from svid._open_requests import X509, OpenRequests
 from svid._staleness_watch import StalenessWatch
-from svid._unspent_assertions import UnspentAssertions
+from svid._unspent_assertions import EXPIRED_KEPT, UnspentAssertions
 from svid.asgi import DEFAULT_MAX_BODY
 from tests.svid.adapter_world import (
     AUDIENCE,
@@ -1141,7 +1141,7 @@ def test_oauth_auth_never_presents_again_the_agent_s_token_after_many_step_ups()
 def test_unspent_assertions_forget_tokens_once_expired() -> None:
     """What is remembered is bounded by the tokens' lives: an expired one never comes back."""
     clock = FakeClock(time.time())
-    tokens = iter([task_token(jti=f"j{n}", exp=int(clock.now()) + 60) for n in range(3)])
+    tokens = iter([task_token(jti=f"j{n}", exp=int(clock.now()) + 60) for n in range(4)])
 
     class Task:
         async def jwt(self, audience: str, *, fresh: bool = False) -> str:
@@ -1151,6 +1151,9 @@ def test_unspent_assertions_forget_tokens_once_expired() -> None:
     asyncio.run(provider(ISSUER, RESOURCE))
     asyncio.run(provider(ISSUER, RESOURCE))
     assert len(provider._presented) == 2
-    clock.advance(61)
+    clock.advance(60 + EXPIRED_KEPT - 1)  # a while past exp: this clock may run ahead
+    asyncio.run(provider(ISSUER, RESOURCE))
+    assert len(provider._presented) == 3
+    clock.advance(2)
     asyncio.run(provider(ISSUER, RESOURCE))
     assert len(provider._presented) == 1
