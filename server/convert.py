@@ -89,6 +89,7 @@ def bundle_to_proto(
 _REVOCATION_KINDS = {
     "x509_serial": common_pb2.Revocation.X509_SERIAL,
     "jwt_id": common_pb2.Revocation.JWT_ID,
+    "task": common_pb2.Revocation.TASK,
 }
 
 

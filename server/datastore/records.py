@@ -20,7 +20,12 @@ SLOT_STATUSES = (PREPARED, ACTIVE, RETIRED)
 
 REVOKED_X509_SERIAL = "x509_serial"
 REVOKED_JWT_ID = "jwt_id"
-REVOCATION_KINDS = (REVOKED_X509_SERIAL, REVOKED_JWT_ID)
+# No credential: a task ended (value: its id). Every credential of it is revoked on its own,
+# but one that expired before the end is not, and a token of its SPIFFE ID revoked alone may
+# be one delegated from it, the task going on: this is what tells resource servers and the
+# task's runtime that everything of the task is over.
+REVOKED_TASK = "task"
+REVOCATION_KINDS = (REVOKED_X509_SERIAL, REVOKED_JWT_ID, REVOKED_TASK)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -240,7 +245,8 @@ class KeySlot:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """A revoked credential: an X.509-SVID serial (decimal text) or a JWT-SVID ``jti``."""
+    """A revoked credential: an X.509-SVID serial (decimal text) or a JWT-SVID ``jti``; or an
+    ended task (REVOKED_TASK: its id, and its SPIFFE ID as ``spiffe_id``)."""
 
     kind: str
     value: str

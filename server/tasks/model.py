@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from server.datastore.records import Credential
+from server.datastore.records import REVOKED_TASK, Credential, Revocation
 from server.policy import Intent
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "is_task_id",
     "is_task_key",
     "new_task_id",
+    "task_end_revocation",
 ]
 
 TASK_PATH = "/task/"
@@ -112,3 +113,14 @@ def is_task_key(text: str) -> bool:
     """Whether `text` has the shape of a task ID new_task_id makes (not a task's SPIFFE ID:
     see is_task_id). What a caller names a task by is checked with it before any lookup."""
     return _TASK_KEY.fullmatch(text) is not None
+
+
+def task_end_revocation(task: Task, reason: str, now: int) -> Revocation:
+    """The revocation that says `task` ended (REVOKED_TASK), published with its credentials'.
+
+    Kept as long as a credential of the task may be: none outlives the task's own expiry
+    (issuance clamps them to it), and one ended by its TTL keeps it the verifier leeway past
+    now, as any revocation."""
+    return Revocation(
+        REVOKED_TASK, task.task_id, task.spiffe_id, max(task.expires_at, now), reason, now
+    )

@@ -33,6 +33,7 @@ from server.audit.event import check_no_secret
 from server.ca.manager import CaManager
 from server.datastore.base import RemovalClaim
 from server.datastore.records import (
+    REVOKED_TASK,
     AttestedAgent,
     Entry,
     EventFilter,
@@ -65,7 +66,15 @@ from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.end_reason import runtime_end_reason
-from server.tasks.model import TASK_PATH, Credential, Task, TaskState, is_task_id, new_task_id
+from server.tasks.model import (
+    TASK_PATH,
+    Credential,
+    Task,
+    TaskState,
+    is_task_id,
+    new_task_id,
+    task_end_revocation,
+)
 from server.tasks.store import TaskStore
 from server.tasks.validations import validation_events
 from svid._clock import Clock
@@ -1120,19 +1129,23 @@ class TaskService:
         task: Task | None,
         unrecorded: Sequence[Credential] | None = None,
         claim: RemovalClaim | None = None,
+        ended: Task | None = None,
     ) -> None:
         """Revoke `creds`, then record a revocation event for each of `unrecorded` (default:
         `creds`; a finishing end passes those whose event is not on the log yet), under the
-        removal's `claim` if given (revoke_agent)."""
+        removal's `claim` if given (revoke_agent). `ended`: a task whose end is published
+        with them (its REVOKED_TASK entry), in the same write, so a verifier or runtime that
+        sees one of its credentials revoked sees the end with it."""
         events = creds if unrecorded is None else unrecorded
         now = self._now()
-        if creds:
-            await self._state.add_revocations(
-                tuple(
-                    Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now, c.issuer)
-                    for c in creds
-                )
-            )
+        items = tuple(
+            Revocation(c.kind, c.value, c.spiffe_id, c.expires_at, reason, now, c.issuer)
+            for c in creds
+        )
+        if ended is not None and not self._state.is_revoked(REVOKED_TASK, ended.task_id):
+            items = (task_end_revocation(ended, reason, now), *items)
+        if items:
+            await self._state.add_revocations(items)
         if not events:
             return
         await asyncio.to_thread(
@@ -1204,7 +1217,12 @@ class TaskService:
             recorded = await asyncio.to_thread(self._revocations_recorded, done.task_id)
             unrecorded = [c for c in creds if c.value not in recorded]
         await self._revoke(
-            fresh, done.end_reason, agent_id=done.agent_id, task=done, unrecorded=unrecorded
+            fresh,
+            done.end_reason,
+            agent_id=done.agent_id,
+            task=done,
+            unrecorded=unrecorded,
+            ended=done,
         )
         if done.entry_id:
             # Deleted in the datastore whether or not this server's memory holds it: the feed

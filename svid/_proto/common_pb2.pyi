@@ -77,9 +77,11 @@ class Revocation(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[Revocation.Kind]
         X509_SERIAL: _ClassVar[Revocation.Kind]
         JWT_ID: _ClassVar[Revocation.Kind]
+        TASK: _ClassVar[Revocation.Kind]
     KIND_UNSPECIFIED: Revocation.Kind
     X509_SERIAL: Revocation.Kind
     JWT_ID: Revocation.Kind
+    TASK: Revocation.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]

@@ -28,6 +28,7 @@ from server.ca.keys import KeyStore
 from server.ca.manager import CaConfig, CaManager
 from server.ca.rotation import activate_at
 from server.ca.signer import IssuedJwt
+from server.convert import revocation_to_proto
 from server.datastore.base import DataStore
 from server.datastore.errors import RemovalUnderWayError, StorageError
 from server.datastore.records import (
@@ -68,6 +69,7 @@ from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY, RevokedError, X509Bundle, 
 from svid._bundle import BundleSet
 from svid._clock import FakeClock, to_datetime
 from svid._crl import revoked_from_crls
+from svid._proto import common_pb2
 from svid._revocation import RevocationSet
 from svid._source import MemoryBundleSource
 from svid._spiffe_id import TrustDomain
@@ -337,7 +339,11 @@ def test_end_revokes_every_credential_and_publishes_a_crl(world: World) -> None:
     done = world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
     assert done.state is TaskState.ENDED
     revoked = {(r.kind, r.value) for r in world.state.revocations}
-    assert revoked == {("jwt_id", issued.jti), ("x509_serial", format(leaf.serial_number, "x"))}
+    assert revoked == {
+        ("jwt_id", issued.jti),
+        ("x509_serial", format(leaf.serial_number, "x")),
+        ("task", task.task_id),
+    }
     assert task.entry_id not in world.state.entries.by_id
     with pytest.raises(PermissionDeniedError, match="not entitled"):
         world.mint_jwt(entry, ["docs"])
@@ -533,6 +539,48 @@ def test_end_revokes_a_jwt_past_exp_that_a_verifier_still_accepts(world: World) 
     world.run(world.service.housekeeping())
     world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
     assert ("jwt_id", issued.jti) in {(r.kind, r.value) for r in world.state.revocations}
+
+
+def test_an_end_says_the_task_ended_though_no_credential_of_it_is_left_to_revoke(
+    world: World,
+) -> None:
+    """A task whose agent never minted its X.509-SVID, and whose one token expired long
+    before its end, had nothing revoked at its end: a resource server's stream or MCP session
+    that token opened, and the task's runtime, never heard of the end."""
+    task = world.begin(ttl=3600)
+    entry = world.state.entries.by_id[task.entry_id]
+    issued = world.mint_jwt(entry, ["docs"])
+    world.clock.set(issued.expires_at + MAX_VERIFIER_LEEWAY + MAX_CLOCK_SKEW + 1)
+    world.run(world.service.housekeeping())
+    world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+    (ended,) = world.state.revocations
+    assert (ended.kind, ended.value, ended.spiffe_id) == ("task", task.task_id, task.spiffe_id)
+    assert ended.expires_at == task.expires_at
+    # What agents are sent (svid.common.v1.Revocation), and no CRL entry.
+    sent = revocation_to_proto(ended)
+    assert (sent.kind, sent.value) == (common_pb2.Revocation.TASK, task.task_id)
+    assert sent.spiffe_id == task.spiffe_id
+    assert world.service.crl() == ()
+    # Only the end's event: no credential was revoked.
+    assert world.events("revocation") == []
+
+
+def test_a_token_revoked_with_an_evicted_acting_agent_does_not_say_its_task_ended(
+    world: World,
+) -> None:
+    """A token delegated from a task is revoked with the acting workload's agent, the task
+    going on: no task revocation is published for it."""
+    task = world.begin()
+    other = "spiffe://example.org/svid/agent/join_token/t2"
+    acting = AttestedAgent(other, "join_token", "y", int(world.clock.now()) + 3600, selectors=())
+    world.run(world.state.save_agent(acting, None))
+    delegated = Credential(
+        "jwt_id", "j-delegated", AGENT, task.spiffe_id, task.task_id, int(world.clock.now()) + 60
+    )._replace(actor_agent_id=other)
+    world.audit.store.write_ledger([delegated], [])
+    world.run(world.service.revoke_agent(other, "agent evicted"))
+    assert {(r.kind, r.value) for r in world.state.revocations} == {("jwt_id", "j-delegated")}
+    assert world.store.get_task(task.task_id).state is TaskState.ACTIVE  # type: ignore[union-attr]
 
 
 def test_credential_records_go_once_no_verifier_can_accept_them(world: World) -> None:
@@ -786,7 +834,7 @@ def test_ttl_expiry_revokes(world: World) -> None:
     world.clock.advance(61)
     assert world.run(world.service.expire_due()) == 1
     assert world.store.get_task(task.task_id).state is TaskState.EXPIRED  # type: ignore[union-attr]
-    assert len(world.state.revocations) == 1
+    assert sorted(r.kind for r in world.state.revocations) == ["task", "x509_serial"]
 
 
 def test_evicting_an_agent_revokes_its_outstanding_credentials(world: World) -> None:
@@ -794,7 +842,7 @@ def test_evicting_an_agent_revokes_its_outstanding_credentials(world: World) -> 
     plain = issue_x509(world, RUNTIME)
     issue_x509(world, task.spiffe_id)
     assert world.run(world.service.revoke_agent(AGENT, "agent evicted")) == 2
-    serials = {r.value for r in world.state.revocations}
+    serials = {r.value for r in world.state.revocations if r.kind == "x509_serial"}
     assert format(plain.serial_number, "x") in serials
     assert len(serials) == 2
     assert world.store.get_task(task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
