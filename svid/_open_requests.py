@@ -15,14 +15,15 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from svid._caller import Caller
-from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, CertKey, cert_key
+from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent
 
 Key = tuple[str, str | CertKey]
 JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
-# A task: its end revokes its X.509-SVID with every other credential of it. A token of its
-# SPIFFE ID alone says nothing of the task: one delegated from it (a token exchange acting for
-# another workload) is revoked, the task going on, when that workload's agent is removed.
+# A task: its end says so (a KIND_TASK revocation), and revokes its X.509-SVID with every
+# other credential of it still live. A token of its SPIFFE ID alone says nothing of the task:
+# one delegated from it (a token exchange acting for another workload) is revoked, the task
+# going on, when that workload's agent is removed.
 TXN = "txn"
 # A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
 X509_ISSUED = "x509_issued"
@@ -49,6 +50,10 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
 
 
 def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
+    if event.kind == KIND_TASK:
+        # The task ended: what its tokens opened goes too, though the token that opened it
+        # expired before the end (none revoked then) and the task had no X.509-SVID.
+        return ((TXN, event.value),)
     issuer = event.issuer
     keys: list[Key] = [
         (event.kind, event.value) if issuer is None else (X509_ISSUED, issuer.key(event.value))

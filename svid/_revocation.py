@@ -26,6 +26,13 @@ from svid._errors import StaleRevocationsError, SvidError
 
 KIND_X509_SERIAL = "x509_serial"
 KIND_JWT_ID = "jwt_id"
+# No credential: a task ENDED (value: its id, its tokens' txn; spiffe_id: its SPIFFE ID). Each
+# credential of it is revoked on its own; this says everything of the task is over, though
+# one of its tokens expired before the end (not revoked) or it never had an X.509-SVID, where
+# a token of its SPIFFE ID revoked alone may be one delegated from it, the task going on. It
+# revokes no credential here: it is for on_revoked subscribers (svid._open_requests) and task
+# clients (svid._task_revocations).
+KIND_TASK = "task"
 
 # The widest clock-skew leeway a verifier may apply past a credential's expiry, in seconds. A
 # verifier accepts a token until exp + its leeway, so a revocation must outlive exp by at least
@@ -233,6 +240,8 @@ class RevocationSet:
                     _keep(issued, item.issuer.key(serial), item.expires_at)
             elif item.kind == KIND_JWT_ID:
                 _keep(jtis, item.value, item.expires_at)
+            elif item.kind == KIND_TASK:
+                continue  # no credential to refuse: its own are listed by serial and jti
             else:
                 raise SvidError(f"unknown revocation kind {item.kind!r}")
         return serials, issued, jtis

@@ -21,6 +21,7 @@ from svid._clock import Clock
 from svid._crl import revoked_from_crls
 from svid._errors import SpiffeIdError, SvidError
 from svid._revocation import (
+    KIND_TASK,
     KIND_X509_SERIAL,
     CertIssuer,
     CertKey,
@@ -51,11 +52,13 @@ TASK_SEGMENT = "task"  # a task's SPIFFE ID is <runtime ID>/task/<task id> (AGEN
 class RevocationEvent:
     """A credential that has just joined the revocation set.
 
-    ``value`` is the X.509 serial (lowercase hex) or the JWT ``jti``. ``spiffe_id`` is the
-    credential's identity when known (the agent sent it, or it is one of this workload's own
-    SVIDs), else None; for a task's credential, ``task_id`` and ``txn`` (a task token's ``txn``
-    is its task id) follow. ``issuer``: the one issuer whose serial it is (a CRL's entry), or
-    None for the serial whoever issued it; ``revokes`` tells whether it hits a certificate.
+    ``value`` is the X.509 serial (lowercase hex) or the JWT ``jti``; for ``kind`` "task"
+    (KIND_TASK) no credential but a task that ENDED, ``value`` its id: everything of the task
+    is over. ``spiffe_id`` is the credential's identity when known (the agent sent it, or it
+    is one of this workload's own SVIDs), else None; for a task's credential, ``task_id`` and
+    ``txn`` (a task token's ``txn`` is its task id) follow. ``issuer``: the one issuer whose
+    serial it is (a CRL's entry), or None for the serial whoever issued it; ``revokes`` tells
+    whether it hits a certificate.
     """
 
     kind: str
@@ -70,6 +73,8 @@ class RevocationEvent:
 
     @property
     def task_id(self) -> str | None:
+        if self.kind == KIND_TASK:
+            return self.value
         segments = self.spiffe_id.segments if self.spiffe_id is not None else ()
         if len(segments) >= 2 and segments[-2] == TASK_SEGMENT:
             return segments[-1]

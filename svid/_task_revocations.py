@@ -1,9 +1,11 @@
 """Which of a task client's live tasks the agent's revocation list says are over.
 
-The server revokes a task's X.509-SVID and the JWT-SVIDs its runtime fetched only when the task
-ends, however it ends (its runtime, an operator, its TTL, its parent's end, its agent's removal),
-and the agent lists each with the task's SPIFFE ID when the server named it. So a list naming a
-task's X.509 serial, or the jti of a token the task holds, means the task is over. A token of
+When a task ends, however it ends (its runtime, an operator, its TTL, its parent's end, its
+agent's removal), the server says so (a KIND_TASK entry naming the task's id) and revokes its
+X.509-SVID and the JWT-SVIDs its runtime fetched, which it revokes only then; the agent lists
+each with the task's SPIFFE ID when the server named it. So a list naming the task's end, its
+X.509 serial, or the jti of a token the task holds, means the task is over: the end alone
+tells it of a task with no X.509-SVID (its agent never minted one) and no token held. A token of
 the task's SPIFFE ID it does not hold may be one delegated from it (a token exchange acting for
 another workload), which the server also revokes when that workload's agent is removed, the
 task going on: such a token alone is doubtful (doubtful_jtis), and only the server can tell.
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Generic, Protocol, TypeVar
 
-from svid._revocation import KIND_JWT_ID
+from svid._revocation import KIND_JWT_ID, KIND_TASK
 from svid._spiffe_id import SpiffeId
 from svid._task_model import Fetched, TaskInfo
 from svid._workload_calls import RevocationsUpdate
@@ -70,23 +72,30 @@ class LiveTasks(Generic[T]):
             return []
         ids = {item.spiffe_id for item in update.items if item.spiffe_id}
         jtis = {item.value for item in update.items if item.kind == KIND_JWT_ID}
+        ended = {item.value for item in update.items if item.kind == KIND_TASK}
         hit = [
             task
             for key, task in tasks
-            if key in ids or (jtis and not jtis.isdisjoint(task._cached_jtis()))
+            if key in ids
+            or task.info.task_id in ended
+            or (jtis and not jtis.isdisjoint(task._cached_jtis()))
         ]
         return sorted(hit, key=lambda task: task.info.depth)
 
 
 def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | None:
     """None when ``update`` (which names ``task``: LiveTasks.named_by) proves it over: it
-    names its X.509 serial or a token it holds. Else the jtis of the tokens it names by the
-    task's SPIFFE ID alone, which may be tokens delegated from the task whose acting workload's
-    agent was removed: an end of the task only if the server no longer lists it active."""
+    says the task ended, or names its X.509 serial or a token it holds. Else the jtis of the
+    tokens it names by the task's SPIFFE ID alone, which may be tokens delegated from the task
+    whose acting workload's agent was removed: an end of the task only if the server no longer
+    lists it active."""
     sid = str(task.spiffe_id)
     held = task._cached_jtis()
     doubtful: set[str] = set()
+    task_id = task.info.task_id
     for item in update.items:
+        if item.kind == KIND_TASK and item.value == task_id:
+            return None
         if item.kind == KIND_JWT_ID and item.value in held:
             return None
         if item.spiffe_id == sid:

@@ -47,6 +47,22 @@ def test_a_revoked_token_of_a_tasks_id_ends_only_what_it_admitted_not_the_tasks_
     assert ended == ["delegated", "stream"]
 
 
+def test_a_tasks_end_ends_every_request_and_session_of_it_whatever_admitted_them() -> None:
+    """A token expired before its task's end is not revoked at the end, and a task its agent
+    never minted an X.509-SVID for has no serial to revoke: the end itself (KIND_TASK, the
+    task's id) is what says the task is over, with or without the agent naming its ID."""
+    ended: list[str] = []
+    requests = OpenRequests()
+    requests.open((("jwt_id", "expired"), (TXN, "t1")), lambda: ended.append("stream"))
+    requests.open((("jwt_id", "j2"), (TXN, "t1")), lambda: ended.append("session"))
+    requests.open((("jwt_id", "j3"), (TXN, "t2")), lambda: ended.append("other task"))
+    requests.open((("jwt_id", "t1"),), lambda: ended.append("a jti that is the task id"))
+    requests.on_revoked(_event("task", "t1"))
+    assert sorted(ended) == ["session", "stream"]
+    requests.on_revoked(_event("task", "t2", SpiffeId.parse("spiffe://example.org/a/task/t2")))
+    assert sorted(ended) == ["other task", "session", "stream"]
+
+
 def test_a_shared_key_goes_back_to_one_request_and_then_to_none() -> None:
     ended: list[str] = []
     requests = OpenRequests()

@@ -671,6 +671,10 @@ def oauth_tickets(source: RevokingSource, **options: Any) -> tuple[MCPServer, An
         # task's ID). A token of the task's ID alone may be one delegated from it, revoked
         # with the acting workload's agent, the task going on (see the test below).
         pytest.param(("x509_serial", "ab", TASK_ID), id="its-task"),
+        # The task's end, all the server says of it when the token expired before the end
+        # (not revoked then) and the task had no X.509-SVID (its agent never minted one).
+        pytest.param(("task", "t1", TASK_ID), id="its-end"),
+        pytest.param(("task", "t1", ""), id="its-end-unnamed"),
     ],
 )
 def test_an_access_token_s_open_stream_and_session_end_when_it_or_its_task_is_revoked(

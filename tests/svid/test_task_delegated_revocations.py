@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from svid._proto import task_pb2
-from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, Revoked
+from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, Revoked
 from svid._tasks_async import AsyncTask, AsyncTaskClient
 from svid._tasks_sync import Task, TaskClient
 from tests.svid.test_task_revocations import RUNTIME, info, update
@@ -136,3 +136,50 @@ def test_an_async_task_its_svid_ends_is_over_before_the_server_is_asked_about_an
     assert seen_when_asked[:1] == [True]
     assert over_ended
     assert not doubted_ended
+
+
+@pytest.mark.parametrize("named", [SID, ""], ids=["with-its-id", "by-task-id-alone"])
+def test_a_task_whose_end_the_list_says_is_over_at_once_without_asking_the_server(
+    agent: Server, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """A task with no X.509-SVID (its agent never minted one) holding no token: its end
+    revoked nothing of it, and only the server could tell of it; with a token delegated from
+    it in the same update, the server was asked. The end itself (KIND_TASK) proves it over."""
+    with TaskClient(agent.address, watch_revocations=False) as client:
+        task = Task(client, info("t1"))
+        _listed_active(agent, "t1")  # the server's answer, were it asked, would keep it going
+        ended_when_asked: list[bool] = []
+        ask = client._active_ids
+
+        def asked(*args: Any) -> set[str]:
+            ended_when_asked.append(task.ended)
+            return ask(*args)
+
+        monkeypatch.setattr(client, "_active_ids", asked)
+        client._revocations_seen(update(DELEGATED, Revoked(KIND_TASK, "t1", 0.0, named)))
+        assert task.ended
+        # Asked at most how it ended, once it had: never whether it had.
+        assert all(ended_when_asked)
+
+
+def test_an_async_task_whose_end_the_list_says_is_over_at_once_without_asking_the_server(
+    agent: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> tuple[bool, list[bool]]:
+        async with AsyncTaskClient(agent.address, watch_revocations=False) as client:
+            task = AsyncTask(client, info("t1"))
+            _listed_active(agent, "t1")
+            ended_when_asked: list[bool] = []
+            ask = client._active_ids
+
+            async def asked(*args: Any) -> set[str]:
+                ended_when_asked.append(task.ended)
+                return await ask(*args)
+
+            monkeypatch.setattr(client, "_active_ids", asked)
+            await client._revocations_seen(update(DELEGATED, Revoked(KIND_TASK, "t1", 0.0, "")))
+            return task.ended, ended_when_asked
+
+    ended, ended_when_asked = asyncio.run(run())
+    assert ended
+    assert all(ended_when_asked)
