@@ -49,6 +49,7 @@ from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import Clock, SystemClock
 from svid._der import der_concat, parse_der_certs
 from svid._proto import common_pb2, node_pb2, node_pb2_grpc
+from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL
 from svid._secret_file import SecretFile, read_owner_only
 from svid._spiffe_id import SpiffeId
 from svid._x509pop import sign_challenge as sign_x509pop_challenge
@@ -67,6 +68,13 @@ _OPTIONS = (
 )
 _X509_SERIAL = common_pb2.Revocation.X509_SERIAL
 _JWT_ID = common_pb2.Revocation.JWT_ID
+# The kinds relayed, by their names in the cache and to verifiers (tasks.revocations); a task's
+# end (TASK) is no credential, but verifiers and task clients close what the task held on it.
+_KINDS = {
+    _X509_SERIAL: KIND_X509_SERIAL,
+    _JWT_ID: KIND_JWT_ID,
+    common_pb2.Revocation.TASK: KIND_TASK,
+}
 
 
 # The SyncUpdate kinds that carry state; any other but HEARTBEAT is skipped.
@@ -123,23 +131,21 @@ def sync_delta(update: node_pb2.SyncUpdate) -> SyncDelta:
 
 def _key(r: common_pb2.Revocation) -> tuple[str, str]:
     if r.kind == _X509_SERIAL:
-        return "x509_serial", r.value.lower()
-    return "jwt_id", r.value
+        return KIND_X509_SERIAL, r.value.lower()
+    return _KINDS[r.kind], r.value
 
 
 def _revocation_expiry(
     items: Iterable[common_pb2.Revocation],
 ) -> dict[tuple[str, str], int]:
-    return {_key(r): int(r.expires_at) for r in items if r.kind in (_X509_SERIAL, _JWT_ID)}
+    return {_key(r): int(r.expires_at) for r in items if r.kind in _KINDS}
 
 
 def _revocation_spiffe_ids(
     items: Iterable[common_pb2.Revocation],
 ) -> dict[tuple[str, str], str]:
     """Whose credential each revocation is, where the server named it (relayed to verifiers)."""
-    return {
-        _key(r): r.spiffe_id for r in items if r.kind in (_X509_SERIAL, _JWT_ID) and r.spiffe_id
-    }
+    return {_key(r): r.spiffe_id for r in items if r.kind in _KINDS and r.spiffe_id}
 
 
 def server_not_verified(exc: grpc.RpcError) -> bool:

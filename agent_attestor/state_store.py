@@ -52,6 +52,7 @@ _SIDE_FILES = ("-wal", "-shm", "-journal")
 _REVOCATION_KINDS = {
     "x509_serial": common_pb2.Revocation.X509_SERIAL,
     "jwt_id": common_pb2.Revocation.JWT_ID,
+    "task": common_pb2.Revocation.TASK,
 }
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",

@@ -30,7 +30,7 @@ from agent_attestor.peer import CallerRegistry
 from agent_attestor.server_link import ServerLink
 from agent_attestor.stream_budget import StreamBudget
 from svid._proto import revocation_pb2, revocation_pb2_grpc
-from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL
+from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL
 
 # (kind, value) -> the credential's expiry; 0 when the agent was not told (keep it listed).
 Expiries = Callable[[], Mapping[tuple[str, str], int]]
@@ -59,6 +59,18 @@ def revocation_list(
             spiffe_id=ids.get((KIND_JWT_ID, j), ""),
         )
         for j in sorted(snap.revoked_jtis)
+    )
+    # Ended tasks: no credential, but a verifier closes every stream and session of the task
+    # on one, and a task client ends the task, without asking the server.
+    items.extend(
+        revocation_pb2.Revoked(
+            kind=KIND_TASK,
+            value=task_id,
+            expires_at=expiry,
+            spiffe_id=ids.get((KIND_TASK, task_id), ""),
+        )
+        for (kind, task_id), expiry in sorted(expiries.items())
+        if kind == KIND_TASK
     )
     return revocation_pb2.RevocationList(items=items, crl=list(snap.crl))
 
