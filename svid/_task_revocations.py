@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Generic, Protocol, TypeVar
 
@@ -40,6 +40,9 @@ class Watched(Protocol):
     def info(self) -> TaskInfo: ...
 
     def _cached_jtis(self) -> frozenset[str]: ...
+
+    # The doubtful jtis the server showed were not its end (still_doubted, listed_active).
+    _not_its_end: frozenset[str]
 
 
 T = TypeVar("T", bound=Watched)
@@ -120,6 +123,32 @@ def proven_and_doubted(
         else:
             doubted[task] = jtis
     return proven, doubted
+
+
+def still_doubted(doubts: Mapping[T, frozenset[str]]) -> tuple[set[str], dict[T, frozenset[str]]]:
+    """``doubts`` (proven_and_doubted's) less what the server already told: the IDs of the tasks
+    every doubtful jti of which it showed was not their end (they go on), and the others with
+    the jtis still to ask about."""
+    going_on: set[str] = set()
+    asked: dict[T, frozenset[str]] = {}
+    for task, jtis in doubts.items():
+        left = jtis - task._not_its_end
+        if left:
+            asked[task] = left
+        else:
+            going_on.add(task.info.task_id)
+    return going_on, asked
+
+
+def listed_active(asked: Mapping[T, frozenset[str]], active: set[str]) -> set[str]:
+    """The IDs of the ``asked`` tasks the server lists ``active``: they go on, and the jtis they
+    were asked about are remembered as not their end (never asked about again)."""
+    going_on: set[str] = set()
+    for task, jtis in asked.items():
+        if task.info.task_id in active:
+            task._not_its_end |= jtis
+            going_on.add(task.info.task_id)
+    return going_on
 
 
 def cached_jtis(cached: Iterable[Fetched]) -> frozenset[str]:

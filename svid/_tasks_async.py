@@ -61,7 +61,9 @@ from svid._task_revocations import (
     LiveTasks,
     cached_jtis,
     ended_with_parent,
+    listed_active,
     proven_and_doubted,
+    still_doubted,
     unconfirmed_end,
 )
 from svid._workload_address import address_of, grpc_target
@@ -193,19 +195,14 @@ class AsyncTaskClient:
 
     async def _going_on(self, doubts: Mapping[AsyncTask, frozenset[str]]) -> set[str]:
         """As TaskClient._going_on."""
-        unsettled = {task: jtis - task._not_its_end for task, jtis in doubts.items()}
-        going_on = {task.task_id for task, jtis in unsettled.items() if not jtis}
-        asked = [task for task, jtis in unsettled.items() if jtis]
+        going_on, asked = still_doubted(doubts)
         if asked:
             try:
                 async with asyncio.timeout(self.timeout):
                     active = await self._active_ids([task.info for task in asked])
             except (TimeoutError, grpc.aio.AioRpcError, SvidError):
                 active = set()
-            for task in asked:
-                if task.task_id in active:
-                    task._not_its_end |= unsettled[task]
-                    going_on.add(task.task_id)
+            going_on |= listed_active(asked, active)
         return going_on
 
     async def __aenter__(self) -> AsyncTaskClient:

@@ -52,7 +52,9 @@ from svid._task_revocations import (
     LiveTasks,
     cached_jtis,
     ended_with_parent,
+    listed_active,
     proven_and_doubted,
+    still_doubted,
     unconfirmed_end,
 )
 from svid._workload_address import address_of, grpc_target
@@ -154,9 +156,7 @@ class TaskClient:
         active. Asked once for all, within one timeout; when it cannot be told, none (fail
         closed). Ended by them, every runtime whose task delegated to a removed node lost its
         task to TaskEndedError, the server holding it active."""
-        unsettled = {task: jtis - task._not_its_end for task, jtis in doubts.items()}
-        going_on = {task.task_id for task, jtis in unsettled.items() if not jtis}
-        asked = [task for task, jtis in unsettled.items() if jtis]
+        going_on, asked = still_doubted(doubts)
         if asked:
             try:
                 active = self._active_ids(
@@ -164,10 +164,7 @@ class TaskClient:
                 )
             except (grpc.RpcError, SvidError):
                 active = set()
-            for task in asked:
-                if task.task_id in active:
-                    task._not_its_end |= unsettled[task]
-                    going_on.add(task.task_id)
+            going_on |= listed_active(asked, active)
         return going_on
 
     @property
