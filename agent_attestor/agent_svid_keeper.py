@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from cryptography import x509
 
@@ -21,19 +19,12 @@ from agent_attestor.rotation import ROTATE_AT
 from svid._backoff import Retry
 from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
-from svid._held import to_its_end
+from svid._held import run_held, to_its_end
 from svid._log_throttle import LogThrottle
 
 # The Sync's logger: what the agent says of its own SVID is said under the name operators (and
 # their filters) have always read it under.
 log = logging.getLogger("agent_attestor.sync")
-_T = TypeVar("_T")
-
-
-async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
-    """`save(what)` in a thread, to its end (to_its_end): a lock held around it stays held until
-    the files are written, so no other save writes them (their temp files) beside it."""
-    await to_its_end(asyncio.to_thread(save, what))
 
 
 # How far the server back-dates the SVIDs it issues (server/ca/signer.py BACKDATE_SECONDS): an
@@ -264,7 +255,7 @@ class AgentSvidKeeper:
         async with self._saving:
             svid = self._unsaved
             if svid is not None:
-                await _off_loop(self._store.save_svid, svid)
+                await run_held(None, self._store.save_svid, svid)
                 self._on_disk = svid
                 if self._held is not None and self._held[0] is svid:
                     self._held_saved.set()  # to be used now (wait_held)
@@ -274,7 +265,7 @@ class AgentSvidKeeper:
                 self._store.forget_spending()
             roots = self._unsaved_roots
             if roots:
-                await _off_loop(self._store.save_bundle, roots)
+                await run_held(None, self._store.save_bundle, roots)
                 if self._unsaved_roots is roots:
                     self._unsaved_roots = ()
                     self._bundle_saved()  # whichever save it was, a refused bundle is mended

@@ -22,7 +22,6 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 from cryptography import x509
@@ -70,17 +69,10 @@ from agent_attestor.servers import (
 from agent_attestor.signer import MintedJwt, X509Result
 from svid._clock import Clock, ElapsedClock
 from svid._errors import SvidError
-from svid._held import to_its_end
+from svid._held import run_held, to_its_end
 from svid._log_throttle import KeyedThrottles, LogThrottle
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
-
-
-async def _off_loop(save: Callable[[_T], object], what: _T) -> None:
-    """`save(what)` in a thread, to its end (to_its_end): a lock held around it stays held until
-    the files are written, so no other save writes them (their temp files) beside it."""
-    await to_its_end(asyncio.to_thread(save, what))
 
 
 # Seconds between readings of the wall clock while the agent SVID's rotation point is ahead: a
@@ -683,7 +675,7 @@ class Syncer:
         server pushes the checkpoint again on connect) never runs beside it."""
         try:
             async with self._offering:
-                await _off_loop(self._on_checkpoint, pushed)
+                await run_held(None, self._on_checkpoint, pushed)
         except Exception as exc:  # the node's copy never stops the sync
             log.error(
                 "cannot keep the audit checkpoint the server pushed; the sync goes on",

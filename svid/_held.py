@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from concurrent.futures import Executor
+from typing import ParamSpec, TypeVar
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 async def to_its_end(
@@ -30,3 +34,19 @@ async def to_its_end(
             orphaned(failure)
         raise asyncio.CancelledError
     return task.result()
+
+
+async def run_held(
+    executor: Executor | None, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> _T:
+    """`fn` in `executor` (None: the loop's default one), awaited to its end (to_its_end).
+
+    A thread cannot be stopped: a caller cancelled (its deadline passed, its client gone, a
+    stop) that returned at once would leave whatever turn, lock or share it holds while its
+    thread runs on (another save writing the same temp files beside it), and a caller
+    cancelling at will would hold every thread of the pool under a bound of a few.
+    """
+    loop = asyncio.get_running_loop()
+    # The caller's context goes along, as asyncio.to_thread takes it.
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await to_its_end(loop.run_in_executor(executor, call))

@@ -31,7 +31,6 @@ from server.datastore.errors import TaskEndedMeanwhileError
 from server.datastore.records import AttestedAgent, Entry
 from server.entitlement import Entitlement, SpiffeIdCache, agent_parents
 from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from server.held_threads import run_held
 from server.ids import ServerIds
 from server.input_text import refuse_nul
 from server.issuance.ledger import Credential, EventTuple, Ledger
@@ -46,6 +45,7 @@ from server.metrics import Metrics, observe_times
 from server.state import ServerState
 from svid._clock import Clock
 from svid._errors import SvidError
+from svid._held import run_held
 from svid._limits import (
     MAX_AUDIENCE_BYTES,
     MAX_AUDIENCE_TOTAL_BYTES,

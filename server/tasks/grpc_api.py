@@ -20,7 +20,6 @@ from server.agent_turns import AgentTurns
 from server.audit.errors import AuditError
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
-from server.held_threads import run_held
 from server.input_text import refuse_nul
 from server.peer import PeerCache
 from server.policy import PolicyEngine, PolicySetInfo
@@ -30,6 +29,7 @@ from server.state import ServerState
 from server.tasks.model import Task, TaskState, is_task_key
 from server.tasks.service import BeginRequest, TaskService
 from svid._errors import SpiffeIdError
+from svid._held import run_held
 from svid._proto import task_pb2, task_pb2_grpc
 from svid._ratelimit import KeyedLimiter
 from svid._spiffe_id import MAX_ID_BYTES, SpiffeId

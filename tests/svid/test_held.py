@@ -1,4 +1,5 @@
-"""run_held: a cancelled caller waits for its thread to end before it is cancelled."""
+"""run_held: a cancelled caller waits for its thread to end before it is cancelled (the
+server's signing and task calls, the agent's SVID, bundle and checkpoint saves)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 
 import pytest
 
-from server.held_threads import run_held
+from svid._held import run_held
 
 
 def test_a_cancelled_caller_returns_only_once_its_thread_has_ended() -> None:
