@@ -149,11 +149,6 @@ class LedgerOutage:
         """Why commits fail now; None while they work."""
         return self._reason
 
-    @property
-    def since(self) -> float:
-        """When the current outage began (the clock's seconds); meaningless while up."""
-        return self._since
-
     def failed(self, exc: BaseException) -> None:
         reason = failure_reason(exc)
         with self._lock:
