@@ -11,7 +11,7 @@ random source.
   full jitter (uniform from 0), so the herd is spread over the window, not moved to its end.
 - Any other failure (a connection refused, an attestation failing) backs off exponentially
   from reconnect_min, as before (svid._backoff). The backoff starts afresh only after a
-  connection that lasted (sync._hold_stream), not after any stream that came up: a server
+  connection that lasted (LASTED: attempt_after), not after any stream that came up: a server
   that serves a snapshot then drops the stream, again and again, would otherwise have every
   agent back within the herd's window each time, each one a snapshot, never backing off to
   reconnect_max. A lost stream's wait is the longer of the two.
@@ -40,6 +40,15 @@ WAIT_SHARE = 1 / 3
 # Never a window shorter than this for the SVID's sake: one about to lapse still does not retry
 # in a loop that never waits.
 WAIT_FLOOR = 0.1
+# Seconds a connection holds before its loss starts the backoff afresh: a crash-looping server
+# drops each stream within seconds of its snapshot, and one up this long was no such loop.
+LASTED = 30.0
+
+
+def attempt_after(attempt: int, held_for: float) -> int:
+    """The retry a failure counts as, the connection it ended having held `held_for` seconds
+    (since its attempt began): the first again only past LASTED, else `attempt` as it was."""
+    return 0 if held_for > LASTED else attempt
 
 
 def reconnect_delay(

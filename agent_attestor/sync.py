@@ -54,7 +54,7 @@ from agent_attestor.errors import (
 )
 from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import Heartbeat, NodeClient, server_not_verified
-from agent_attestor.reconnect import reconnect_delay
+from agent_attestor.reconnect import attempt_after, reconnect_delay
 from agent_attestor.rotation import jitter_for, rotate_fraction, rotation_point
 from agent_attestor.server_identity import CheckContexts
 from agent_attestor.server_link import HELD_UP, ServerLink
@@ -928,8 +928,7 @@ class Syncer:
             lost_live = self.syncs > syncs
             # Only a connection that lasted starts the backoff afresh: one whose stream came
             # up and was dropped at once, each time (a crash-looping server), backs off.
-            if self._clock.monotonic() - started > 30:
-                attempt = 0
+            attempt = attempt_after(attempt, self._clock.monotonic() - started)
             delay = reconnect_delay(
                 attempt,
                 self._s.reconnect_min,

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from agent_attestor.reconnect import WAIT_FLOOR, reconnect_delay
+from agent_attestor.reconnect import LASTED, WAIT_FLOOR, attempt_after, reconnect_delay
 
 AGENTS = 1000
 LOW, HIGH = 1.0, 10.0  # the agent's defaults: reconnect_min, reconnect_max
@@ -103,3 +103,12 @@ def test_the_herds_window_is_never_under_reconnect_min_nor_over_reconnect_max() 
     assert max(narrow) > 0.9
     wide = [reconnect_delay(0, 0.1, 0.3, random.Random(n), lost_live=True) for n in range(200)]
     assert max(wide) <= 0.15
+
+
+def test_only_a_connection_that_held_past_thirty_seconds_starts_the_backoff_afresh() -> None:
+    """README: "Only a connection that held 30 s starts the backoff afresh". A crash-looping
+    server that drops each stream seconds after it came up keeps its agents backing off."""
+    assert LASTED == 30.0
+    assert attempt_after(5, 30.5) == 0
+    assert attempt_after(5, 30.0) == 5
+    assert attempt_after(5, 2.0) == 5
