@@ -358,6 +358,24 @@ def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
         assert world.decode(orders, OTHER_RESOURCE)["withheld"] == ["write"]
 
 
+def _delegated_without_withheld(oauth: OAuthServer, world: TaskWorld, scope: str) -> str:
+    """An access token for OTHER_RESOURCE delegated from `world`'s task to MCP_ID, holding
+    `scope`, as a server minted it before tokens named what their chain was kept from: no
+    withheld claim."""
+    from tests.server.oauth.test_token_delegation import OTHER_ID
+
+    claims = {
+        "client_id": MCP_ID,
+        "scope": scope,
+        "act": {"sub": MCP_ID, "act": {"sub": world.task.spiffe_id}},
+        "txn": world.task.task_id,
+        "may_act": {"sub": OTHER_ID},
+    }
+    signer = oauth.running.server.ca.jwt_signer()
+    now = int(oauth.running.server.clock.now())
+    return signer.mint_access_token("user:alice", OTHER_RESOURCE, 60, now, claims).token
+
+
 def test_a_delegated_token_without_its_chain_s_withheld_actions_hands_on_only_those_it_holds() -> (
     None
 ):
@@ -376,17 +394,7 @@ def test_a_delegated_token_without_its_chain_s_withheld_actions_hands_on_only_th
             resources=(oauth.issuer, RESOURCE, THIRD),
             tools=(f"{RESOURCE}#read_ticket", f"{OTHER_RESOURCE}#list_orders"),
         )
-        task = world.task
-        claims = {
-            "client_id": MCP_ID,
-            "scope": "tool:list_orders",
-            "act": {"sub": MCP_ID, "act": {"sub": task.spiffe_id}},
-            "txn": task.task_id,
-            "may_act": {"sub": OTHER_ID},
-        }
-        signer = oauth.running.server.ca.jwt_signer()
-        now = int(oauth.running.server.clock.now())
-        orders = signer.mint_access_token("user:alice", OTHER_RESOURCE, 60, now, claims).token
+        orders = _delegated_without_withheld(oauth, world, "tool:list_orders")
         reply = delegate(world, orders, actor_token(oauth, OTHER_ID), THIRD)
         assert "lacks read write" in refused(reply, "invalid_grant")
 
@@ -416,17 +424,7 @@ def test_a_delegated_token_without_withheld_passes_its_narrowing_on_through_a_ho
             resources=(oauth.issuer, RESOURCE, OTHER_RESOURCE, THIRD),
             tools=(),
         )
-        task = world.task
-        claims = {
-            "client_id": MCP_ID,
-            "scope": "read",
-            "act": {"sub": MCP_ID, "act": {"sub": task.spiffe_id}},
-            "txn": task.task_id,
-            "may_act": {"sub": OTHER_ID},
-        }
-        signer = oauth.running.server.ca.jwt_signer()
-        now = int(oauth.running.server.clock.now())
-        orders = signer.mint_access_token("user:alice", OTHER_RESOURCE, 60, now, claims).token
+        orders = _delegated_without_withheld(oauth, world, "read")
         reply = delegate(world, orders, actor_token(oauth, OTHER_ID), RESOURCE)
         assert reply.status_code == 200, reply.text
         assert reply.json()["scope"] == "read"
