@@ -150,6 +150,12 @@ class ServerProcess(ChildProcess):
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--output", "json").stdout)
 
+    def audit_events(self, *filters: str) -> list[dict[str, Any]]:
+        """The ledger's events `audit export` gives for `filters` (--task ID, --kind KIND...),
+        read from the data directory."""
+        out = self.cli("audit", "export", "--data-dir", str(self.data_dir), *filters).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
     def admin(self, method: str, request: Any, timeout: float = 30) -> Any:
         """One admin RPC, as the CLI's admin commands make it, on a channel of its own (a
         restarted server is found at once): for the set-up of tests whose subject is not the

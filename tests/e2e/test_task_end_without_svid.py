@@ -5,7 +5,6 @@ and MCP sessions it holds open for the task, OpenRequests). Real server and agen
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -36,17 +35,7 @@ class Stack:
         return f"unix://{self.agent.socket_path}"
 
     def revocation_events(self, task_id: str) -> list[dict[str, object]]:
-        out = self.server.cli(
-            "audit",
-            "export",
-            "--data-dir",
-            str(self.server.data_dir),
-            "--task",
-            task_id,
-            "--kind",
-            "revocation",
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        return self.server.audit_events("--task", task_id, "--kind", "revocation")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ client, no svid._proto."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import select
@@ -96,17 +95,7 @@ class Stack:
 
     def end_event_reason(self, task_id: str) -> str:
         """The reason on the server's task_end audit event of `task_id`."""
-        out = self.server.cli(
-            "audit",
-            "export",
-            "--data-dir",
-            str(self.server.data_dir),
-            "--task",
-            task_id,
-            "--kind",
-            "task_end",
-        ).stdout
-        (event,) = [json.loads(line) for line in out.splitlines() if line.strip()]
+        (event,) = self.server.audit_events("--task", task_id, "--kind", "task_end")
         return str(event["reason"])
 
     def task_for(self, on_behalf_of: str) -> dict[str, Any] | None:

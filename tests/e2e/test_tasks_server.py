@@ -69,8 +69,7 @@ class Setup:
         return str(reply.token)
 
     def audit(self, *args: str) -> list[dict[str, Any]]:
-        out = self.server.cli("audit", "export", "--data-dir", str(self.server.data_dir), *args)
-        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        return self.server.audit_events(*args)
 
 
 @pytest.fixture
