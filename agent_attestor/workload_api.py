@@ -15,11 +15,15 @@ from google.protobuf import struct_pb2
 
 from agent_attestor.cache import Cache, Identity, Snapshot
 from agent_attestor.caller_check import checked_caller, not_serving, open_stream
-from agent_attestor.errors import BadRequestError, MintRefusedError, NoIdentityError
 from agent_attestor.jwt_answers import JwtAnswers, answer_key, split_budget
 from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache
 from agent_attestor.jwt_validate import CacheJwtValidator, unverified_claims
 from agent_attestor.mint_budget import MintBudget
+from agent_attestor.mint_calls import (
+    MINT_FAILURE_LOG_INTERVAL,
+    abort_mint_failure,
+    checked_audience,
+)
 from agent_attestor.model import Entry, Selector
 from agent_attestor.peer import Caller, CallerRegistry
 from agent_attestor.signer import MintedJwt
@@ -111,29 +115,6 @@ class SvidDemand(Protocol):
 # message usually carries every identity and a partial one is only the fallback.
 FIRST_MESSAGE_WAIT = 5.0
 PARTIAL_WAIT = 0.5
-# Seconds between "could not mint" lines of one kind of failure: each workload's miss while the
-# server is away failed alike, and its line (~600 bytes) was written for every one, 100 a
-# second per uid (its mint budget) for as long as a workload asked.
-MINT_FAILURE_LOG_INTERVAL = 30.0
-
-
-async def abort_mint_failure(
-    context: grpc.aio.ServicerContext, exc: Exception, failures: KeyedThrottles
-) -> None:
-    """Abort a call whose JWT-SVID mint raised `exc`, with the status that says whose fault it
-    was; a failure of the server's is logged (once an interval a kind, in `failures`) and
-    told the caller only as UNAVAILABLE."""
-    if isinstance(exc, MintRefusedError):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, NoIdentityError):
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    if isinstance(exc, BadRequestError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-    times = failures.due((type(exc), code))
-    if times:
-        log.warning("could not mint a JWT-SVID", extra={"error": str(exc)[:300], "times": times})
-    await context.abort(grpc.StatusCode.UNAVAILABLE, "could not mint a JWT-SVID")
 
 
 class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
@@ -353,14 +334,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
         if ready is not None:
             return ready
         generation = self._jwts.generation
-        audience = list(request.audience)
-        if "" in audience:
-            audience = [a for a in audience if a]
-        if not audience:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        too_big = audience_problem(audience)
-        if too_big:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
+        audience = await checked_audience(context, request.audience)
         if request.spiffe_id:
             try:
                 SpiffeId.parse(request.spiffe_id)

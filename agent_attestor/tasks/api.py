@@ -25,12 +25,16 @@ from agent_attestor.caller_check import checked_caller, not_serving
 from agent_attestor.errors import NotReadyError
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.mint_budget import MintBudget
+from agent_attestor.mint_calls import (
+    MINT_FAILURE_LOG_INTERVAL,
+    abort_mint_failure,
+    checked_audience,
+)
 from agent_attestor.model import TASK_PATH, Entry
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.tasks.client import TaskClient
-from agent_attestor.workload_api import MINT_FAILURE_LOG_INTERVAL, abort_mint_failure
 from svid._clock import Clock, SystemClock
-from svid._limits import audience_problem, intent_problem, principal_problem
+from svid._limits import intent_problem, principal_problem
 from svid._log_throttle import KeyedThrottles
 from svid._proto import task_pb2, task_pb2_grpc
 
@@ -295,12 +299,7 @@ class TasksApi(task_pb2_grpc.TasksServicer):  # type: ignore[misc]
         within its uid's minting rate: a runtime asking in a loop is refused RESOURCE_EXHAUSTED
         past it, as for new audiences, and spends no more of the server's per-agent rate."""
         caller = await checked_caller(context, self._registry)
-        audience = [a for a in request.audience if a]
-        if not audience:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        too_big = audience_problem(audience)
-        if too_big:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_big)
+        audience = await checked_audience(context, request.audience)
         if not request.spiffe_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spiffe_id: required")
         snap = self._cache.snapshot()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from agent_attestor.workload_api import MINT_FAILURE_LOG_INTERVAL
+from agent_attestor.mint_calls import MINT_FAILURE_LOG_INTERVAL
 from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness
 from tests.log_lines import LogLines, log_lines
