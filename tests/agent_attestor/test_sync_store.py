@@ -7,6 +7,7 @@ import logging
 import random
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -363,6 +364,21 @@ class _KilledError(Exception):
     """The process killed (kill -9, power lost) right after a file reached the disk."""
 
 
+def _killed_after(writes: int) -> Callable[[Path, bytes], None]:
+    """agent_store's file write, the process killed (_KilledError) once `writes` are done."""
+    real = agent_store._write_private
+    done = 0
+
+    def write_then_die(path: Path, data: bytes) -> None:
+        nonlocal done
+        real(path, data)
+        done += 1
+        if done == writes:
+            raise _KilledError
+
+    return write_then_die
+
+
 @pytest.mark.parametrize("writes_done", [1, 2])
 def test_a_crash_while_a_renewed_identity_is_saved_leaves_a_usable_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes_done: int
@@ -372,17 +388,7 @@ def test_a_crash_while_a_renewed_identity_is_saved_leaves_a_usable_one(
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
     old, new = _svid(tmp_path), _svid(tmp_path)
     store.save_svid(old)
-    real = agent_store._write_private
-    done = 0
-
-    def write_then_die(path: Path, data: bytes) -> None:
-        nonlocal done
-        real(path, data)
-        done += 1
-        if done == writes_done:
-            raise _KilledError
-
-    monkeypatch.setattr(agent_store, "_write_private", write_then_die)
+    monkeypatch.setattr(agent_store, "_write_private", _killed_after(writes_done))
     with pytest.raises(_KilledError):
         store.save_svid(new)
     monkeypatch.undo()
@@ -405,18 +411,9 @@ def test_a_renewal_whose_chain_the_disk_refuses_after_a_crash_mid_save_leaves_a_
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle")
     old, crashed, renewed = _svid(tmp_path), _svid(tmp_path), _svid(tmp_path)
     store.save_svid(old)
-    real = agent_store._write_private
-    done = 0
-
-    def write_then_die(path: Path, data: bytes) -> None:
-        nonlocal done
-        real(path, data)
-        done += 1
-        if done == 2:  # the key and the chain written, the key not yet renamed
-            raise _KilledError
-
     with monkeypatch.context() as patched:
-        patched.setattr(agent_store, "_write_private", write_then_die)
+        # The key and the chain written, the key not yet renamed.
+        patched.setattr(agent_store, "_write_private", _killed_after(2))
         with pytest.raises(_KilledError):
             store.save_svid(crashed)
     started = AgentStore(store.svid_path, store.key_path, store.bundle_path)
