@@ -16,7 +16,7 @@ from typing import Protocol
 
 from svid._caller import Caller
 from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, CertKey, cert_key
-from svid._source_state import RevocationEvent
+from svid._source_state import RevocationEvent, task_id_of
 
 Key = tuple[str, str | CertKey]
 JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
@@ -41,6 +41,12 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
         keys.append((TXN, task_id))
     peer = caller.x509
     if peer is not None:
+        # A task's X.509-SVID cut to a CA's notAfter (a CA rotation within the task) expires
+        # before the end and is not revoked then: the end (its task's key) closes what it
+        # admitted.
+        peer_task = task_id_of(peer.spiffe_id)
+        if peer_task is not None and peer_task != task_id:
+            keys.append((TXN, peer_task))
         td = peer.spiffe_id.trust_domain.name
         for cert in peer.chain:
             issued = cert_key(td, cert)

@@ -48,6 +48,14 @@ log = logging.getLogger("svid.workloadapi")
 TASK_SEGMENT = "task"  # a task's SPIFFE ID is <runtime ID>/task/<task id> (AGENTIC.md)
 
 
+def task_id_of(spiffe_id: SpiffeId | None) -> str | None:
+    """The task ID a task's SPIFFE ID ends with; None for any other identity."""
+    segments = spiffe_id.segments if spiffe_id is not None else ()
+    if len(segments) >= 2 and segments[-2] == TASK_SEGMENT:
+        return segments[-1]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RevocationEvent:
     """A credential that has just joined the revocation set.
@@ -75,10 +83,7 @@ class RevocationEvent:
     def task_id(self) -> str | None:
         if self.kind == KIND_TASK:
             return self.value
-        segments = self.spiffe_id.segments if self.spiffe_id is not None else ()
-        if len(segments) >= 2 and segments[-2] == TASK_SEGMENT:
-            return segments[-1]
-        return None
+        return task_id_of(self.spiffe_id)
 
     @property
     def txn(self) -> str | None:

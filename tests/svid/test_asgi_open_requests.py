@@ -3,8 +3,14 @@ one request, then shared by several, then by one again, always hits exactly the 
 
 from __future__ import annotations
 
-from svid import RevocationEvent, SpiffeId
+from svid import RevocationEvent, SpiffeId, X509Bundle, X509Verifier
+from svid._bundle import BundleSet
+from svid._caller import Caller
+from svid._clock import FakeClock
+from svid._der import der_concat
 from svid._open_requests import TXN, OpenRequests
+from svid._source import MemoryBundleSource
+from tests.svid.certs import T0, make_ca, make_leaf
 
 TASK = SpiffeId.parse("spiffe://example.org/agents/bot/task/t1")
 
@@ -129,3 +135,24 @@ def test_keys_are_read_only_for_requests_still_open_when_a_revocation_comes() ->
     assert len(requests) == 0
     assert not requests._by_key
     assert not requests._unindexed
+
+
+def test_a_tasks_end_ends_what_an_x509_svid_of_it_since_expired_admitted() -> None:
+    """A task's X.509-SVID is cut to its CA's notAfter, so one issued before a CA rotation
+    expires before the task does: a stream or MCP session its mTLS peer opened with it has no
+    serial revoked at the end (the server revokes only what a verifier may still accept). The
+    end (KIND_TASK) must close it as it closes what the task's tokens opened."""
+    ca = make_ca()
+    old = make_leaf(ca, uris=[str(TASK)])
+    other = make_leaf(ca, uris=["spiffe://example.org/agents/bot/task/t2"])
+    bundles = BundleSet.of(X509Bundle(TASK.trust_domain, (ca.cert,)))
+    source = MemoryBundleSource()
+    source.set_x509_bundles(bundles)
+    verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0))
+    ended: list[str] = []
+    requests = OpenRequests()
+    for name, leaf in (("t1", old), ("t2", other)):
+        peer = verifier.verify_der(der_concat([leaf.cert]))
+        requests.admit(Caller(peer.spiffe_id, x509=peer), lambda name=name: ended.append(name))
+    requests.on_revoked(_event("task", "t1"))
+    assert ended == ["t1"]
