@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 
 from svid._cache import LruCache
 from svid._errors import StaleRevocationsError, VerificationError
-from svid._revocation import KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
-from svid._source_state import RevocationEvent
+from svid._revocation import KIND_TASK, KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
+from svid._source_state import RevocationEvent, task_id_of
 from svid._ssl_peer import peer_chain_der
 from svid._tls_authorize import Authorizer, refusal
 from svid._verify_x509 import VerifiedX509, X509Verifier
@@ -69,8 +69,9 @@ class PeerPolicy:
             verifier.check_fresh if verifier.revocations_fresh_for() is not None else None
         )
         self._lock = threading.Lock()
-        # Each open connection's peer chain, as what revokes it (svid._revocation.CertKey).
-        self._open: weakref.WeakKeyDictionary[Any, tuple[CertKey, ...]] = (
+        # Each open connection's peer chain, as what revokes it (svid._revocation.CertKey),
+        # and the task its peer is, if any (its end closes the connection).
+        self._open: weakref.WeakKeyDictionary[Any, tuple[tuple[CertKey, ...], str | None]] = (
             weakref.WeakKeyDictionary()
         )
         # Leaf DER -> the chain it came with. A resumed session carries the peer's leaf but not
@@ -107,7 +108,7 @@ class PeerPolicy:
         td = peer.spiffe_id.trust_domain.name
         keys = tuple(cert_key(td, c) for c in peer.chain)
         with self._lock:
-            self._open[conn] = keys
+            self._open[conn] = (keys, task_id_of(peer.spiffe_id))
         return peer, keys
 
     def revoked(self, keys: tuple[CertKey, ...]) -> bool:
@@ -115,18 +116,27 @@ class PeerPolicy:
         return any(is_revoked(k) for k in keys)
 
     def on_revoked(self, event: RevocationEvent) -> None:
-        """Refuse the open connections whose peer chain holds the revoked certificate."""
-        if event.kind != KIND_X509_SERIAL:
+        """Refuse the open connections whose peer chain holds the revoked certificate, or whose
+        peer is the task that ended (KIND_TASK): a task's certificate cut to its CA's notAfter
+        (a CA rotation within the task) expired before the end and is not revoked then."""
+        if event.kind == KIND_TASK:
+            what = f"task {event.value} has ended"
+        elif event.kind == KIND_X509_SERIAL:
+            what = f"certificate serial {event.value} has been revoked"
+        else:
             return
+        ended = event.value if event.kind == KIND_TASK else None
         with self._lock:
-            hit = [conn for conn, keys in self._open.items() if any(event.revokes(k) for k in keys)]
+            hit = [
+                conn
+                for conn, (keys, task) in self._open.items()
+                if (task == ended if ended is not None else any(event.revokes(k) for k in keys))
+            ]
             for conn in hit:  # refused for good: another revocation of it has nothing to end
                 del self._open[conn]
         for conn in hit:
-            conn._svid_refuse(
-                PeerRefusedError(f"TLS peer certificate serial {event.value} has been revoked")
-            )
-            log.info("closed a TLS connection: peer certificate serial %s revoked", event.value)
+            conn._svid_refuse(PeerRefusedError(f"TLS peer {what}"))
+            log.info("closed a TLS connection: peer %s", what)
 
 
 class _Gate:

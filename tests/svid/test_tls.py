@@ -30,6 +30,7 @@ from svid import (
     der_concat,
     tls,
 )
+from svid._proto import revocation_pb2
 from svid._tls_contexts import private_pem
 from svid._tls_gate import VerifyingSSLObject
 from svid._verify_x509 import VerifiedX509
@@ -686,3 +687,26 @@ def test_an_open_connection_is_ended_by_its_issuers_crl_only(world: World) -> No
     eventually(lambda: len(announced) == 2, "our CRL announced")
     with pytest.raises(tls.PeerRefusedError, match="revoked"):
         server.write(b"pong")
+
+
+def test_a_tasks_end_closes_its_peers_connection_though_its_certificate_is_not_revoked(
+    world: World,
+) -> None:
+    """A task's X.509-SVID issued before a CA rotation is cut to that CA's notAfter and is not
+    revoked at the task's end once expired: the end itself (kind task, the task's id) must close
+    the open connection that certificate admitted, as it closes the task's MCP sessions."""
+    task = "spiffe://example.org/agents/bot/task/t1"
+    sctx = tls.server_context(world.server.source, task)
+    cctx = plain_context(world.pki.svid(task), world.pki, server=False)
+    with https_server(sctx) as (port, seen, _httpd), httpx.Client(verify=cctx) as client:
+        assert _get(cctx, port, client).status_code == 200
+        assert not seen.closed.is_set()  # the handler waits for the next request
+        announced: list[Any] = []
+        world.server.source.on_revoked(announced.append)  # called after the TLS policy's
+        other = revocation_pb2.Revoked(kind="task", value="t2")
+        world.server.state.change(revoked=[*world.server.state.revoked, other])
+        eventually(lambda: announced, "another task's end announced")
+        assert not seen.closed.is_set(), "another task's end closed the connection"
+        ended = revocation_pb2.Revoked(kind="task", value="t1", spiffe_id=task)
+        world.server.state.change(revoked=[*world.server.state.revoked, ended])
+        assert seen.closed.wait(5), "the ended task's connection stayed open"
