@@ -32,7 +32,7 @@ from server.attestation.base import NodeAttestor
 from server.ca.signer import verify_csr
 from server.changelog import Change
 from server.convert import bundle_to_proto
-from server.datastore.records import AttestedAgent, Entry, Revocation
+from server.datastore.records import REVOKED_X509_SERIAL, AttestedAgent, Entry, Revocation
 from server.entitlement import agent_parents, entitled_entries
 from server.errors import (
     InvalidRequestError,
@@ -308,10 +308,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 removed[item.kind, item.value] = item
                 added.pop((item.kind, item.value), None)
         bundle = bundle or self._reach_federates(entries.upserts, entries.removed_ids)
-        # The CRL is signed by the CA and lists the revoked serials: it follows both, and is
-        # signed again before its nextUpdate passes (TaskService.refresh_crl).
-        crl = crl or bool(bundle or added or removed)
-        if not (entries.upserts or entries.removed_ids or crl or checkpoint):
+        # The CRL is signed by the CA and lists the revoked serials: it follows both (not a
+        # JWT-SVID's revocation or a task's end, which it does not list), and is signed again
+        # before its nextUpdate passes (TaskService.refresh_crl).
+        crl = crl or bundle or any(kind == REVOKED_X509_SERIAL for kind, _ in (*added, *removed))
+        if not (entries.upserts or entries.removed_ids or added or removed or crl or checkpoint):
             return []
         return delta_messages(
             entries.upserts,

@@ -186,7 +186,7 @@ def _signed(
 
 @dataclass
 class CrlCache:
-    """One build of CRLs per (revocation list, CA certificates): each CA's, one after the
+    """One build of CRLs per (serials revoked, CA certificates): each CA's, one after the
     other. The number grows with every rebuild, and all CRLs of one build carry the same
     number."""
 
@@ -196,6 +196,11 @@ class CrlCache:
     _ders: tuple[bytes, ...] = ()
     _built_at: float = 0.0
     _entries: dict[bytes, _Entries] = field(default_factory=dict)
+    # The serials of the list last given (by identity: the state hands on one tuple until the
+    # list changes), so that a change of no serial (a JWT-SVID revoked, a task's end) signs
+    # and sends every agent no new CRL.
+    _seen: tuple[Revocation, ...] | None = None
+    _serials: tuple[Revocation, ...] = ()
 
     def due(self, now: float) -> bool:
         """Whether the CRLs last built list something and have passed REFRESH_AFTER: the next
@@ -210,7 +215,10 @@ class CrlCache:
     ) -> tuple[bytes, ...]:
         """The CRLs of each of `issuers` (a CA certificate and what signs with its key)."""
         names = tuple(cert.fingerprint(_FINGERPRINT) for cert, _ in issuers)
-        cache_key: tuple[object, ...] = (revocations, names)
+        if revocations is not self._seen:
+            self._seen = revocations
+            self._serials = tuple(r for r in revocations if r.kind == REVOKED_X509_SERIAL)
+        cache_key: tuple[object, ...] = (self._serials, names)
         if cache_key != self._key or self.due(now):
             self.number = next_number(self.number, now)
             entries = {name: self._entries.get(name) or _Entries() for name in names}

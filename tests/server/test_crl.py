@@ -123,6 +123,23 @@ def test_the_cache_rebuilds_only_when_the_list_changes_and_numbers_grow() -> Non
     )
 
 
+def test_a_change_that_revokes_no_serial_signs_no_new_crl() -> None:
+    # A JWT-SVID revoked or a task's end changes the list, not what a CRL lists: signing
+    # again would send every agent a new CRL for nothing.
+    ca = make_ca()
+    cache = CrlCache()
+    serials = (_serial(1), _serial(2))
+    first = cache.get([(ca.cert, _signer(ca))], serials, NOW)
+    jti = Revocation("jwt_id", "jti-1", "spiffe://example.org/w", NOW + 600, "r", NOW)
+    task = Revocation("task", "t1", "spiffe://example.org/w/task/t1", NOW + 600, "r", NOW)
+    assert cache.get([(ca.cert, _signer(ca))], (*serials, jti), NOW + 10) is first
+    assert cache.get([(ca.cert, _signer(ca))], (jti, *serials, task), NOW + 20) is first
+    # A serial revoked meanwhile is listed at once.
+    third = cache.get([(ca.cert, _signer(ca))], (jti, *serials, _serial(3), task), NOW + 30)
+    assert third is not first
+    assert len(_listed(third)) == 3
+
+
 def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
     # A quiet revocation list must not leave relying parties a CRL past its nextUpdate.
     ca = make_ca()

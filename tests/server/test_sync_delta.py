@@ -332,6 +332,28 @@ def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
         stream.cancel()
 
 
+def test_a_revocation_the_crl_does_not_list_brings_no_crl(srv: RunningServer) -> None:
+    # A JWT-SVID revoked, or a task's end: the CRL lists serials only, and sending every agent
+    # the same CRL again with each such delta was bytes (a CRL can fill half a message) for
+    # nothing.
+    agent = srv.attest()
+    stream = _sync(srv, agent)
+    try:
+        next(stream)
+        srv.call(
+            srv.server.state.add_revocations(
+                (_revocation("jwt_id", "jti-2"), _revocation("task", "t-2"))
+            )
+        )
+        update = next(stream)
+        assert update.kind == DELTA
+        assert sorted(r.value for r in update.revocations) == ["jti-2", "t-2"]
+        assert not update.crl_changed
+        assert not update.crl
+    finally:
+        stream.cancel()
+
+
 def test_crls_signed_again_reach_every_stream_alone(srv: RunningServer) -> None:
     agent = srv.attest()
     stream = _sync(srv, agent)
