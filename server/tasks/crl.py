@@ -195,6 +195,11 @@ class CrlCache:
     _key: tuple[object, ...] | None = None
     _ders: tuple[bytes, ...] = ()
     _built_at: float = 0.0
+    # When the CRLs every agent holds were built. A build a snapshot asked for (half their
+    # validity passed) reaches that agent alone: had it counted, the refresh that sends the
+    # others theirs would wait half a validity more, past their CRL's nextUpdate. Only a build
+    # for new serials (every agent is sent it: server.node_api) or a refresh (given) moves it.
+    _given_at: float = 0.0
     _entries: dict[bytes, _Entries] = field(default_factory=dict)
     # The serials of the list last given (by identity: the state hands on one tuple until the
     # list changes), so that a change of no serial (a JWT-SVID revoked, a task's end) signs
@@ -203,9 +208,14 @@ class CrlCache:
     _serials: tuple[Revocation, ...] = ()
 
     def due(self, now: float) -> bool:
-        """Whether the CRLs last built list something and have passed REFRESH_AFTER: the next
-        ``get`` signs them again (nothing to refresh while nothing is listed)."""
-        return bool(self._ders) and now - self._built_at >= REFRESH_AFTER
+        """Whether the CRLs list something and those every agent holds have passed
+        REFRESH_AFTER: they are to be signed again (``get``) and sent to every agent, then
+        ``given`` (nothing to refresh while nothing is listed)."""
+        return bool(self._ders) and now - self._given_at >= REFRESH_AFTER
+
+    def given(self) -> None:
+        """Every agent is sent the CRLs last built (TaskService.refresh_crl)."""
+        self._given_at = self._built_at
 
     def get(
         self,
@@ -219,7 +229,10 @@ class CrlCache:
             self._seen = revocations
             self._serials = tuple(r for r in revocations if r.kind == REVOKED_X509_SERIAL)
         cache_key: tuple[object, ...] = (self._serials, names)
-        if cache_key != self._key or self.due(now):
+        stale = bool(self._ders) and now - self._built_at >= REFRESH_AFTER
+        if cache_key != self._key or stale:
+            if self._key is None or self._key[0] != self._serials:
+                self._given_at = now
             self.number = next_number(self.number, now)
             entries = {name: self._entries.get(name) or _Entries() for name in names}
             self._ders = tuple(

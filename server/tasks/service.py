@@ -1386,6 +1386,7 @@ class TaskService:
         if not self._crl.due(self._clock.now()):
             return False
         self.crl()
+        self._crl.given()
         self._state.crl_refreshed()
         return True
 

@@ -150,6 +150,7 @@ def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
     assert cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER - 1) is first
     assert cache.due(NOW + REFRESH_AFTER)
     second = cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER)
+    cache.given()  # TaskService.refresh_crl: every agent is sent them
     assert not cache.due(NOW + REFRESH_AFTER)
     old, new = (x509.load_der_x509_crl(d[0]) for d in (first, second))
     assert new.next_update_utc > old.next_update_utc
@@ -160,6 +161,29 @@ def test_the_cache_signs_again_once_half_the_validity_has_passed() -> None:
     empty = CrlCache()
     assert empty.get([(ca.cert, _signer(ca))], (), NOW) == ()
     assert not empty.due(NOW + 10 * CRL_VALIDITY)
+
+
+def test_a_crl_signed_again_for_a_snapshot_leaves_the_other_agents_refresh_due() -> None:
+    # A reconnecting agent's snapshot past half the validity signs the CRLs again, for that
+    # agent alone: the others hold the first ones, whose nextUpdate is NOW + CRL_VALIDITY.
+    # Were the refresh to count from the snapshot's build, it would send theirs only half a
+    # validity after it, past that nextUpdate (relying parties then refuse every certificate).
+    ca = make_ca()
+    cache = CrlCache()
+    listed = (_serial(1, NOW + 10 * CRL_VALIDITY),)
+    cache.get([(ca.cert, _signer(ca))], listed, NOW)
+    snapshot = cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER)
+    assert cache.due(NOW + REFRESH_AFTER)
+    # The refresh sends every agent the snapshot's CRLs (still fresh: not signed again).
+    assert cache.get([(ca.cert, _signer(ca))], listed, NOW + REFRESH_AFTER + 1) is snapshot
+    cache.given()
+    assert not cache.due(NOW + 2 * REFRESH_AFTER - 1)
+    assert cache.due(NOW + 2 * REFRESH_AFTER)
+    # New serials are sent to every agent with their revocation (server.node_api): those CRLs
+    # are every agent's, and the refresh counts from them.
+    cache.get([(ca.cert, _signer(ca))], (*listed, _serial(2)), NOW + 2 * REFRESH_AFTER + 5)
+    assert not cache.due(NOW + 3 * REFRESH_AFTER + 4)
+    assert cache.due(NOW + 3 * REFRESH_AFTER + 5)
 
 
 def _issued(n: int, ca: Issued) -> Revocation:
