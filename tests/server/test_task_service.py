@@ -993,6 +993,28 @@ def test_crls_are_signed_again_and_pushed_before_their_next_update(world: World)
     assert not world.service.refresh_crl()
 
 
+def test_a_snapshot_signing_the_crls_again_leaves_every_other_agents_refresh_due(
+    world: World,
+) -> None:
+    # An agent's snapshot past half the validity signs the CRLs again for that agent alone:
+    # the refresh still pushes them to every other agent, whose CRL runs out at its nextUpdate.
+    now = int(world.clock.now())
+    revoked = Revocation(
+        "x509_serial", "7b", "spiffe://example.org/w", now + 10 * REFRESH_AFTER, "test", now
+    )
+    world.run(world.state.add_revocations((revoked,)))
+    first = x509.load_der_x509_crl(world.service.crl()[0])
+    world.clock.advance(REFRESH_AFTER)
+    snapshot = world.service.crl()  # a reconnecting agent's Sync snapshot
+    assert x509.load_der_x509_crl(snapshot[0]).next_update_utc > first.next_update_utc
+    head = world.state.changes.head
+    assert world.service.refresh_crl()
+    (change,) = world.state.changes.since(head, world.state.changes.epoch) or []
+    assert change.crl
+    assert world.service.crl() is snapshot  # still fresh: pushed as signed, not again
+    assert not world.service.refresh_crl()
+
+
 def _crl_verifier(world: World, crls: tuple[bytes, ...]) -> X509Verifier:
     """A relying party as svid's source makes one: the trust bundle, and the CRLs the server
     signed (those of no bundle authority pending, for an intermediate CA to vouch for)."""
