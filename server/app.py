@@ -366,6 +366,7 @@ class Server:
                 "task", cfg.task_denial_rate_per_agent, cfg.task_denial_burst_per_agent
             ),
             outage=self.ledger_outage,
+            announce_policy=self.datastore.announce_policy,
         )
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.
@@ -413,6 +414,7 @@ class Server:
         )
         self.tls = ServerTls(self.ca, self.clock, cfg.server_svid_ttl)
         self.metrics.x509_ca_expiry.set_function(self._x509_ca_expiry)
+        self.metrics.policy_diverged.set_function(lambda: self.tasks.fleet.diverged is not None)
         self.metrics.svid_expiry.set_function(
             lambda: chain[0].not_valid_after_utc.timestamp() if (chain := self.tls.chain) else 0
         )
@@ -550,6 +552,7 @@ class Server:
             on_audit_records=self.checkpointer.adopt,
             federation=self.federation.service,
             view=view,
+            on_policy_announced=self.tasks.fleet.on_announced,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # JWT batches the loop's workers do not take (task identities, small batches, workers

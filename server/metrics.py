@@ -111,6 +111,13 @@ class Metrics:
         # What an alert on rotation or renewal stalling needs (both renew long before these):
         # past the first, nothing this server signs verifies; past the second, no agent
         # reaches it.
+        # 1 while this server's policy set is not the one last `policy reload`ed in the fleet
+        # (its policy_dir differs, or failed to load): server/policy/fleet.py.
+        self.policy_diverged = Gauge(
+            "svid_server_policy_diverged",
+            "1 when this server's policy set differs from the one another server announced",
+            registry=self.registry,
+        )
         self.x509_ca_expiry = Gauge(
             "svid_server_x509_ca_expiry_timestamp_seconds",
             "When the X.509 CA this server signs with expires, Unix seconds (0: none yet)",

@@ -37,6 +37,7 @@ from server.datastore.records import (
     FEED_ENTRY,
     FEED_FOREIGN_BUNDLE,
     FEED_KEY_SLOT,
+    FEED_POLICY,
     FEED_RELATIONSHIP,
     FEED_REVOCATION,
     FEED_TASK,
@@ -84,10 +85,13 @@ class FeedWork:
     key_slots: bool = False
     audit_records: bool = False
     federation: bool = False
+    # The hash of the newest policy set announced (FEED_POLICY), None when none was.
+    policy: str | None = None
 
     def __bool__(self) -> bool:
         return bool(
-            self.entries
+            self.policy is not None
+            or self.entries
             or self.agents
             or self.tasks
             or self.revocations
@@ -105,6 +109,7 @@ class FeedWork:
             self.key_slots or other.key_slots,
             self.audit_records or other.audit_records,
             self.federation or other.federation,
+            self.policy or other.policy,  # `self`: the newer rows (plan(items) | pending)
         )
 
 
@@ -113,10 +118,13 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
     this release does not know is skipped (a newer server's)."""
     keys: dict[str, set[str]] = {FEED_ENTRY: set(), FEED_AGENT: set(), FEED_TASK: set()}
     kinds = set()
+    policy = None
     for item in items:
         kinds.add(item.kind)
         if item.kind in keys:
             keys[item.kind].add(item.key)
+        elif item.kind == FEED_POLICY:
+            policy = item.key  # only the newest announcement counts
     return FeedWork(
         entries=frozenset(keys[FEED_ENTRY]),
         agents=frozenset(keys[FEED_AGENT]),
@@ -125,6 +133,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         key_slots=FEED_KEY_SLOT in kinds,
         audit_records=FEED_AUDIT_RECORD in kinds,
         federation=bool(kinds & {FEED_RELATIONSHIP, FEED_FOREIGN_BUNDLE}),
+        policy=policy,
     )
 
 
@@ -218,6 +227,7 @@ class FeedFollower:
         on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
         federation: FollowedFederation | None = None,
         view: ViewFreshness | None = None,
+        on_policy_announced: Callable[[str], None] = lambda _hash: None,
     ) -> None:
         self._ds = datastore
         self._state = state
@@ -225,6 +235,7 @@ class FeedFollower:
         self._federation = federation
         self._on_key_slots_changed = on_key_slots_changed
         self._on_audit_records = on_audit_records
+        self._on_policy_announced = on_policy_announced
         self._clock = clock
         self._cursor = cursor
         self.settings = settings or FollowSettings()
@@ -410,6 +421,8 @@ class FeedFollower:
             await self._key_slots_changed()
         if loaded.audit_records is not None:
             await self._audit_records_stored(loaded.audit_records)
+        if work.policy is not None:
+            await self._policy_announced(work.policy)
         await self._state.refresh_revision(self._read)
 
     def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
@@ -437,6 +450,14 @@ class FeedFollower:
             await asyncio.to_thread(self._on_audit_records, records)
         except Exception:
             _log.exception("taking in audit checkpoints stored by another server failed")
+
+    async def _policy_announced(self, policy_set_hash: str) -> None:
+        # As for key slots: a failure (this server's policy_dir, its ledger) is logged and
+        # reported by the hook; entries and revocations follow on.
+        try:
+            await asyncio.to_thread(self._on_policy_announced, policy_set_hash)
+        except Exception:
+            _log.exception("reloading the policy set another server announced failed")
 
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()

@@ -548,6 +548,11 @@ class ChangeFeed(Protocol):
         this is at or after every write the feed ever named."""
         ...
 
+    def announce_policy(self, policy_set_hash: str) -> None:
+        """Write one feed row (FEED_POLICY, key: `policy_set_hash`): a server reloaded its
+        policy set, and every server sharing the datastore reloads its own."""
+        ...
+
     def wait_feed(self, after: int, timeout: float) -> bool:
         """Block up to `timeout` seconds (real time) until feed_head() > after: True when it
         is, False on timeout or when the store is closing. A hint only: a reader polls

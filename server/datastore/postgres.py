@@ -106,6 +106,7 @@ from server.datastore.records import (
     FEED_AGENT,
     FEED_BUNDLE_SEQUENCE,
     FEED_KEY_SLOT,
+    FEED_POLICY,
     FEED_REVOCATION,
     REVOCATION_KINDS,
     AttestedAgent,
@@ -1042,6 +1043,12 @@ class PostgresDataStore(
     def feed_since(self, after: int, limit: int) -> list[FeedItem]:
         rows = self._tuples("read the change feed", q.FEED_SINCE, {"after": after, "limit": limit})
         return [FeedItem(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def announce_policy(self, policy_set_hash: str) -> None:
+        self._write(
+            "announce a policy reload",
+            lambda cur: self._append_feed(cur, FEED_POLICY, (policy_set_hash,)),
+        )
 
     def prune_feed(self, before: int) -> int:
         return self._write(

@@ -322,6 +322,10 @@ FEED_TASK = "task"  # key: the task's id
 FEED_AUDIT_RECORD = "audit_record"  # key: the record's kind ("checkpoint" or "prune")
 FEED_RELATIONSHIP = "federation_relationship"  # key: the foreign trust domain
 FEED_FOREIGN_BUNDLE = "foreign_bundle"  # key: the foreign trust domain
+# key: the hash of the policy set a `policy reload` loaded: every server reloads its own
+# policy_dir and reports when its set differs (server/policy/fleet.py). Nothing is stored
+# but the row: the policies are files each server reads, as before.
+FEED_POLICY = "policy"
 FEED_KINDS = (
     FEED_ENTRY,
     FEED_AGENT,
@@ -331,6 +335,7 @@ FEED_KINDS = (
     FEED_AUDIT_RECORD,
     FEED_RELATIONSHIP,
     FEED_FOREIGN_BUNDLE,
+    FEED_POLICY,
 )
 
 

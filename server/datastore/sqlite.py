@@ -60,6 +60,7 @@ from server.datastore.records import (
     FEED_AGENT,
     FEED_BUNDLE_SEQUENCE,
     FEED_KEY_SLOT,
+    FEED_POLICY,
     FEED_REVOCATION,
     REVOCATION_KINDS,
     AttestedAgent,
@@ -928,6 +929,10 @@ class SqliteDataStore(
     def feed_since(self, after: int, limit: int) -> list[FeedItem]:
         rows = self._rows(q.FEED_SINCE, {"after": after, "limit": limit})
         return [FeedItem(r["revision"], r["at"], r["kind"], r["key"]) for r in rows]
+
+    def announce_policy(self, policy_set_hash: str) -> None:
+        with self._transaction() as db:
+            self._append_feed(db, FEED_POLICY, (policy_set_hash,))
 
     def prune_feed(self, before: int) -> int:
         with self._transaction() as db:

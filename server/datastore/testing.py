@@ -255,6 +255,10 @@ class FaultInjectingDataStore:
         self._enter("newest_feed_at")
         return self.inner.newest_feed_at()
 
+    def announce_policy(self, policy_set_hash: str) -> None:
+        self._enter("announce_policy")
+        self.inner.announce_policy(policy_set_hash)
+
     def wait_feed(self, after: int, timeout: float) -> bool:
         self._enter("wait_feed")
         return self.inner.wait_feed(after, timeout)

@@ -17,12 +17,11 @@ import grpc
 from server import listing, status
 from server.agent_authority import AgentAuthority
 from server.agent_turns import AgentTurns
-from server.audit.errors import AuditError
 from server.datastore.records import AttestedAgent, TaskCursor
 from server.errors import InvalidRequestError, PermissionDeniedError, RateLimitedError
 from server.input_text import refuse_nul
 from server.peer import PeerCache
-from server.policy import PolicyEngine, PolicySetInfo
+from server.policy.fleet import PolicyFleet
 from server.refusal_budget import RefusalBudget
 from server.registration import is_entry_id
 from server.state import ServerState
@@ -366,9 +365,9 @@ class NodeTasksServicer(task_pb2_grpc.NodeTasksServicer):  # type: ignore[misc]
 
 
 class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
-    def __init__(self, service: TaskService, policy: PolicyEngine) -> None:
+    def __init__(self, service: TaskService, fleet: PolicyFleet) -> None:
         self._service = service
-        self._policy = policy
+        self._fleet = fleet
 
     @status.unary
     async def ListTasks(
@@ -409,30 +408,8 @@ class TaskAdminServicer(task_pb2_grpc.TaskAdminServicer):  # type: ignore[misc]
         self, request: task_pb2.ReloadPolicyRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.PolicySet:
 
-        def record(serving: PolicySetInfo, info: PolicySetInfo) -> None:
-            self._service.audit.append(
-                "policy_reload",
-                decision="allow",
-                policy_ids=info.policy_ids,
-                policy_set_hash=info.hash,
-                extra={"previous_hash": serving.hash, "files": list(info.files)},
-            )
-
-        try:
-            # Recorded before it serves: a reload the ledger could not take was answered
-            # UNAVAILABLE while its set decided every task from then on, off the record.
-            info = await asyncio.to_thread(self._policy.reload, record)
-        except AuditError:
-            raise  # not loaded: the old set serves, and the ledger's outage says why
-        except Exception as exc:
-            await asyncio.to_thread(
-                self._service.audit.append,
-                "policy_reload",
-                decision="deny",
-                reason=str(exc)[:1000],
-                policy_set_hash=self._policy.policy_set_hash,  # the set that serves on
-            )
-            raise
+        # Loaded, recorded, then announced: every server sharing the datastore reloads too.
+        info = await asyncio.to_thread(self._fleet.reload_here)
         _log.info("policy reloaded", extra={"hash": info.hash})
         return task_pb2.PolicySet(
             hash=info.hash,

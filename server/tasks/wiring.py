@@ -23,6 +23,7 @@ from server.datastore.records import Removal
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
+from server.policy.fleet import PolicyFleet
 from server.refusal_budget import RefusalBudget
 from server.state import ServerState
 from server.tasks.grpc_api import NodeTasksServicer, TaskAdminServicer
@@ -63,6 +64,7 @@ class TaskLayer:
     store: TaskStore
     service: TaskService
     removals: AgentRemovals
+    fleet: PolicyFleet
     # The node servicers node_handlers made: `drain` waits for their ends under way.
     node_servicers: list[NodeTasksServicer] = field(default_factory=list)
 
@@ -112,7 +114,7 @@ class TaskLayer:
             await servicer.drain()
 
     def admin_handlers(self) -> list[Any]:
-        servicer = TaskAdminServicer(self.service, self.policy)
+        servicer = TaskAdminServicer(self.service, self.fleet)
         return _handlers(task_pb2_grpc.add_TaskAdminServicer_to_server, servicer)
 
     async def run(
@@ -157,9 +159,12 @@ def build_task_layer(
     settings: TaskSettings | None = None,
     denials: RefusalBudget | None = None,
     outage: LedgerOutage | None = None,
+    announce_policy: Callable[[str], None] = lambda _hash: None,
 ) -> TaskLayer:
     """Raises PolicyError (an invalid policy set) or AuditError before anything is served.
-    `outage`: told of every commit of the audit log (server/audit/outage.py)."""
+    `outage`: told of every commit of the audit log (server/audit/outage.py).
+    `announce_policy`: tells the servers sharing the datastore of a `policy reload`
+    (DataStore.announce_policy; server/policy/fleet.py)."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
     audit = AuditLog(datastore, clock, outage)
     store = TaskStore(datastore, outage)
@@ -175,4 +180,6 @@ def build_task_layer(
         denials=denials,
     )
     service.load()
-    return TaskLayer(policy, audit, store, service, AgentRemovals(state, service, clock))
+    removals = AgentRemovals(state, service, clock)
+    fleet = PolicyFleet(policy, audit, announce_policy)
+    return TaskLayer(policy, audit, store, service, removals, fleet)

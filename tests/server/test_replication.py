@@ -103,6 +103,15 @@ def test_plan_hands_over_stored_audit_records() -> None:
     assert (FeedWork() | work).audit_records
 
 
+def test_plan_hands_over_the_newest_policy_announcement_only() -> None:
+    """Two reloads read in one page: the fleet converges on the later one, not on each."""
+    work = plan([FeedItem(1, NOW, "policy", "h1"), FeedItem(2, NOW, "policy", "h2")])
+    assert work == FeedWork(policy="h2")
+    assert work
+    assert (work | FeedWork(policy="h0")).policy == "h2"
+    assert (FeedWork() | work).policy == "h2"
+
+
 @pytest.mark.parametrize(
     ("cursor", "head", "first", "pruned"),
     [

@@ -1,0 +1,118 @@
+"""One policy set across the servers sharing a datastore.
+
+Each server loads Cedar policy from its own policy_dir. A `policy reload` on one server used to
+reload that one only: the others decided under the old set until each was reloaded by hand, so
+one task request was granted by one server and denied by another. Now a reload announces the
+hash it loaded on the change feed (FEED_POLICY); every server's follower hands the hash here,
+and a server serving another set reloads its own directory. The policies stay files: storing
+them in the database would make the files a second, silent source of truth on each host, and
+keep `policy validate` and the shipped tooling from seeing what serves.
+
+A server whose set still differs after that (its directory differs from the announcer's, or
+fails to load: the old set keeps serving, as for a local reload) says so: a warning log, the
+`diverged` reason (the svid_server_policy_diverged metric), until a later announcement matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from server.audit.errors import AuditError
+from server.audit.log import AuditLog
+from server.policy.engine import PolicyEngine, PolicySetInfo
+
+_log = logging.getLogger("svid.server.policy")
+
+
+class PolicyFleet:
+    """`announce(hash)` writes the feed row (DataStore.announce_policy). Thread-safe: reloads
+    come from admin calls and from the follower's thread."""
+
+    def __init__(
+        self, engine: PolicyEngine, audit: AuditLog, announce: Callable[[str], None]
+    ) -> None:
+        self._engine = engine
+        self._audit = audit
+        self._announce = announce
+        self._lock = threading.Lock()
+        self._announced: str | None = None
+        self._diverged: str | None = None
+
+    @property
+    def diverged(self) -> str | None:
+        """Why this server's set is not the one last announced (None: it is, or none was)."""
+        return self._diverged
+
+    @property
+    def announced(self) -> str | None:
+        return self._announced
+
+    def reload_here(self) -> PolicySetInfo:
+        """An operator's `policy reload`: load, record, serve, then tell the other servers."""
+        info = self._reload()
+        # Announced after it serves here: a failed announcement leaves this server right and
+        # the others as they were, and the caller hears of it (the reload may be sent again).
+        self._announce(info.hash)
+        with self._lock:
+            self._announced = info.hash
+            self._set_diverged(None)
+        return info
+
+    def on_announced(self, policy_set_hash: str) -> None:
+        """The follower read an announcement (this server's own included)."""
+        with self._lock:
+            self._announced = policy_set_hash
+            if self._engine.policy_set_hash == policy_set_hash:
+                self._set_diverged(None)
+                return
+            try:
+                info = self._reload()
+            except AuditError:
+                # Not loaded: the ledger's outage is reported on its own; the next
+                # announcement (or a `policy reload`) tries again.
+                self._set_diverged("the policy reload announced could not be recorded")
+                return
+            except Exception as exc:
+                _log.error("policy reload announced by another server failed: %s", exc)
+                self._set_diverged("this server's policy_dir failed to load; the old set serves")
+                return
+            if info.hash != policy_set_hash:
+                self._set_diverged(
+                    f"this server's policy_dir loads set {info.hash}, "
+                    f"not {policy_set_hash} loaded by another server"
+                )
+            else:
+                _log.info("policy reloaded as another server announced", extra={"hash": info.hash})
+                self._set_diverged(None)
+
+    def _set_diverged(self, reason: str | None) -> None:
+        if reason is not None and reason != self._diverged:
+            _log.warning("policy set differs from the fleet's: %s", reason)
+        self._diverged = reason
+
+    def _reload(self) -> PolicySetInfo:
+        def record(serving: PolicySetInfo, info: PolicySetInfo) -> None:
+            self._audit.append(
+                "policy_reload",
+                decision="allow",
+                policy_ids=info.policy_ids,
+                policy_set_hash=info.hash,
+                extra={"previous_hash": serving.hash, "files": list(info.files)},
+            )
+
+        try:
+            # Recorded before it serves: a reload the ledger could not take was answered
+            # UNAVAILABLE while its set decided every task from then on, off the record.
+            return self._engine.reload(record)
+        except AuditError:
+            raise  # not loaded: the old set serves, and the ledger's outage says why
+        except Exception as exc:
+            self._audit.append(
+                "policy_reload",
+                decision="deny",
+                reason=str(exc)[:1000],
+                policy_set_hash=self._engine.policy_set_hash,  # the set that serves on
+            )
+            raise
