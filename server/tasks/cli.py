@@ -174,6 +174,11 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> N
             print(
                 f"policy reloaded: {info.hash} from {info.source} ({len(info.policy_ids)} policies)"
             )
+            # What the others do with it is theirs to report (server/policy/fleet.py).
+            print(
+                "announced to the servers sharing the datastore: each reloads its own "
+                "policy_dir and reports (svid_server_policy_diverged) if it loads another set"
+            )
 
 
 def run_command(
