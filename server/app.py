@@ -368,6 +368,9 @@ class Server:
             outage=self.ledger_outage,
             announce_policy=self.datastore.announce_policy,
         )
+        # A host started with another policy_dir than the fleet's last reload says so at once
+        # (announcements after the feed cursor read above come through the follower).
+        self.tasks.fleet.started(self.datastore.announced_policy())
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.
         signer = (

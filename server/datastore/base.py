@@ -553,6 +553,10 @@ class ChangeFeed(Protocol):
         policy set, and every server sharing the datastore reloads its own."""
         ...
 
+    def announced_policy(self) -> str | None:
+        """The hash of the newest FEED_POLICY row the feed still holds (None: none)."""
+        ...
+
     def wait_feed(self, after: int, timeout: float) -> bool:
         """Block up to `timeout` seconds (real time) until feed_head() > after: True when it
         is, False on timeout or when the store is closing. A hint only: a reader polls

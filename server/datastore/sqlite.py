@@ -942,6 +942,10 @@ class SqliteDataStore(
         at = self._rows(q.NEWEST_FEED_AT, {})[0]["at"]
         return None if at is None else int(at)
 
+    def announced_policy(self) -> str | None:
+        rows = self._rows(q.NEWEST_FEED_KEY, {"kind": FEED_POLICY})
+        return str(rows[0]["key"]) if rows else None
+
     def feed_reading(
         self, on_connected: Callable[[], None] | None = None
     ) -> contextlib.nullcontext[None]:

@@ -259,6 +259,10 @@ class FaultInjectingDataStore:
         self._enter("announce_policy")
         self.inner.announce_policy(policy_set_hash)
 
+    def announced_policy(self) -> str | None:
+        self._enter("announced_policy")
+        return self.inner.announced_policy()
+
     def wait_feed(self, after: int, timeout: float) -> bool:
         self._enter("wait_feed")
         return self.inner.wait_feed(after, timeout)

@@ -60,6 +60,21 @@ class PolicyFleet:
             self._set_diverged(None)
         return info
 
+    def started(self, announced: str | None) -> None:
+        """At start, with the newest announcement the feed holds: the set just loaded from
+        this server's policy_dir is compared, not reloaded."""
+        with self._lock:
+            self._announced = announced
+            if announced is not None and announced != self._engine.policy_set_hash:
+                self._set_diverged(self._differs(self._engine.policy_set_hash, announced))
+
+    @staticmethod
+    def _differs(serving: str, announced: str) -> str:
+        return (
+            f"this server's policy_dir loads set {serving}, "
+            f"not {announced} loaded by another server"
+        )
+
     def on_announced(self, policy_set_hash: str) -> None:
         """The follower read an announcement (this server's own included)."""
         with self._lock:
@@ -79,10 +94,7 @@ class PolicyFleet:
                 self._set_diverged("this server's policy_dir failed to load; the old set serves")
                 return
             if info.hash != policy_set_hash:
-                self._set_diverged(
-                    f"this server's policy_dir loads set {info.hash}, "
-                    f"not {policy_set_hash} loaded by another server"
-                )
+                self._set_diverged(self._differs(info.hash, policy_set_hash))
             else:
                 _log.info("policy reloaded as another server announced", extra={"hash": info.hash})
                 self._set_diverged(None)

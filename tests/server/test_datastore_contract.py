@@ -1578,6 +1578,21 @@ def test_feed_since_pages_in_revision_order(store: DataStore) -> None:
     assert store.feed_since(5, 10) == []
 
 
+def test_a_policy_announcement_is_a_feed_row_and_the_newest_is_read_back(
+    store: DataStore,
+) -> None:
+    assert store.announced_policy() is None
+    store.announce_policy("h1")
+    store.put_task(task("t0"))  # a newer row of another kind hides nothing
+    store.announce_policy("h2")
+    assert [(i.kind, i.key) for i in store.feed_since(0, 10)] == [
+        ("policy", "h1"),
+        ("task", "t0"),
+        ("policy", "h2"),
+    ]
+    assert store.announced_policy() == "h2"
+
+
 def test_prune_feed_by_age_keeps_the_head(open_store: Opener) -> None:
     store = open_store()
     store.put_task(task("t0"))

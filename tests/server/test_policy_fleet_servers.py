@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -28,10 +28,38 @@ READ_ONLY = POLICY.replace('[Action::"read", Action::"write"]', '[Action::"read"
 
 @dataclass
 class Fleet:
-    a: RunningServer
-    b: RunningServer
-    dir_a: Path
-    dir_b: Path
+    root: Path
+    dsn: str
+    servers: dict[str, RunningServer] = field(default_factory=dict)
+
+    @property
+    def a(self) -> RunningServer:
+        return self.servers["a"]
+
+    @property
+    def b(self) -> RunningServer:
+        return self.servers["b"]
+
+    @property
+    def dir_a(self) -> Path:
+        return self.root / "a" / "policies"
+
+    @property
+    def dir_b(self) -> Path:
+        return self.root / "b" / "policies"
+
+    def start(self, name: str) -> RunningServer:
+        self.servers[name] = start_server(
+            self.root,
+            admin_socket=str(self.root / name / "admin.sock"),
+            datastore=self.dsn,
+            key_encryption_key_file=str(self.root / "kek"),
+            policy_dir=str(self.root / name / "policies"),
+        )
+        return self.servers[name]
+
+    def stop(self, name: str) -> None:
+        self.servers.pop(name).stop()
 
     def write(self, text: str) -> None:
         """The same policy on both hosts, as a platform team deploys it."""
@@ -49,27 +77,17 @@ class Fleet:
 def fleet(postgres_dsn: str) -> Iterator[Fleet]:
     root = short_tmpdir()
     KeyEncryptionKey.generate().write_new(root / "kek")
-    dirs = []
     for name in ("a", "b"):
         (root / name / "policies").mkdir(parents=True)
         (root / name / "policies" / "work.cedar").write_text(POLICY)
-        dirs.append(root / name / "policies")
-    servers: list[RunningServer] = []
+    fleet = Fleet(root, postgres_dsn)
     try:
-        for name, policy_dir in zip(("a", "b"), dirs, strict=True):
-            servers.append(
-                start_server(
-                    root,
-                    admin_socket=str(root / name / "admin.sock"),
-                    datastore=postgres_dsn,
-                    key_encryption_key_file=str(root / "kek"),
-                    policy_dir=str(policy_dir),
-                )
-            )
-        yield Fleet(servers[0], servers[1], dirs[0], dirs[1])
+        fleet.start("a")
+        fleet.start("b")
+        yield fleet
     finally:
-        for server in reversed(servers):
-            server.stop()
+        for name in sorted(fleet.servers, reverse=True):
+            fleet.stop(name)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -135,3 +153,15 @@ def test_a_broken_directory_on_b_keeps_its_old_set_serving_and_is_reported(fleet
     assert "failed to load" in (fleet_b.diverged or "")
     assert fleet.b.server.tasks.policy.policy_set_hash == serving_b
     begin_write_on_b(fleet)  # B still decides, under its old set
+
+
+def test_a_server_started_with_a_differing_directory_is_reported(fleet: Fleet) -> None:
+    """B down during the fleet's reload, started again with its host's old files: it said
+    nothing, as the announcement came before the feed cursor it follows from."""
+    fleet.stop("b")
+    (fleet.dir_a / "work.cedar").write_text(READ_ONLY)
+    info = fleet.reload_on_a()
+    fleet.start("b")
+    assert fleet.b.server.tasks.policy.policy_set_hash != info.hash
+    assert info.hash in (fleet.b.server.tasks.fleet.diverged or "")
+    assert diverged_metric(fleet.b) == 1
