@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import grpc
 
-from server import listing, status
+from server import agent_listing, listing, status
 from server.admin_federation import FederationAdmin
 from server.attestation.join_token import MAX_TOKEN_TTL, new_join_token
 from server.attestation.join_token import TYPE_NAME as JOIN_TOKEN
@@ -126,9 +126,8 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         self._on_agent_removed = on_agent_removed
         self._finish_removal = finish_removal
         self._audit_checkpoint = audit_checkpoint
-        # Sorted listing keys, per snapshot: paging through a snapshot sorts it once.
+        # Sorted entry listing keys, per snapshot: paging through a snapshot sorts each once.
         self._entry_keys = EntryKeys()
-        self._agent_keys: tuple[Mapping[str, AttestedAgent] | None, tuple[str, ...]] = (None, ())
 
     def on_error(self, code: grpc.StatusCode) -> None:
         self._metrics.record_error(code)
@@ -316,15 +315,18 @@ class AdminServicer(FederationAdmin, admin_pb2_grpc.AdminServicer):  # type: ign
         query = ["agents", prefix, *selectors.key()]
         after = listing.decode_token(request.page_token, query)
         agents = self._state.agents
-        if self._agent_keys[0] is not agents:
-            self._agent_keys = (agents, tuple(sorted(agents)))
 
         def keep(a: AttestedAgent) -> bool:
             return listing.under_prefix(a.spiffe_id, prefix) and selectors.matches(a.selectors)
 
-        page, last = listing.paginate(
-            self._agent_keys[1], after, limit, load=agents.get, keep=keep, encode=agent_to_proto
-        )
+        def page_of() -> tuple[list[admin_pb2.Agent], str]:
+            walked = agent_listing.agent_ids(agents, selectors, prefix, after)
+            kept = ((k, a) for k in walked if (a := agents.get(k)) is not None and keep(a))
+            return listing.take_page(kept, limit, agent_to_proto)
+
+        # A filter may test many agents before a page fills: in a thread, so the event loop
+        # serves the node API meanwhile. The snapshot does not change.
+        page, last = await asyncio.to_thread(page_of)
         return admin_pb2.ListAgentsResponse(
             agents=page, next_page_token=listing.encode_token(last, query) if last else ""
         )

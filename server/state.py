@@ -22,6 +22,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import TypeVar
 
+from server.agent_index import AgentIndex
 from server.changelog import Change, ChangeLog, EntryTouch, touches
 from server.datastore.base import DataStore
 from server.datastore.errors import DataStoreError, RemovalUnderWayError, StorageError
@@ -89,7 +90,7 @@ class ServerState:
         # that answers each write, an agent's record) waited behind the whole burst.
         self._entry_writes = asyncio.Lock()
         self._entries = EntryIndex()
-        self._agents: Mapping[str, AttestedAgent] = MappingProxyType({})
+        self._agents = AgentIndex()
         self._revocations: tuple[Revocation, ...] = ()
         self._revoked_keys: tuple[tuple[Revocation, ...], frozenset[tuple[str, str]]] = (
             (),
@@ -116,7 +117,7 @@ class ServerState:
     def load(self) -> None:
         """Read everything from the datastore (start-up; synchronous)."""
         self._entries = EntryIndex.build(self._datastore.list_entries())
-        self._agents = MappingProxyType({a.spiffe_id: a for a in self._datastore.list_agents()})
+        self._agents = AgentIndex.build(self._datastore.list_agents())
         self._revocations = tuple(self._datastore.list_revocations())
         self._revision = self._datastore.revision()
         # Revisions start where the datastore's are, so they are positive once anything was
@@ -190,7 +191,7 @@ class ServerState:
         return self._entries
 
     @property
-    def agents(self) -> Mapping[str, AttestedAgent]:
+    def agents(self) -> AgentIndex:
         return self._agents
 
     @property
@@ -448,9 +449,7 @@ class ServerState:
             )
         )
         self._touch(FEED_AGENT, (spiffe_id,))
-        agents = dict(self._agents)
-        agents.pop(spiffe_id, None)
-        self._agents = MappingProxyType(agents)
+        self._agents = self._agents.with_changes(removed=(spiffe_id,))
         self._record(agents=(spiffe_id,))
         await self._after_write()
         return removal
@@ -560,10 +559,7 @@ class ServerState:
             if not gone:
                 return False
             self._touch(FEED_AGENT, gone)
-            pruned = set(gone)
-            self._agents = MappingProxyType(
-                {k: a for k, a in self._agents.items() if k not in pruned}
-            )
+            self._agents = self._agents.with_changes(removed=gone)
             self._record(agents=tuple(gone))
             return True
 
@@ -576,9 +572,7 @@ class ServerState:
         return bool(expired)
 
     def _put_agent(self, agent: AttestedAgent) -> None:
-        agents = dict(self._agents)
-        agents[agent.spiffe_id] = agent
-        self._agents = MappingProxyType(agents)
+        self._agents = self._agents.with_changes(put=(agent,))
 
     # -- changes made through other servers (server.replication) ------------------------------
 
@@ -609,12 +603,7 @@ class ServerState:
         if not put and not removed:
             return
         moved = self._selectors_changed(put)
-        agents = dict(self._agents)
-        for agent in put:
-            agents[agent.spiffe_id] = agent
-        for spiffe_id in removed:
-            agents.pop(spiffe_id, None)
-        self._agents = MappingProxyType(agents)
+        self._agents = self._agents.with_changes(put, removed)
         self._record(agents=[a.spiffe_id for a in put] + list(removed), selectors_changed=moved)
         self.notifier.notify()
 

@@ -303,3 +303,39 @@ def test_agents_page_and_filter_by_prefix() -> None:
         assert [a.spiffe_id for a in reply.agents] == agents
     finally:
         with_agents.close()
+
+
+def test_an_agent_listing_walks_the_agents_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A prefix or selector filter may test every agent before a page fills (100k of them),
+    # while the node API (attestations, renewals) waited on the loop.
+    with_agents = running_server()
+    srv = next(with_agents)
+    try:
+        agents = sorted(srv.attest().spiffe_id for _ in range(3))
+        walked_in: list[int] = []
+        take_page = listing.take_page
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            walked_in.append(threading.get_ident())
+            return take_page(*args, **kwargs)
+
+        async def loop_thread() -> int:
+            return threading.get_ident()
+
+        monkeypatch.setattr(listing, "take_page", recorded)
+        reply = srv.admin().ListAgents(
+            admin_pb2.ListAgentsRequest(spiffe_id_prefix=f"{TD}/svid/agent")
+        )
+        assert [a.spiffe_id for a in reply.agents] == agents
+        assert walked_in
+        assert srv.call(loop_thread()) not in walked_in
+        # The listing follows each change without sorting again: the snapshot's ids in order.
+        evicted = agents[1]
+        srv.admin().EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=evicted))
+        assert list(srv.server.state.agents.sorted_ids) == [agents[0], agents[2]]
+        reply = srv.admin().ListAgents(admin_pb2.ListAgentsRequest(page_size=1))
+        assert [a.spiffe_id for a in reply.agents] == [agents[0]]
+    finally:
+        with_agents.close()
