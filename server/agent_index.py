@@ -12,7 +12,12 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from server.datastore.records import AttestedAgent, Selector
 from server.sharded import REMOVED, ShardedMap
-from server.sorted_keys import SortedKeys
+from server.sorted_keys import CHUNK, SortedKeys
+
+# The ids of the agents holding one selector, in order. Most groups hold one agent (a serial
+# number, a node's name): a plain tuple, a fifth of a SortedKeys' memory (54 MB for 100k
+# x509pop agents as SortedKeys); a group past CHUNK ids is a SortedKeys, updated per chunk.
+Group = SortedKeys | tuple[str, ...]
 
 
 class AgentIndex(Mapping[str, AttestedAgent]):
@@ -25,11 +30,11 @@ class AgentIndex(Mapping[str, AttestedAgent]):
         self,
         by_id: ShardedMap[str, AttestedAgent] | None = None,
         sorted_ids: SortedKeys | None = None,
-        by_selector: ShardedMap[Selector, SortedKeys] | None = None,
+        by_selector: ShardedMap[Selector, Group] | None = None,
     ) -> None:
         self.by_id: ShardedMap[str, AttestedAgent] = by_id if by_id is not None else ShardedMap()
         self.sorted_ids = sorted_ids if sorted_ids is not None else SortedKeys()
-        self.by_selector: ShardedMap[Selector, SortedKeys] = (
+        self.by_selector: ShardedMap[Selector, Group] = (
             by_selector if by_selector is not None else ShardedMap()
         )
 
@@ -43,7 +48,7 @@ class AgentIndex(Mapping[str, AttestedAgent]):
         return cls(
             ShardedMap.of(by_id.items()),
             SortedKeys.of(by_id),
-            ShardedMap.of((s, SortedKeys.of(ids)) for s, ids in groups.items()),
+            ShardedMap.of((s, _group(sorted(ids))) for s, ids in groups.items()),
         )
 
     def __getitem__(self, spiffe_id: str) -> AttestedAgent:
@@ -76,11 +81,14 @@ class AgentIndex(Mapping[str, AttestedAgent]):
                 joins.setdefault(selector, set()).add(spiffe_id)
             for selector in before - after:
                 leaves.setdefault(selector, set()).add(spiffe_id)
-        groups: list[tuple[Selector, SortedKeys | object]] = []
+        groups: list[tuple[Selector, Group | object]] = []
         for selector in joins.keys() | leaves.keys():
-            group = self.by_selector.get(selector, SortedKeys())
-            group = group.evolve(joins.get(selector, ()), leaves.get(selector, ()))
-            groups.append((selector, group if len(group) else REMOVED))
+            group = _evolve(
+                self.by_selector.get(selector, ()),
+                joins.get(selector, set()),
+                leaves.get(selector, set()),
+            )
+            groups.append((selector, group if group else REMOVED))
         return AgentIndex(
             self.by_id.evolve((k, REMOVED if a is None else a) for k, a in final.items()),
             self.sorted_ids.evolve(
@@ -89,3 +97,15 @@ class AgentIndex(Mapping[str, AttestedAgent]):
             ),
             self.by_selector.evolve(groups),
         )
+
+
+def _group(ids: list[str]) -> Group:
+    """`ids` (sorted, distinct) as a group."""
+    return SortedKeys.of(ids) if len(ids) > CHUNK else tuple(ids)
+
+
+def _evolve(group: Group, joins: set[str], leaves: set[str]) -> Group:
+    if isinstance(group, SortedKeys):
+        grown = group.evolve(joins, leaves)
+        return grown if len(grown) > CHUNK else tuple(grown)
+    return _group(sorted((set(group) - leaves) | joins))

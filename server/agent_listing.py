@@ -11,9 +11,8 @@ import heapq
 import itertools
 from collections.abc import Iterator
 
-from server.agent_index import AgentIndex
-from server.listing import SelectorFilter
-from server.sorted_keys import SortedKeys
+from server.agent_index import AgentIndex, Group
+from server.listing import SelectorFilter, keys_after
 from svid._proto import admin_pb2
 
 
@@ -24,7 +23,7 @@ def agent_ids(
     maybe others: the caller still tests each)."""
     if not selectors.selectors:
         return _in_range(agents.sorted_ids, prefix, after)
-    groups = [agents.by_selector.get(s, SortedKeys()) for s in selectors.selectors]
+    groups = [agents.by_selector.get(s, ()) for s in selectors.selectors]
     if selectors.match == admin_pb2.SELECTOR_MATCH_ANY:
         # Each group in order, merged: an agent holding two of the selectors comes twice.
         merged = heapq.merge(*(_in_range(g, prefix, after) for g in groups))
@@ -33,16 +32,16 @@ def agent_ids(
     return _in_range(min(groups, key=len), prefix, after)
 
 
-def _in_range(keys: SortedKeys, prefix: str, after: str) -> Iterator[str]:
+def _in_range(keys: Group, prefix: str, after: str) -> Iterator[str]:
     """The keys after `after` that may lie under `prefix` (path-segment aware, as
     listing.under_prefix): those from `prefix` itself up to `prefix + "/"` and the keys
     starting with it, a contiguous run in order."""
     if not prefix:
-        return keys.after(after)
+        return keys_after(keys, after)
     start: Iterator[str] = iter(())
     if after < prefix:
         start = iter((prefix,) if prefix in keys else ())
         after = prefix
     # "0" follows "/": every key starting with prefix + "/" sorts below prefix + "0".
     end = prefix + "0"
-    return itertools.takewhile(lambda k: k < end, itertools.chain(start, keys.after(after)))
+    return itertools.takewhile(lambda k: k < end, itertools.chain(start, keys_after(keys, after)))
