@@ -7,15 +7,10 @@ another's entry (one with a 60 s TTL was handed the 3600 s token of another).
 Bounded twice, least recently used out first: by count, and by bytes, because one token can be
 thousands of times the size of another (issue 11: big audiences took the agent from 77 to 804 MB).
 
-Each uid has a share of both bounds (`uid_share`). Without one, a uid asking for ever-new
-audiences at its minting rate (100/s) pushed every other workload's tokens out of a full cache
-within about 40 s, and each had to be minted again, on its own budget. When the cache must make
-room, an entry of a uid past its share goes first: the inserting uid's own oldest if it is past,
-else the oldest of another uid past its share (its least recently used when that is the least
-recently used of all, as when it is alone); only when no uid is past its share does the least
-recently used entry go. So a flooding uid recycles its own slots, while a lone busy uid may still
-use the whole cache. An entry belongs to the uid whose mint inserted it. The books are kept on
-insert and drop only: a hit does no more than before.
+Each uid has a share of both bounds (agent_attestor/uid_shares.py). Without one, a uid asking
+for ever-new audiences at its minting rate (100/s) pushed every other workload's tokens out of a
+full cache within about 40 s, and each had to be minted again, on its own budget. An entry
+belongs to the uid whose mint inserted it.
 """
 
 from __future__ import annotations
@@ -24,10 +19,10 @@ import asyncio
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from agent_attestor.errors import MintRefusedError
 from agent_attestor.signer import MintedJwt, SvidSigner
+from agent_attestor.uid_shares import UidShares, uid_share
 from svid._clock import Clock, ElapsedClock
 from svid._errors import JwtSvidError
 from svid._jwt import split_token
@@ -41,20 +36,6 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 # of a 606-byte token, a 30-byte ID and a 10-byte audience, and 38 more since the entry is on its
 # uid's books too (a second dict slot, the owner in the value tuple).
 ENTRY_OVERHEAD = 500
-# A uid's share of the cache: an eighth of each bound, so that at least eight uids fill it before
-# any is pushed out by another, but never fewer than 64 tokens (a workload's usual handful of
-# audiences, many times over) when the cache is small.
-SHARE_DIVISOR = 8
-SHARE_FLOOR = 64
-
-
-def uid_share(max_entries: int, max_bytes: int) -> tuple[int, int]:
-    """(entries, bytes) one uid may hold before its entries are the first to make room. The
-    byte share is the same fraction of max_bytes as the entries' share is of max_entries."""
-    entries = max(SHARE_FLOOR, max_entries // SHARE_DIVISOR)
-    if entries >= max_entries:
-        return max_entries, max_bytes
-    return entries, max_bytes * entries // max_entries
 
 
 def entry_size(key: Key, jwt: MintedJwt, jti: str = "") -> int:
@@ -105,14 +86,6 @@ def audience_key(audience: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(audience)))
 
 
-@dataclass(slots=True)
-class _Books:
-    """One uid's entries, oldest inserted first (a hit does not reorder them), and their bytes."""
-
-    keys: dict[Key, None] = field(default_factory=dict)
-    bytes: int = 0
-
-
 class JwtCache:
     """Tokens are served from here until half their lifetime has passed, then minted anew."""
 
@@ -131,15 +104,12 @@ class JwtCache:
         self._clock = ElapsedClock(clock)
         self._max = max_entries
         self._max_bytes = max_bytes
-        self._share_entries, self._share_bytes = share or uid_share(max_entries, max_bytes)
+        self._shares: UidShares[Key] = UidShares(share or uid_share(max_entries, max_bytes))
         # key -> (token, the moment it stops being handed out, its entry_size, its jti, the uid
         # that owns it, the kid that signed it): the refresh point is computed once at
         # insertion, so a hit costs one clock read and one comparison.
         self._tokens: OrderedDict[Key, tuple[MintedJwt, float, int, str, int, str]] = OrderedDict()
         self._bytes = 0
-        self._books: dict[int, _Books] = {}
-        # The uids past their share, in the order they went past it: who makes room first.
-        self._over: dict[int, None] = {}
         self._pending: dict[Key, asyncio.Future[MintedJwt]] = {}
         # Mints whose identity was forgotten while they were out: their token is not kept.
         self._void: set[asyncio.Future[MintedJwt]] = set()
@@ -263,32 +233,12 @@ class JwtCache:
         size = entry_size(key, jwt, jti)
         self._tokens[key] = (jwt, refresh_point(jwt, asked_at), size, jti, uid, kid)
         self._bytes += size
-        books = self._books.get(uid)
-        if books is None:
-            books = self._books[uid] = _Books()
-        books.keys[key] = None
-        books.bytes += size
-        self._weigh(uid, books)
+        self._shares.add(uid, key, size)
         # A token bigger than the whole budget is handed out but not kept (it evicts itself,
         # its uid being past its share, after that uid's older ones).
         while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
-            self._drop(self._victim(uid))
-
-    def _victim(self, uid: int) -> Key:
-        """The entry that makes room for one of `uid`'s."""
-        over = self._over
-        heavy = uid if uid in over else next(iter(over), None)
-        lru = next(iter(self._tokens))
-        if heavy is None or self._tokens[lru][4] == heavy:
-            return lru  # the least recently used of all, or of that uid (as when it is alone)
-        # Its oldest inserted, not its least recently used: a hit does not reorder the books.
-        return next(iter(self._books[heavy].keys))
-
-    def _weigh(self, uid: int, books: _Books) -> None:
-        if len(books.keys) > self._share_entries or books.bytes > self._share_bytes:
-            self._over.setdefault(uid)
-        else:
-            self._over.pop(uid, None)
+            lru = next(iter(self._tokens))
+            self._drop(self._shares.victim(uid, lru, self._tokens[lru][4]))
 
     def touch(self, keys: Iterable[Key]) -> None:
         """Mark these tokens used, as a hit does (something built from them was served)."""
@@ -312,14 +262,7 @@ class JwtCache:
         _, _, size, _, uid, _ = held
         self._bytes -= size
         self.generation += 1
-        books = self._books[uid]
-        del books.keys[key]
-        books.bytes -= size
-        if books.keys:
-            self._weigh(uid, books)
-        else:
-            del self._books[uid]
-            self._over.pop(uid, None)
+        self._shares.remove(uid, key, size)
 
     def forget_under(self, prefix: str) -> None:
         """Drop cached tokens of every ID that begins with `prefix` (a runtime's tasks)."""
@@ -359,8 +302,7 @@ class JwtCache:
         if spiffe_ids is None:
             self._tokens.clear()
             self._bytes = 0
-            self._books.clear()
-            self._over.clear()
+            self._shares.clear()
             self.generation += 1
             return
         for key in [k for k in self._tokens if k[0] in spiffe_ids]:

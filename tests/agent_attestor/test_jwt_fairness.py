@@ -25,10 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_attestor.errors import MintRefusedError
-from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size, uid_share
+from agent_attestor.jwt_cache import DEFAULT_MAX_BYTES, JwtCache, entry_size
 from agent_attestor.mint_budget import MINTS_PER_UID_BURST, MINTS_PER_UID_RATE, MintBudget
 from agent_attestor.model import Selector
 from agent_attestor.signer import MintedJwt
+from agent_attestor.uid_shares import uid_share
 from svid._clock import FakeClock
 from svid._proto import workload_pb2
 from tests.agent_attestor.harness import HEADER, Harness
@@ -137,7 +138,7 @@ def test_one_uid_minting_fresh_audiences_leaves_the_others_their_first_token(
     assert [code for code, _ in later] == ["OK"] * int(MINTS_PER_UID_RATE) + ["RESOURCE_EXHAUSTED"]
 
 
-SMALL_CACHE = 128  # a uid's share is then its floor, 64 (jwt_cache.uid_share)
+SMALL_CACHE = 128  # a uid's share is then its floor, 64 (uid_shares.uid_share)
 QUIET_AUDIENCES = [f"quiet-{i}" for i in range(5)]
 
 
@@ -343,8 +344,8 @@ def _owners(jwts: JwtCache) -> dict[object, int]:
 
 def _check_books(jwts: JwtCache) -> None:
     """Every held token is on its owner's books and nowhere else, bytes and `over` agree."""
-    tokens, books, over = jwts._tokens, jwts._books, jwts._over
-    share_entries, share_bytes = jwts._share_entries, jwts._share_bytes
+    tokens, books, over = jwts._tokens, jwts._shares._books, jwts._shares._over
+    share_entries, share_bytes = jwts._shares._share_entries, jwts._shares._share_bytes
     assert sum(len(b.keys) for b in books.values()) == len(tokens)
     for uid, b in books.items():
         assert b.keys, "a uid with no tokens has no books"
