@@ -20,7 +20,10 @@ A served answer marks its tokens used in the JWT cache, so its LRU order stays t
 
 A protobuf message owns copies of its strings, so answers cost memory of their own: they have a
 byte budget carved out of the JWT cache's (`split_budget`) and a count cap, least recently used
-out first.
+out first, with each uid's share of both kept as the JWT cache keeps it (uid_shares): without
+one, a uid sending ever-new requests (audiences reordered, unknown fields: new bytes, new keys)
+pushed every other uid's answers out, and each of their repeat calls took the slow path. An
+answer belongs to the uid whose call built it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from agent_attestor.cache import Snapshot
 from agent_attestor.jwt_cache import JwtCache, Key
 from agent_attestor.model import Selector
+from agent_attestor.uid_shares import UidShares, uid_share
 from svid._proto import workload_pb2
 
 AnswerKey = tuple[frozenset[Selector], bytes]
@@ -62,6 +66,7 @@ class _Answer:
     tokens: tuple[Key, ...]
     until: float
     size: int
+    uid: int
 
 
 class JwtAnswers:
@@ -70,12 +75,15 @@ class JwtAnswers:
         jwts: JwtCache,
         max_bytes: int,
         max_answers: int = MAX_ANSWERS,
+        share: tuple[int, int] | None = None,
     ) -> None:
+        """`share`: (answers, bytes) of each uid, uid_share's unless given (tests)."""
         self._jwts = jwts
         self._clock = jwts.clock  # the refresh points' clock: an answer ends at one of them
         self._max_bytes = max_bytes
         self._max_answers = max_answers
         self._answers: OrderedDict[AnswerKey, _Answer] = OrderedDict()
+        self._shares: UidShares[AnswerKey] = UidShares(share or uid_share(max_answers, max_bytes))
         self._bytes = 0
         self._version = -1  # the cache's
         self._generation = -1  # the JWT cache's
@@ -99,11 +107,13 @@ class JwtAnswers:
         generation: int,
         reply: workload_pb2.JWTSVIDResponse,
         tokens: Sequence[tuple[Key, float]],
+        *,
+        uid: int,
     ) -> None:
-        """Keep `reply`, built from `snap` and these (token key, refresh point) while the JWT
-        cache was at `generation`. Built across a mint, it may be stale: kept only if no call
-        has begun a newer epoch meanwhile, and then the next `get` after the change drops it
-        with the rest."""
+        """Keep `reply`, built for a caller of `uid` from `snap` and these (token key, refresh
+        point) while the JWT cache was at `generation`. Built across a mint, it may be stale:
+        kept only if no call has begun a newer epoch meanwhile, and then the next `get` after
+        the change drops it with the rest."""
         if not tokens or snap.version != self._version or generation != self._generation:
             return
         size = ANSWER_OVERHEAD + reply.ByteSize() + len(key[1])
@@ -111,12 +121,13 @@ class JwtAnswers:
             return
         self._drop(key)
         answers = self._answers
-        while answers and (
-            len(answers) >= self._max_answers or self._bytes + size > self._max_bytes
-        ):
-            self._drop(next(iter(answers)))  # the least recently used
-        answers[key] = _Answer(reply, tuple(k for k, _ in tokens), min(u for _, u in tokens), size)
+        until = min(u for _, u in tokens)
+        answers[key] = _Answer(reply, tuple(k for k, _ in tokens), until, size, uid)
         self._bytes += size
+        self._shares.add(uid, key, size)
+        while len(answers) > self._max_answers or self._bytes > self._max_bytes:
+            lru = next(iter(answers))
+            self._drop(self._shares.victim(uid, lru, answers[lru].uid))
 
     @property
     def bytes(self) -> int:
@@ -127,6 +138,7 @@ class JwtAnswers:
 
     def _start(self, snap: Snapshot) -> None:
         self._answers.clear()
+        self._shares.clear()
         self._bytes = 0
         self._version = snap.version
         self._generation = self._jwts.generation
@@ -135,3 +147,4 @@ class JwtAnswers:
         gone = self._answers.pop(key, None)
         if gone is not None:
             self._bytes -= gone.size
+            self._shares.remove(gone.uid, key, gone.size)

@@ -375,7 +375,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)
             else:
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token)
-        self._answers.put(key, snap, generation, reply, tokens)
+        self._answers.put(key, snap, generation, reply, tokens, uid=caller.uid)
         return reply
 
     async def _mint(

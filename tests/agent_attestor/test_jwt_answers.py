@@ -19,6 +19,7 @@ import pytest
 from agent_attestor.cache import Cache, SyncState
 from agent_attestor.jwt_answers import (
     ANSWER_OVERHEAD,
+    MAX_ANSWERS,
     JwtAnswers,
     answer_key,
     split_budget,
@@ -303,7 +304,7 @@ def test_answers_stay_within_their_byte_budget_and_count() -> None:
     def put(answers: JwtAnswers, i: int, size: int) -> None:
         key = answer_key(UID1, workload_pb2.JWTSVIDRequest(audience=[f"a{i}"]))
         answers.get(key, snap)
-        answers.put(key, snap, jwts.generation, reply(size), [((SID, (f"a{i}",)), 1e12)])
+        answers.put(key, snap, jwts.generation, reply(size), [((SID, (f"a{i}",)), 1e12)], uid=1)
 
     request_bytes = len(workload_pb2.JWTSVIDRequest(audience=["a0"]).SerializeToString())
     one = ANSWER_OVERHEAD + reply(1000).ByteSize() + request_bytes
@@ -320,3 +321,34 @@ def test_answers_stay_within_their_byte_budget_and_count() -> None:
     assert len(few) == 2
     assert split_budget(16 * 1024 * 1024) == (15 * 1024 * 1024, 1024 * 1024)
     assert sum(split_budget(1001)) == 1001
+
+
+def test_one_uid_churning_requests_leaves_another_uids_answers_in_place(agent: Agent) -> None:
+    # Reordered audiences or unknown fields make new request bytes, so new answers, each served
+    # from a token already held (no mint to pay for): with no share per uid, one workload
+    # pushed every other's answers out of the shared LRU, and their repeat calls took the slow
+    # path again.
+    flood_sid = "spiffe://example.org/flood"
+    agent.sync(entry("e1", SID), entry("e2", flood_sid, UID2))
+    me = agent.caller("a", UID1)  # uid 1
+    flooder = FakeContext("unix-abstract:svid-agent/1/b")
+    agent.registry.add(flooder.peer(), Caller("b", 2, 2, 2, UID2))
+    mine = agent.fetch(me, "svc")
+    base = workload_pb2.JWTSVIDRequest(audience=["x", "y"]).SerializeToString()
+    for n in range(MAX_ANSWERS + 100):
+        # Field 15, a varint this proto does not have: kept and serialized again as sent.
+        request = workload_pb2.JWTSVIDRequest.FromString(base + b"\x78" + _varint(n))
+        reply = agent.run(agent.api.FetchJWTSVID(request, flooder))  # type: ignore[arg-type]
+        assert [s.spiffe_id for s in reply.svids] == [flood_sid]
+    assert agent.signer.jwt_calls == 2  # each new answer came from the token held
+    assert agent.fetch(me, "svc") is mine  # still the answer built for it
+    assert len(agent.api._answers) <= MAX_ANSWERS
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
