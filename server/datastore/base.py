@@ -331,6 +331,11 @@ class TaskRecordStore(Protocol):
         at most `limit` (0: all). A keyset page, served by an index for each filter set."""
         ...
 
+    def sub_tasks(self, parent_task_id: str, state: str) -> list[TaskRecord]:
+        """The tasks in `state` whose parent_task_id is `parent_task_id` (none for ""), oldest
+        first: read by index, only those rows."""
+        ...
+
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         """Tasks in `state` whose expires_at <= now, soonest first."""
         ...

@@ -11,21 +11,29 @@ from typing import Any
 
 from server.datastore.records import AUDIT_COLUMNS, EventFilter, TaskCursor
 
-_TASK_COLUMNS = "task_id, agent_id, runtime_id, state, expires_at, created_at, body"
+_TASK_COLUMNS = "task_id, agent_id, runtime_id, state, expires_at, created_at, body, parent_task_id"
 UPSERT_TASK = (
     f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (:task_id, :agent_id, :runtime_id, :state, "
-    ":expires_at, :created_at, :body) ON CONFLICT (task_id) DO UPDATE SET "
+    ":expires_at, :created_at, :body, :parent_task_id) ON CONFLICT (task_id) DO UPDATE SET "
     "agent_id = excluded.agent_id, runtime_id = excluded.runtime_id, state = excluded.state, "
-    "expires_at = excluded.expires_at, created_at = excluded.created_at, body = excluded.body"
+    "expires_at = excluded.expires_at, created_at = excluded.created_at, body = excluded.body, "
+    "parent_task_id = excluded.parent_task_id"
 )
 # The compare-and-set of a task's state: the row changes only while it is in :expected_state,
 # so of several servers ending one task exactly one write moves it (rowcount 1).
 SWAP_TASK = (
     "UPDATE tasks SET agent_id = :agent_id, runtime_id = :runtime_id, state = :state, "
-    "expires_at = :expires_at, created_at = :created_at, body = :body "
-    "WHERE task_id = :task_id AND state = :expected_state"
+    "expires_at = :expires_at, created_at = :created_at, body = :body, "
+    "parent_task_id = :parent_task_id WHERE task_id = :task_id AND state = :expected_state"
 )
 SELECT_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = :task_id"
+# A task's sub-tasks in a state, by the partial index tasks_parent (migration 22). The
+# `<> ''` term is the index's own condition, spelled out so SQLite's planner may use it with a
+# bound parameter (it cannot prove `= :parent_task_id` excludes '').
+SUB_TASKS = (
+    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE parent_task_id = :parent_task_id "
+    "AND parent_task_id <> '' AND state = :state ORDER BY created_at, task_id"
+)
 DUE_TASKS = (
     f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = :state AND expires_at <= :now "
     "ORDER BY expires_at, task_id"

@@ -179,6 +179,7 @@ def _import_tasks(store: SqliteDataStore, path: Path, now: int) -> str:
                             "expires_at": expires_at,
                             "created_at": int(json.loads(body).get("created_at", 0)),
                             "body": body,
+                            "parent_task_id": str(json.loads(body).get("parent_task_id", "")),
                         },
                     )
                     counts["tasks"] += 1

@@ -178,6 +178,10 @@ class PostgresLedger:
             return []
         return [_task_from(r) for r in self._rows("list tasks", *page)]
 
+    def sub_tasks(self, parent_task_id: str, state: str) -> list[TaskRecord]:
+        params = {"parent_task_id": parent_task_id, "state": state}
+        return [_task_from(r) for r in self._rows("list sub-tasks", lq.SUB_TASKS, params)]
+
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         rows = self._rows("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})
         return [_task_from(r) for r in rows]

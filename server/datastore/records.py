@@ -423,6 +423,9 @@ class TaskRecord:
     expires_at: int
     created_at: int
     body: str
+    # The task it is a sub-task (or elevated step) of, "" for none: a column (body has it too)
+    # so an end finds its sub-tasks by index, not by reading its runtime's every task.
+    parent_task_id: str = ""
 
 
 class TaskCursor(NamedTuple):

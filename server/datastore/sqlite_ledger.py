@@ -82,6 +82,7 @@ def _task_from(row: Mapping[str, Any]) -> TaskRecord:
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         body=row["body"],
+        parent_task_id=row["parent_task_id"],
     )
 
 
@@ -102,6 +103,7 @@ def _task_params(task: TaskRecord) -> dict[str, Any]:
         "expires_at": task.expires_at,
         "created_at": task.created_at,
         "body": task.body,
+        "parent_task_id": task.parent_task_id,
     }
 
 
@@ -176,6 +178,10 @@ class SqliteLedger:
         if page is None:
             return []
         return [_task_from(r) for r in self._read("list tasks", *page)]
+
+    def sub_tasks(self, parent_task_id: str, state: str) -> list[TaskRecord]:
+        params = {"parent_task_id": parent_task_id, "state": state}
+        return [_task_from(r) for r in self._read("list sub-tasks", lq.SUB_TASKS, params)]
 
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         rows = self._read("list due tasks", lq.DUE_TASKS, {"state": state, "now": now})

@@ -298,6 +298,10 @@ class FaultInjectingDataStore:
             agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
         )
 
+    def sub_tasks(self, parent_task_id: str, state: str) -> list[TaskRecord]:
+        self._enter("sub_tasks")
+        return self.inner.sub_tasks(parent_task_id, state)
+
     def due_tasks(self, state: str, now: int) -> list[TaskRecord]:
         self._enter("due_tasks")
         return self.inner.due_tasks(state, now)

@@ -1190,20 +1190,13 @@ class TaskService:
         server before did already (revocations, the event) is not done twice."""
         # Sub-tasks live inside their parent: they end with it (each once, by the same CAS).
         # Listed only now that the parent's end is claimed: a sub-task stored after this
-        # finds its parent ended and ends itself (_parent_ended). Only the parent's runtime's
-        # tasks through its agent are read, as a sub-task is begun by its parent's runtime
-        # (_parent): read on every end, the agent's every active task made each end cost
-        # all its node's runtimes' tasks, and an eviction or an expiry sweep of many tasks
-        # that times their number again.
-        children = await asyncio.to_thread(
-            self._store.list_tasks,
-            agent_id=done.agent_id,
-            runtime_ids=[done.runtime_id],
-            state=TaskState.ACTIVE.value,
-        )
+        # finds its parent ended and ends itself (_parent_ended). Read by the parent's id in an
+        # index, only those rows: the datastore's, not memory's, as a sub-task another server
+        # began may not have reached this one's yet. (Read among its runtime's active tasks,
+        # each end cost up to a node's cap of rows, and a sweep of n tasks n squared.)
+        children = await asyncio.to_thread(self._store.active_sub_tasks, done.task_id)
         for child in children:
-            if child.parent_task_id == done.task_id:
-                await self._finish(child, done.state, f"parent task {done.task_id} ended")
+            await self._finish(child, done.state, f"parent task {done.task_id} ended")
         now = self._now()
         creds = await asyncio.to_thread(self._store.task_credentials, done.task_id, now)
         # One revoked already (a delegated token whose acting workload's agent was removed

@@ -51,6 +51,7 @@ def _record(task: Task, column: str = "") -> TaskRecord:
         expires_at=task.expires_at,
         created_at=task.created_at,
         body=json.dumps(data, sort_keys=True),
+        parent_task_id=task.parent_task_id,
     )
 
 
@@ -100,6 +101,11 @@ class TaskStore:
         records = self._rows.list_tasks(
             agent_id=agent_id, state=state, runtime_ids=runtime_ids, after=after, limit=limit
         )
+        return [_task_from(r) for r in records]
+
+    def active_sub_tasks(self, task_id: str) -> list[Task]:
+        """The active tasks begun inside `task_id` (its sub-tasks and elevated steps)."""
+        records = self._rows.sub_tasks(task_id, TaskState.ACTIVE.value)
         return [_task_from(r) for r in records]
 
     def due(self, now: int) -> list[Task]:

@@ -913,6 +913,55 @@ def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> No
     ], steps
 
 
+def test_a_tasks_sub_tasks_are_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
+    """An end finds its sub-tasks by a search of migration 22's partial index, not by
+    reading its runtime's every active task."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        steps = [
+            row[3]
+            for row in db.execute(
+                f"EXPLAIN QUERY PLAN {ledger_queries.SUB_TASKS}",
+                {"parent_task_id": "t", "state": "active"},
+            )
+        ]
+    finally:
+        db.close()
+    assert steps == ["SEARCH tasks USING INDEX tasks_parent (parent_task_id=? AND state=?)"], steps
+
+
+def test_tasks_stored_before_migration_22_are_found_by_their_parent(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A sub-task stored before the column existed has its parent only in its body: the
+    migration copies it, or the parent's end would not end it."""
+    path = tmp_path / "db"
+    SqliteDataStore(path, clock).close()
+    db = sqlite3.connect(path)
+    try:
+        # As a store at migration 21 held them.
+        db.execute("DROP INDEX tasks_parent")
+        db.execute("ALTER TABLE tasks DROP COLUMN parent_task_id")
+        db.execute("DELETE FROM schema_migrations WHERE version = 22")
+        for task_id, parent in (("p", ""), ("c", "p")):
+            body = f'{{"task_id": "{task_id}", "parent_task_id": "{parent}"}}'
+            db.execute(
+                "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
+                "created_at, body) VALUES (?, 'a', 'r', 'active', 9, 1, ?)",
+                (task_id, body),
+            )
+        db.commit()
+    finally:
+        db.close()
+    store = SqliteDataStore(path, clock)
+    try:
+        assert [t.task_id for t in store.sub_tasks("p", "active")] == ["c"]
+        assert store.sub_tasks("", "active") == []
+    finally:
+        store.close()
+
+
 def test_a_batch_of_a_workloads_jwts_is_written_in_few_pages(
     tmp_path: Path, clock: FakeClock
 ) -> None:

@@ -489,6 +489,42 @@ def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) ->
     assert "credentials_workload_jwt_by_subject" in " ".join(row[0] for row in plan), plan
 
 
+def test_a_tasks_sub_tasks_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
+    """Migration 22's partial index serves an end's read of its sub-tasks on PostgreSQL too."""
+    from server.datastore.ledger_queries import SUB_TASKS
+
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        params = {"parent_task_id": "t", "state": "active"}
+        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(SUB_TASKS)}", params))
+    assert "tasks_parent" in plan, plan
+
+
+def test_tasks_stored_before_migration_22_are_found_by_their_parent(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """The PostgreSQL migration copies a stored sub-task's parent out of its body."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("DROP INDEX tasks_parent")
+        conn.execute("ALTER TABLE tasks DROP COLUMN parent_task_id")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 22")
+        for task_id, parent in (("p", ""), ("c", "p")):
+            body = f'{{"task_id": "{task_id}", "parent_task_id": "{parent}"}}'
+            conn.execute(
+                "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
+                "created_at, body) VALUES (%s, 'a', 'r', 'active', 9, 1, %s)",
+                (task_id, body),
+            )
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        assert [t.task_id for t in store.sub_tasks("p", "active")] == ["c"]
+        assert store.sub_tasks("", "active") == []
+    finally:
+        store.close()
+
+
 def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
     """Its own credentials and, by migration 15's partial index, the delegated tokens its
     workloads act with, and by migration 19's, the tokens derived from those."""

@@ -706,32 +706,39 @@ def test_a_task_goes_on_when_another_entry_changes_or_its_runtimes_keeps_its_sel
     assert world.service.active_task(task.spiffe_id) is not None
 
 
-def test_an_end_reads_only_its_runtimes_tasks_for_sub_tasks(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A sub-task is its parent's runtime's: an end looked for its sub-tasks among every
-    active task of its agent, so each end read every task of every runtime on the node, and
-    an eviction or an expiry sweep read their number squared."""
+def test_an_end_reads_only_its_own_sub_tasks(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An end looked for its sub-tasks among every active task of its runtime on its node
+    (up to the node's cap): each end read them all, and an eviction or an expiry sweep of n
+    tasks read n squared rows. Now only the sub-tasks' own rows are read."""
     other = f"{RUNTIME}-2"
     world.run(world.state.create_entry(Entry("", other, AGENT, SELECTORS)))
-    for _ in range(5):
+    for _ in range(3):
         world.begin(runtime_id=other)
+    siblings = [world.begin() for _ in range(3)]
     parent = world.begin(actions=("read", "write"))
     child = world.begin(actions=("read",), parent_task_id=parent.task_id)
+    grandchild = world.begin(actions=("read",), parent_task_id=child.task_id)
+    rows = world.store._rows
     read: list[str] = []
-    list_tasks = world.store.list_tasks
 
-    def counted(**filters: Any) -> Any:
-        found = list_tasks(**filters)
-        read.extend(t.runtime_id for t in found)
-        return found
+    def counted(name: str) -> Any:
+        method = getattr(rows, name)
 
-    monkeypatch.setattr(world.store, "list_tasks", counted)
+        def read_rows(*args: Any, **kw: Any) -> Any:
+            found = method(*args, **kw)
+            read.extend(r.task_id for r in found)
+            return found
+
+        return read_rows
+
+    for name in ("list_tasks", "sub_tasks", "due_tasks"):
+        monkeypatch.setattr(rows, name, counted(name))
     world.run(world.service.end(world.agent, parent.task_id, [RUNTIME]))
-    assert world.store.get_task(child.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
-    assert RUNTIME in read
-    assert other not in read
-    assert len(world.store.list_tasks(state="active")) == 5
+    for task in (child, grandchild):
+        assert world.store.get_task(task.task_id).state is TaskState.ENDED  # type: ignore[union-attr]
+    assert sorted(read) == sorted([child.task_id, grandchild.task_id])
+    assert all(world.service.active_task(t.spiffe_id) is not None for t in siblings)
+    assert len(world.store.list_tasks(state="active")) == 6
 
 
 def test_a_sub_task_whose_parent_ends_while_it_begins_does_not_outlive_it(
