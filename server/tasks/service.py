@@ -40,7 +40,7 @@ from server.datastore.records import (
     Revocation,
     TaskCursor,
 )
-from server.entitlement import entitled_entry
+from server.entitlement import EntryIndex, agent_parents, entitled_entry
 from server.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -97,7 +97,8 @@ BEGIN_UNLOGGED = (
 )
 # The end reason of a task whose runtime's entry went, or changed (end_unentitled).
 RUNTIME_ENTRY_CHANGED = (
-    "its runtime's entry {entry_id} was deleted, or no longer gives its workload this identity"
+    "its runtime's entry {entry_id} was deleted, or no longer gives its workload this identity "
+    "through this agent"
 )
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
@@ -1280,7 +1281,9 @@ class TaskService:
 
     async def end_unentitled(self) -> int:
         """End the active tasks whose runtime's entry was deleted, or changed its SPIFFE ID or
-        selectors (runtime_changed): a task is its runtime's unit of work, and its entry copies
+        selectors, or its parent to one the task's agent does not serve (runtime_changed; the
+        workload moved to another node: the task's entry, parented to the old node's agent,
+        went on serving there): a task is its runtime's unit of work, and its entry copies
         the runtime's selectors, so it went on serving its SVIDs, for up to its TTL, to the
         workload the operator had just taken the identity from. Memory names the candidates
         (only when the entries changed since the last call); the datastore confirms them, as
@@ -1289,11 +1292,12 @@ class TaskService:
         if entries is self._entries_checked:
             return 0
         active = list(self._active.values())
-        changed = await asyncio.to_thread(runtime_changed, active, entries.by_id)
+        served = self._served_within(entries)
+        changed = await asyncio.to_thread(runtime_changed, active, entries.by_id, served)
         if changed:
             ids = sorted({i for t in changed for i in (t.entry_id, t.runtime_entry_id)})
             stored = await asyncio.to_thread(self._store.stored_entries, ids)
-            changed = runtime_changed(changed, stored)
+            changed = runtime_changed(changed, stored, served)
         for task in changed:
             _log.warning(
                 "ending a task whose runtime's entry went or changed",
@@ -1304,6 +1308,33 @@ class TaskService:
         # Only once all are ended: one that failed is tried again next time.
         self._entries_checked = entries
         return len(changed)
+
+    def _served_within(self, entries: EntryIndex) -> Callable[[Task, Entry], bool]:
+        """Whether a task's agent still serves `runtime` (its runtime's entry, from `entries`
+        or stored) as `entries` stands: its parent is the agent or a live node alias of the
+        agent's (entitled_entry's test at the begin). Judged only on what memory can tell:
+        a stored entry whose parent memory has not caught up with yet (a node alias made
+        with it on another server may not be here either), or an agent memory does not
+        know, counts as served; the feed bringing them changes the entries, and the check
+        runs again."""
+        now = self._now()
+        agents = self._state.agents
+        parents: dict[str, frozenset[str]] = {}  # by agent: its aliases are read once
+
+        def served(task: Task, runtime: Entry) -> bool:
+            if runtime.parent_id == task.agent_id:
+                return True
+            held = entries.by_id.get(runtime.id)
+            agent = agents.get(task.agent_id)
+            if held is None or held.parent_id != runtime.parent_id or agent is None:
+                return True
+            if task.agent_id not in parents:
+                parents[task.agent_id] = agent_parents(
+                    entries, task.agent_id, agent.selectors, self._server_id, now
+                )
+            return runtime.parent_id in parents[task.agent_id]
+
+        return served
 
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
@@ -1453,12 +1484,17 @@ def cut_short_begins(
     ]
 
 
-def runtime_changed(active: Iterable[Task], entries: Mapping[str, Entry]) -> list[Task]:
+def runtime_changed(
+    active: Iterable[Task],
+    entries: Mapping[str, Entry],
+    served: Callable[[Task, Entry], bool] = lambda task, runtime: True,
+) -> list[Task]:
     """The tasks of `active` whose runtime's entry is not in `entries`, or no longer gives
     their runtime ID, or selects other workloads than their own entry (which copied its
-    selectors at the begin). A task begun before its runtime's entry was recorded has none to
-    check; one whose own entry is not in `entries` is left to the settle sweep (a begin cut
-    short) or to what `entries` was read from (behind another server's writes)."""
+    selectors at the begin), or is not `served` by their agent any more. A task begun before
+    its runtime's entry was recorded has none to check; one whose own entry is not in
+    `entries` is left to the settle sweep (a begin cut short) or to what `entries` was read
+    from (behind another server's writes)."""
     changed = []
     for task in active:
         own = entries.get(task.entry_id) if task.runtime_entry_id else None
@@ -1469,6 +1505,7 @@ def runtime_changed(active: Iterable[Task], entries: Mapping[str, Entry]) -> lis
             runtime is None
             or runtime.spiffe_id != task.runtime_id
             or frozenset(runtime.selectors) != frozenset(own.selectors)
+            or not served(task, runtime)
         ):
             changed.append(task)
     return changed

@@ -706,6 +706,60 @@ def test_a_task_goes_on_when_another_entry_changes_or_its_runtimes_keeps_its_sel
     assert world.service.active_task(task.spiffe_id) is not None
 
 
+SERVER_ID = "spiffe://example.org/svid/server"
+ALIAS = "spiffe://example.org/nodes/rack-1"
+
+
+@pytest.mark.parametrize(
+    ("parent", "alias_selector", "ends"),
+    [
+        ("spiffe://example.org/svid/agent/join_token/t2", "", True),  # another node's agent
+        (ALIAS, "rack:1", False),  # a node alias the task's agent matches
+        (ALIAS, "rack:2", True),  # a node alias it does not
+        ("spiffe://example.org/nodes/gone", "", True),  # a parent that is nothing
+    ],
+)
+def test_a_task_ends_when_its_runtimes_entry_moves_to_a_parent_its_agent_does_not_serve(
+    world: World, parent: str, alias_selector: str, ends: bool
+) -> None:
+    """An operator moving a workload's entry to another node's agent (the workload moved)
+    left its tasks running on the old node: each task entry, parented to the old agent and
+    selecting the old workload, still served there for up to the task's TTL."""
+    agent = dataclasses.replace(world.agent, selectors=(Selector("rack", "1"),))
+    assert world.run(world.state.save_agent(agent, world.agent))
+    if alias_selector:
+        kind, value = alias_selector.split(":")
+        world.run(world.state.create_entry(Entry("", ALIAS, SERVER_ID, (Selector(kind, value),))))
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    task = world.begin()
+    assert world.run(world.service.end_unentitled()) == 0
+    moved = world.state.entries.by_id[runtime.id]
+    world.run(world.state.update_entry(dataclasses.replace(moved, parent_id=parent)))
+    assert world.run(world.service.end_unentitled()) == int(ends)
+    stored = world.store.get_task(task.task_id)
+    assert stored is not None
+    if ends:
+        assert stored.state is TaskState.REVOKED
+        assert "through this agent" in stored.end_reason
+        assert task.entry_id not in world.state.entries.by_id
+    else:
+        assert stored.active
+        assert world.service.active_task(task.spiffe_id) is not None
+
+
+def test_a_move_memory_has_not_caught_up_with_ends_no_task_yet(world: World) -> None:
+    """The datastore says the runtime's entry moved (another server's write) before memory
+    does: the new parent may be a node alias written with it that memory has not seen
+    either, so the task is judged once the feed brings the move."""
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    task = world.begin()
+    stored = dataclasses.replace(runtime, parent_id=ALIAS)
+    assert world.service._served_within(world.state.entries)(task, stored)
+    world.run(world.state.update_entry(stored))
+    (moved,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    assert not world.service._served_within(world.state.entries)(task, moved)
+
+
 def test_an_end_reads_only_its_own_sub_tasks(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """An end looked for its sub-tasks among every active task of its runtime on its node
     (up to the node's cap): each end read them all, and an eviction or an expiry sweep of n
