@@ -77,6 +77,7 @@ from server.tasks.model import (
 )
 from server.tasks.store import TaskStore
 from server.tasks.validations import validation_events
+from svid import MAX_CLOCK_SKEW
 from svid._clock import Clock
 from svid._limits import cut_text, intent_problem, principal_problem
 from svid._ratelimit import KeyedLimiter
@@ -99,6 +100,11 @@ BEGIN_UNLOGGED = (
 RUNTIME_ENTRY_CHANGED = (
     "its runtime's entry {entry_id} was deleted, or no longer gives its workload this identity "
     "through this agent"
+)
+# The end reason of a task whose agent's SVID expired unrenewed (end_agentless).
+AGENT_LAPSED = (
+    "its agent's SVID expired and was not renewed (the node left, or attested again under "
+    "another agent ID)"
 )
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
@@ -1336,6 +1342,36 @@ class TaskService:
 
         return served
 
+    async def end_agentless(self) -> int:
+        """End the active tasks whose agent's SVID expired unrenewed (agent_lapsed): only
+        that agent serves a task's entry, and only it may end the task, so a join-token node
+        that attested again (a new token is a new agent ID) could not end the tasks it began
+        under its old ID, which went on, their SVIDs and tokens valid and the old ID's cached
+        ones still served, up to their TTL. Memory names the candidates; the stored record
+        confirms them (a renewal through another server may not be here yet). An evicted or
+        banned agent's tasks its removal ends (revoke_agent). Returns how many it ended."""
+        now = self._now()
+        agents = self._state.agents
+        lapsed = {
+            t.agent_id for t in self._active.values() if agent_lapsed(agents.get(t.agent_id), now)
+        }
+        ended = 0
+        for agent_id in sorted(lapsed):
+            stored = await asyncio.to_thread(self._store.stored_agent, agent_id)
+            if not agent_lapsed(stored, now):
+                continue
+            tasks = await asyncio.to_thread(
+                self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
+            )
+            for task in tasks:
+                _log.warning(
+                    "ending a task whose agent's SVID expired",
+                    extra={"task_id": task.task_id, "agent_id": agent_id},
+                )
+                await self._finish(task, TaskState.REVOKED, AGENT_LAPSED)
+                ended += 1
+        return ended
+
     async def _record_end(self, task: Task, state: TaskState, reason: str, *, revoked: int) -> None:
         await asyncio.to_thread(
             self._audit.append,
@@ -1416,6 +1452,7 @@ class TaskService:
 
     async def housekeeping(self) -> None:
         await self.expire_due()
+        await self.end_agentless()
         now = self._now()
         with self._lock:
             # Past its expiry a task is refused anyway (and expired on every server).
@@ -1482,6 +1519,13 @@ def cut_short_begins(
         for t in active
         if t.created_at < before and t.expires_at > now and t.entry_id not in entry_ids
     ]
+
+
+def agent_lapsed(agent: AttestedAgent | None, now: int) -> bool:
+    """Whether `agent`'s SVID expired unrenewed, MAX_CLOCK_SKEW ago (a server whose clock runs
+    ahead ends nothing a renewal on another server still saves). False for no record (memory
+    behind, or removed: the removal ends its tasks) and for a banned one (so is its ban's)."""
+    return agent is not None and not agent.banned and 0 < agent.expires_at <= now - MAX_CLOCK_SKEW
 
 
 def runtime_changed(

@@ -16,7 +16,13 @@ from typing import Protocol
 from server.audit import AuditLog, EventDraft
 from server.audit.outage import LedgerOutage, telling
 from server.datastore.base import AuditStore, CredentialStore, RegistrationStore, TaskRecordStore
-from server.datastore.records import Entry, TaskCursor, TaskRecord, expired_record_kept_from
+from server.datastore.records import (
+    AttestedAgent,
+    Entry,
+    TaskCursor,
+    TaskRecord,
+    expired_record_kept_from,
+)
 from server.tasks.model import Credential, Task, TaskState
 
 
@@ -138,6 +144,13 @@ class TaskStore:
     def stored_entry_ids(self, entry_ids: Sequence[str]) -> set[str]:
         """The ids among `entry_ids` of entries stored now (whichever server made them)."""
         return set(self.stored_entries(entry_ids))
+
+    def stored_agent(self, agent_id: str) -> AttestedAgent | None:
+        """The agent's record as stored now (whichever server wrote it), None when none is."""
+        try:
+            return self._rows.get_agent(agent_id)
+        except LookupError:  # the datastore's NotFoundError
+            return None
 
     def stored_entries(self, entry_ids: Sequence[str]) -> dict[str, Entry]:
         """The entries among `entry_ids` stored now, by id (whichever server wrote them)."""

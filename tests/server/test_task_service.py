@@ -909,6 +909,62 @@ def test_evicting_an_agent_revokes_its_outstanding_credentials(world: World) -> 
     assert world.store.get_task(task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
 
 
+def _node_attested_again(world: World) -> tuple[Any, Any]:
+    """The node's old agent (SVID expiring in 300 s) with a task, and the agent the node
+    attested again as with a new join token (a new agent ID) with one of its own."""
+    old = dataclasses.replace(world.agent, expires_at=int(world.clock.now()) + 300)
+    assert world.run(world.state.save_agent(old, world.agent))
+    world.agent = old
+    old_task = world.begin(ttl=3000)
+    new = AttestedAgent(
+        AGENT.replace("t1", "t2"), "join_token", "abd", int(world.clock.now()) + 3600, selectors=()
+    )
+    world.run(world.state.save_agent(new, None))
+    world.run(world.state.create_entry(Entry("", RUNTIME, new.spiffe_id, SELECTORS)))
+    request = BeginRequest(
+        runtime_id=RUNTIME,
+        actions=("read",),
+        resources=("docs",),
+        on_behalf_of="user:alice",
+        ttl=3000,
+    )
+    new_task = world.run(world.service.begin(new, request))
+    return old_task, new_task
+
+
+def test_a_task_ends_once_its_agents_svid_expired_unrenewed(world: World) -> None:
+    """A join-token node that attests again gets a new agent ID: the tasks it began under
+    the old one, which only the old ID may end, ran to their TTL, their credentials valid.
+    They end once the old agent's SVID has expired (and MAX_CLOCK_SKEW more)."""
+    old_task, new_task = _node_attested_again(world)
+    cert = issue_x509(world, old_task.spiffe_id)
+    world.clock.advance(300 + MAX_CLOCK_SKEW - 1)
+    assert world.run(world.service.end_agentless()) == 0
+    world.clock.advance(1)
+    world.run(world.service.housekeeping())  # as the housekeeping loop runs it
+    ended = world.store.get_task(old_task.task_id)
+    assert ended is not None
+    assert ended.state is TaskState.REVOKED
+    assert "agent's SVID expired" in ended.end_reason
+    assert world.state.is_revoked("x509_serial", format(cert.serial_number, "x"))
+    assert old_task.entry_id not in world.state.entries.by_id
+    assert world.service.active_task(new_task.spiffe_id) is not None
+    assert world.run(world.service.end_agentless()) == 0
+
+
+def test_a_task_of_an_agent_renewed_through_another_server_goes_on(world: World) -> None:
+    """Memory holds the agent's expired record; the datastore its renewal (another server's
+    write the feed has not brought yet): the task goes on."""
+    old_task, _ = _node_attested_again(world)
+    held = world.state.agents[world.agent.spiffe_id]
+    renewed = dataclasses.replace(held, serial="renewed", expires_at=held.expires_at + 3600)
+    world.store._rows.upsert_agent(renewed, held)
+    world.clock.advance(300 + MAX_CLOCK_SKEW)
+    assert world.state.agents[world.agent.spiffe_id].expires_at == held.expires_at
+    assert world.run(world.service.end_agentless()) == 0
+    assert world.service.active_task(old_task.spiffe_id) is not None
+
+
 def test_a_begin_refused_before_the_policy_decision_is_on_the_ledger_too(world: World) -> None:
     # Every identity decision is audited: refusing a runtime its agent may not serve, or a
     # parent task of another runtime, is one as much as a policy denial.
