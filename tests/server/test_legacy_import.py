@@ -6,6 +6,7 @@ rows sealed by the real audit log, so the chain that is imported is a real one.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sqlite3
 from pathlib import Path
@@ -89,7 +90,8 @@ def write_old_files(data_dir: Path, clock: FakeClock) -> dict[str, object]:
     scratch_dir = data_dir.parent / "scratch"
     scratch_dir.mkdir()
     scratch = SqliteDataStore(scratch_dir / "s.sqlite3", clock)
-    tasks = [task(1, clock), task(2, clock, TaskState.ENDED), task(3, clock)]
+    sub_task = dataclasses.replace(task(3, clock), parent_task_id="task-1", depth=1)
+    tasks = [task(1, clock), task(2, clock, TaskState.ENDED), sub_task]
     creds = [
         Credential("jwt_id", f"j{i}", AGENT, RUNTIME, "task-1" if i % 2 else "", 2_000_000_000)
         for i in range(5)
@@ -157,6 +159,8 @@ def test_old_files_are_imported_once_verified_and_retired(data_dir: Path, clock:
     view = TaskStore(store)
     assert view.list_tasks() == old["tasks"]  # every field, oldest first
     assert [t.task_id for t in view.list_tasks(state="active")] == ["task-1", "task-3"]
+    # Found by its parent, as the parent's end finds it (the parent is a column now).
+    assert [t.task_id for t in view.active_sub_tasks("task-1")] == ["task-3"]
     assert sorted(view.agent_credentials(AGENT, 0)) == sorted(old["creds"])  # type: ignore[arg-type]
     # Recorded before violations were kept by node: counted against none.
     assert view.violations(RUNTIME, "", 0) == 2
