@@ -488,7 +488,7 @@ class FeedFollower:
         self._state.follow_mark()
         mark = self._federation.follow_mark() if self._federation is not None else 0
         as_of, loaded = await self._read_dated(self._load_all)
-        head, entries, agents, revocations, tasks, records, federation = loaded
+        head, entries, agents, revocations, tasks, records, federation, announced = loaded
         skip_entries = self._state.touched(FEED_ENTRY)
         skip_agents = self._state.touched(FEED_AGENT)
         put, removed = diff_rows(
@@ -509,6 +509,10 @@ class FeedFollower:
         await self._federation_applied()
         await self._key_slots_changed()
         await self._audit_records_stored(records)
+        # The cursor jumps to the head: an announcement among the rows kept after the pruned
+        # ones would be skipped, and this server would serve its old set without a word.
+        if announced is not None:
+            await self._policy_announced(announced)
         await self._state.refresh_revision(self._read)
         self._cursor = head
         self.view.caught_up(as_of)
@@ -523,6 +527,7 @@ class FeedFollower:
         Mapping[str, Task | None],
         list[AuditRecord],
         Stored | None,
+        str | None,
     ]:
         # The head first: whatever commits after it is read again from the feed.
         head = self._ds.feed_head()
@@ -534,6 +539,7 @@ class FeedFollower:
             self._tasks.reload_all_tasks(),
             self._ds.audit_records(),
             self._federation.read_stored() if self._federation is not None else None,
+            self._ds.announced_policy(),
         )
 
     async def prune(self) -> int:

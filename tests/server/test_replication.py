@@ -240,6 +240,7 @@ class Side:
         self.state.load()
         self.tasks = Tasks()
         self.key_slot_calls = 0
+        self.announced: list[str] = []
         self.follower = FeedFollower(
             datastore=self.ds,  # type: ignore[arg-type]
             state=self.state,
@@ -249,6 +250,7 @@ class Side:
             cursor=cursor,
             settings=FollowSettings(poll_interval=poll_interval, retention=60),
             federation=federation,
+            on_policy_announced=self.announced.append,
         )
         self.changes: list[Change] = []
 
@@ -444,6 +446,27 @@ def test_a_cursor_behind_pruned_rows_reloads_everything(
         await b.follower.catch_up()
         assert set(b.state.entries.by_id) == {added.id}
         assert b.follower.full_reloads == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_policy_announcement_kept_past_pruned_rows_reaches_a_full_reload(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """The full reload jumps the cursor to the head: the announcement among the kept rows
+    was skipped, and b served its old policy set without a word."""
+    a, b = sides
+
+    async def scenario() -> None:
+        await a.state.create_entry(entry("/old"))
+        await b.follower.catch_up()
+        await a.state.create_entry(entry("/pruned"))
+        clock.advance(61)
+        assert await a.follower.prune() == 2
+        a.store.announce_policy("h1")  # newer than the retention: kept
+        await b.follower.catch_up()
+        assert b.follower.full_reloads == 1
+        assert b.announced == ["h1"]
 
     asyncio.run(scenario())
 
