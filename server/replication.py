@@ -246,6 +246,11 @@ class FeedFollower:
         # The catch-up running (shared by whoever asks meanwhile), and how many have begun.
         self._flight: asyncio.Task[int] | None = None
         self._started = 0
+        # The policy reload an announcement asks for runs beside the feed, not in it: a slow
+        # Cedar parse (or a policy_dir on a hung mount) held every later row back, revocations
+        # and Sync snapshots included. Only the newest hash waits; one reload runs at a time.
+        self._policy_next: str | None = None
+        self._policy_reload: asyncio.Task[None] | None = None
         # For tests and metrics: rows read, full reloads done.
         self.rows_read = 0
         self.full_reloads = 0
@@ -274,6 +279,10 @@ class FeedFollower:
         if flight is not None and not flight.done():
             flight.cancel()
             await asyncio.wait({flight})
+        reload = self._policy_reload
+        if reload is not None and not reload.done():
+            reload.cancel()
+            await asyncio.wait({reload})
         # Not waited for: wait_feed ends on its own (at its timeout, or when the datastore
         # closes), as does a read under way.
         self._waiter.shutdown(wait=False, cancel_futures=True)
@@ -452,12 +461,24 @@ class FeedFollower:
             _log.exception("taking in audit checkpoints stored by another server failed")
 
     async def _policy_announced(self, policy_set_hash: str) -> None:
-        # As for key slots: a failure (this server's policy_dir, its ledger) is logged and
-        # reported by the hook; entries and revocations follow on.
-        try:
-            await asyncio.to_thread(self._on_policy_announced, policy_set_hash)
-        except Exception:
-            _log.exception("reloading the policy set another server announced failed")
+        self._policy_next = policy_set_hash
+        if self._policy_reload is None or self._policy_reload.done():
+            self._policy_reload = asyncio.ensure_future(self._reload_policy())
+
+    async def _reload_policy(self) -> None:
+        while (policy_set_hash := self._policy_next) is not None:
+            self._policy_next = None
+            # As for key slots: a failure (this server's policy_dir, its ledger) is logged and
+            # reported by the hook; the next announcement tries again.
+            try:
+                await asyncio.to_thread(self._on_policy_announced, policy_set_hash)
+            except Exception:
+                _log.exception("reloading the policy set another server announced failed")
+
+    async def policy_settled(self) -> None:
+        """For tests: wait until the announcements read so far were handed over."""
+        while (reload := self._policy_reload) is not None and not reload.done():
+            await asyncio.wait({reload})
 
     def _load(self, work: FeedWork) -> _Loaded:
         loaded = _Loaded()

@@ -466,9 +466,47 @@ def test_a_policy_announcement_kept_past_pruned_rows_reaches_a_full_reload(
         a.store.announce_policy("h1")  # newer than the retention: kept
         await b.follower.catch_up()
         assert b.follower.full_reloads == 1
+        await b.follower.policy_settled()
         assert b.announced == ["h1"]
 
     asyncio.run(scenario())
+
+
+def test_a_slow_policy_reload_holds_no_later_row_back(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    """The reload an announcement asks for ran inside the catch-up: while this server's Cedar
+    parse (or its policy_dir's mount) hung, no entry, revocation or Sync snapshot followed.
+    Announcements read meanwhile wait as one: only the newest is reloaded next."""
+    a, b = sides
+    parsing = threading.Event()
+    parsed = threading.Event()
+
+    def slow(policy_set_hash: str) -> None:
+        b.announced.append(policy_set_hash)
+        parsing.set()
+        parsed.wait(30)
+
+    b.follower._on_policy_announced = slow
+
+    async def scenario() -> None:
+        a.store.announce_policy("h1")
+        await asyncio.wait_for(b.follower.catch_up(), 10)
+        await asyncio.to_thread(parsing.wait, 10)
+        later = await a.state.create_entry(entry("/later"))
+        a.store.announce_policy("h2")
+        a.store.announce_policy("h3")
+        # A hang guard, not a speed bound: the catch-up hung for as long as the parse did.
+        await asyncio.wait_for(b.follower.catch_up(), 10)
+        assert later.id in b.state.entries.by_id
+        parsed.set()
+        await b.follower.policy_settled()
+        assert b.announced == ["h1", "h3"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        parsed.set()
 
 
 def test_a_row_pruned_between_kept_rows_reloads_everything(tmp_path: Path) -> None:
