@@ -51,11 +51,13 @@ class PolicyFleet:
 
     def reload_here(self) -> PolicySetInfo:
         """An operator's `policy reload`: load, record, serve, then tell the other servers."""
-        info = self._reload()
-        # Announced after it serves here: a failed announcement leaves this server right and
-        # the others as they were, and the caller hears of it (the reload may be sent again).
-        self._announce(info.hash)
+        # One lock from load to announcement: an announcement of another server read
+        # meanwhile is judged after this one's, in feed order, not cleared by it.
         with self._lock:
+            info = self._reload()
+            # Announced after it serves here: a failed announcement leaves this server right
+            # and the others as they were, and the caller hears of it (it may be sent again).
+            self._announce(info.hash)
             self._announced = info.hash
             self._set_diverged(None)
         return info
