@@ -1053,7 +1053,10 @@ class PostgresDataStore(
     def prune_feed(self, before: int) -> int:
         return self._write(
             "prune the change feed",
-            lambda cur: int(cur.execute(pg(q.PRUNE_FEED), {"before": before}).rowcount),
+            lambda cur: sum(
+                int(cur.execute(pg(query), {"before": before}).rowcount)
+                for query in (q.PRUNE_FEED, q.PRUNE_FEED_POLICY)
+            ),
             bulk=True,
         )
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.datastore.errors import DataStoreError
-from server.datastore.records import BundleWrite, ForeignBundle
+from server.datastore.records import FEED_POLICY, BundleWrite, ForeignBundle
 from svid import MAX_CLOCK_SKEW
 
 MIGRATION_VERSIONS = "SELECT version FROM schema_migrations"
@@ -236,7 +236,15 @@ FEED_SINCE = (
     "SELECT revision, at, kind, key FROM feed WHERE revision > :after "
     "ORDER BY revision LIMIT :limit"
 )
-PRUNE_FEED = "DELETE FROM feed WHERE at < :before"
+# The newest policy announcement outlives the retention: a server started a day after a fleet
+# reload still compares its set with it (pruned, it started silent). The old rows left after
+# the first statement are announcements only, so neither reads more than the pruned range
+# (feed_at). At most two announcements stay: the newest old one, and any newer.
+PRUNE_FEED = f"DELETE FROM feed WHERE at < :before AND kind <> '{FEED_POLICY}'"
+PRUNE_FEED_POLICY = (
+    f"DELETE FROM feed WHERE at < :before AND kind = '{FEED_POLICY}' AND revision < "
+    f"(SELECT MAX(revision) FROM feed WHERE at < :before AND kind = '{FEED_POLICY}')"
+)
 NEWEST_FEED_AT = "SELECT MAX(at) AS at FROM feed"
 # Read once at a server's start (no index on kind: the feed holds feed_retention of rows).
 NEWEST_FEED_KEY = "SELECT key FROM feed WHERE kind = :kind ORDER BY revision DESC LIMIT 1"

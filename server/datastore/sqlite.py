@@ -936,7 +936,8 @@ class SqliteDataStore(
 
     def prune_feed(self, before: int) -> int:
         with self._transaction() as db:
-            return int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
+            pruned = int(db.execute(q.PRUNE_FEED, {"before": before}).rowcount)
+            return pruned + int(db.execute(q.PRUNE_FEED_POLICY, {"before": before}).rowcount)
 
     def newest_feed_at(self) -> int | None:
         at = self._rows(q.NEWEST_FEED_AT, {})[0]["at"]

@@ -1607,6 +1607,20 @@ def test_prune_feed_by_age_keeps_the_head(open_store: Opener) -> None:
     assert open_store().feed_head() == 3  # the head outlives a restart
 
 
+def test_prune_feed_keeps_the_newest_policy_announcement(store: DataStore) -> None:
+    """Pruned with the rest, a fleet reload was forgotten after feed_retention: a server
+    started later with another policy_dir said nothing."""
+    store.announce_policy("h1")
+    store.announce_policy("h2")
+    store.put_task(task("t0"))
+    assert store.prune_feed(NOW + 1) == 2
+    assert [(i.kind, i.key) for i in store.feed_since(0, 10)] == [("policy", "h2")]
+    assert store.announced_policy() == "h2"
+    store.announce_policy("h3")
+    assert store.prune_feed(NOW + 1) == 1  # h2: no longer the newest
+    assert [(i.kind, i.key) for i in store.feed_since(0, 10)] == [("policy", "h3")]
+
+
 def test_wait_feed_sees_a_write_of_another_connection(open_store: Opener) -> None:
     reader, writer = open_store(), open_store()
     head = reader.feed_head()
