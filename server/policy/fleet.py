@@ -85,7 +85,7 @@ class PolicyFleet:
                 self._set_diverged(None)
                 return
             try:
-                info = self._reload()
+                info = self._reload(announced=policy_set_hash)
             except AuditError:
                 # Not loaded: the ledger's outage is reported on its own; the next
                 # announcement (or a `policy reload`) tries again.
@@ -106,14 +106,19 @@ class PolicyFleet:
             _log.warning("policy set differs from the fleet's: %s", reason)
         self._diverged = reason
 
-    def _reload(self) -> PolicySetInfo:
+    def _reload(self, announced: str | None = None) -> PolicySetInfo:
+        """`announced`: the hash another server announced, when that is why this reload runs
+        (recorded: the log tells an operator's reload from the fleet's, and what was asked for
+        beside what serves)."""
+        why = {} if announced is None else {"announced_hash": announced}
+
         def record(serving: PolicySetInfo, info: PolicySetInfo) -> None:
             self._audit.append(
                 "policy_reload",
                 decision="allow",
                 policy_ids=info.policy_ids,
                 policy_set_hash=info.hash,
-                extra={"previous_hash": serving.hash, "files": list(info.files)},
+                extra={"previous_hash": serving.hash, "files": list(info.files), **why},
             )
 
         try:
@@ -128,5 +133,6 @@ class PolicyFleet:
                 decision="deny",
                 reason=str(exc)[:1000],
                 policy_set_hash=self._engine.policy_set_hash,  # the set that serves on
+                extra=why,
             )
             raise
