@@ -10,8 +10,11 @@ the request as sent, and is served again only while
   revocations, or a refusal, moves it on (Cache._changed) and drops every answer, so an answer
   never outlives the entitlement it was checked against (a number, not the Snapshot itself:
   that would keep a replaced entry set alive);
-- the JWT cache has dropped no token since (a task's end or an entry's removal forgets its
-  tokens, the LRU evicts, a refresh replaces): its `generation`;
+- the JWT cache still holds each of its tokens, that very token (a task's end or an entry's
+  removal forgets tokens, the LRU evicts, a refresh replaces): checked per answer served
+  (`JwtCache.still_held`), not by the cache's `generation`, which any drop moves on. Ending
+  every answer at any drop let one uid minting new audiences into a full JWT cache (each mint
+  dropping one of its own tokens) end every other uid's answers, at its minting rate;
 - every token in it is before its refresh point, the JWT cache's own rule (`refresh_point`),
   on the agent's monotonic clock as the cache keeps it (`JwtCache.refresh_at`, on
   `JwtCache.clock`, which answers are timed by too).
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from agent_attestor.cache import Snapshot
 from agent_attestor.jwt_cache import JwtCache, Key
 from agent_attestor.model import Selector
+from agent_attestor.signer import MintedJwt
 from agent_attestor.uid_shares import UidShares, uid_share
 from svid._proto import workload_pb2
 
@@ -63,7 +67,7 @@ def answer_key(selectors: frozenset[Selector], request: workload_pb2.JWTSVIDRequ
 @dataclass(frozen=True, slots=True)
 class _Answer:
     reply: workload_pb2.JWTSVIDResponse
-    tokens: tuple[Key, ...]
+    tokens: tuple[tuple[Key, MintedJwt], ...]
     until: float
     size: int
     uid: int
@@ -86,18 +90,19 @@ class JwtAnswers:
         self._shares: UidShares[AnswerKey] = UidShares(share or uid_share(max_answers, max_bytes))
         self._bytes = 0
         self._version = -1  # the cache's
-        self._generation = -1  # the JWT cache's
 
     def get(self, key: AnswerKey, snap: Snapshot) -> workload_pb2.JWTSVIDResponse | None:
         """The answer built for `key` if it still holds for `snap` (the cache's current one)."""
-        if snap.version != self._version or self._jwts.generation != self._generation:
+        if snap.version != self._version:
             self._start(snap)
             return None
         answer = self._answers.get(key)
         if answer is None or self._clock.monotonic() >= answer.until:
             return None
+        if not self._jwts.still_held(answer.tokens):
+            self._drop(key)  # a token of it left the JWT cache: never served again
+            return None
         self._answers.move_to_end(key)
-        self._jwts.touch(answer.tokens)
         return answer.reply
 
     def put(
@@ -106,23 +111,23 @@ class JwtAnswers:
         snap: Snapshot,
         generation: int,
         reply: workload_pb2.JWTSVIDResponse,
-        tokens: Sequence[tuple[Key, float]],
+        tokens: Sequence[tuple[Key, MintedJwt, float]],
         *,
         uid: int,
     ) -> None:
-        """Keep `reply`, built for a caller of `uid` from `snap` and these (token key, refresh
-        point) while the JWT cache was at `generation`. Built across a mint, it may be stale:
-        kept only if no call has begun a newer epoch meanwhile, and then the next `get` after
-        the change drops it with the rest."""
-        if not tokens or snap.version != self._version or generation != self._generation:
+        """Keep `reply`, built for a caller of `uid` from `snap` and these (token key, token,
+        refresh point) while the JWT cache was at `generation`. Built across a mint, it may be
+        stale: kept only if the JWT cache dropped nothing meanwhile (and `get` checks its
+        tokens are still held), and the agent's cache has not moved on since."""
+        if not tokens or snap.version != self._version or generation != self._jwts.generation:
             return
         size = ANSWER_OVERHEAD + reply.ByteSize() + len(key[1])
         if size > self._max_bytes:
             return
         self._drop(key)
         answers = self._answers
-        until = min(u for _, u in tokens)
-        answers[key] = _Answer(reply, tuple(k for k, _ in tokens), until, size, uid)
+        until = min(u for _, _, u in tokens)
+        answers[key] = _Answer(reply, tuple((k, j) for k, j, _ in tokens), until, size, uid)
         self._bytes += size
         self._shares.add(uid, key, size)
         while len(answers) > self._max_answers or self._bytes > self._max_bytes:
@@ -141,7 +146,6 @@ class JwtAnswers:
         self._shares.clear()
         self._bytes = 0
         self._version = snap.version
-        self._generation = self._jwts.generation
 
     def _drop(self, key: AnswerKey) -> None:
         gone = self._answers.pop(key, None)

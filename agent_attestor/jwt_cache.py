@@ -247,6 +247,18 @@ class JwtCache:
             if key in tokens:
                 tokens.move_to_end(key)
 
+    def still_held(self, tokens: Sequence[tuple[Key, MintedJwt]]) -> bool:
+        """Whether each key still holds that very token (none dropped, refreshed or replaced
+        since); if so they are marked used, as a hit does."""
+        held = self._tokens
+        for key, jwt in tokens:
+            entry = held.get(key)
+            if entry is None or entry[0] is not jwt:
+                return False
+        for key, _ in tokens:
+            held.move_to_end(key)
+        return True
+
     @property
     def bytes(self) -> int:
         """What the cached tokens cost, as counted against the byte budget (entry_size)."""

@@ -369,7 +369,7 @@ class WorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[
                 jwt = await self._mint(context, entry, audience, caller.uid)
             token_key = JwtCache.key(entry.spiffe_id, audience, entry.id)
             # The JWT cache's refresh point (its monotonic clock): not one read from the token.
-            tokens.append((token_key, self._jwts.refresh_at(token_key, jwt)))
+            tokens.append((token_key, jwt, self._jwts.refresh_at(token_key, jwt)))
             # An empty hint left out: upb pays for every keyword, set or not.
             if entry.hint:
                 add(spiffe_id=entry.spiffe_id, svid=jwt.token, hint=entry.hint)

@@ -304,7 +304,8 @@ def test_answers_stay_within_their_byte_budget_and_count() -> None:
     def put(answers: JwtAnswers, i: int, size: int) -> None:
         key = answer_key(UID1, workload_pb2.JWTSVIDRequest(audience=[f"a{i}"]))
         answers.get(key, snap)
-        answers.put(key, snap, jwts.generation, reply(size), [((SID, (f"a{i}",)), 1e12)], uid=1)
+        token = ((SID, (f"a{i}",), "e1"), MintedJwt("t", 0, 1e12), 1e12)
+        answers.put(key, snap, jwts.generation, reply(size), [token], uid=1)
 
     request_bytes = len(workload_pb2.JWTSVIDRequest(audience=["a0"]).SerializeToString())
     one = ANSWER_OVERHEAD + reply(1000).ByteSize() + request_bytes
@@ -352,3 +353,23 @@ def _varint(n: int) -> bytes:
         out.append(low | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def test_one_uid_minting_into_a_full_jwt_cache_leaves_another_uids_answers_in_place() -> None:
+    # Each new audience is a mint; once the JWT cache is full, each mint drops a token (the
+    # flooder's own, past its share). Any drop used to end every answer, so a flooder asking
+    # for new audiences at its minting rate sent every other uid's repeat calls to the slow path.
+    agent = Agent(max_entries=70)  # a share of 64 tokens: the flooder recycles its own
+    try:
+        flood_sid = "spiffe://example.org/flood"
+        agent.sync(entry("e1", SID), entry("e2", flood_sid, UID2))
+        me = agent.caller("a", UID1)  # uid 1
+        flooder = FakeContext("unix-abstract:svid-agent/1/b")
+        agent.registry.add(flooder.peer(), Caller("b", 2, 2, 2, UID2))
+        mine = agent.fetch(me, "svc")
+        for n in range(100):
+            agent.fetch(flooder, f"new{n}")
+        assert len(agent.jwts) == 70  # full: the last 30 mints each dropped one of the flooder's
+        assert agent.fetch(me, "svc") is mine  # still the answer built for it
+    finally:
+        agent.close()
