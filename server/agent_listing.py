@@ -33,15 +33,15 @@ def agent_ids(
 
 
 def _in_range(keys: Group, prefix: str, after: str) -> Iterator[str]:
-    """The keys after `after` that may lie under `prefix` (path-segment aware, as
-    listing.under_prefix): those from `prefix` itself up to `prefix + "/"` and the keys
-    starting with it, a contiguous run in order."""
+    """The keys after `after` that lie under `prefix` (path-segment aware, as
+    listing.under_prefix): `prefix` itself, then the keys from `prefix + "/"` up to
+    `prefix + "0"` ("0" follows "/"), a contiguous run in order. The keys between `prefix` and
+    `prefix + "/"` are never under it (".../a-x", ".../a.x": "-" and "." sort before "/"), and
+    a sibling such as .../cluster-eu may hold many: the walk skips them."""
     if not prefix:
         return keys_after(keys, after)
-    start: Iterator[str] = iter(())
-    if after < prefix:
-        start = iter((prefix,) if prefix in keys else ())
-        after = prefix
-    # "0" follows "/": every key starting with prefix + "/" sorts below prefix + "0".
+    child = prefix + "/"
+    head = tuple(k for k in (prefix, child) if after < k and k in keys)
     end = prefix + "0"
-    return itertools.takewhile(lambda k: k < end, itertools.chain(start, keys_after(keys, after)))
+    rest = keys_after(keys, max(after, child))
+    return itertools.takewhile(lambda k: k < end, itertools.chain(head, rest))

@@ -134,3 +134,28 @@ def test_a_group_is_a_plain_tuple_until_it_outgrows_a_chunk() -> None:
     index = index.with_changes(removed=ids[CHUNK:])
     assert index.by_selector[grow] == tuple(ids[:CHUNK])
     assert grow not in index.with_changes(removed=ids).by_selector
+
+
+def test_the_prefix_range_skips_siblings_whose_names_extend_the_prefix() -> None:
+    # "-" and "." sort between "a" and "a/": with the range starting at the prefix itself, a
+    # listing of .../cluster walked every agent of .../cluster-eu (and .../cluster.old) to
+    # keep none of them.
+    agents = [AttestedAgent(f"{TD}/cluster-eu/{n:05d}", "x", "1", 0) for n in range(3000)]
+    agents += [AttestedAgent(f"{TD}/cluster.old/{n:05d}", "x", "1", 0) for n in range(3000)]
+    children = [f"{TD}/cluster", f"{TD}/cluster/", f"{TD}/cluster/a", f"{TD}/cluster/b/c"]
+    index = AgentIndex.build([*agents, *(AttestedAgent(k, "x", "1", 0) for k in children)])
+    every = SelectorFilter.of([], admin_pb2.SELECTOR_MATCH_ALL)
+    prefix = f"{TD}/cluster"
+    assert list(agent_ids(index, every, prefix, "")) == children
+    assert list(agent_ids(index, every, prefix, prefix)) == children[1:]
+    assert list(agent_ids(index, every, prefix, f"{TD}/cluster-eu/00001")) == children[1:]
+    assert list(agent_ids(index, every, prefix, children[1])) == children[2:]
+    assert list(agent_ids(index, every, prefix, children[2])) == children[3:]
+    # A selector group walks the same range.
+    shared = Selector("k8s", "cluster:any")
+    grouped = AgentIndex.build(
+        AttestedAgent(a.spiffe_id, "x", "1", 0, selectors=(shared,)) for a in index.values()
+    )
+    for match in MATCHES:
+        one = SelectorFilter.of([shared], match)
+        assert list(agent_ids(grouped, one, prefix, "")) == children
