@@ -1358,12 +1358,15 @@ class TaskService:
         ended = 0
         for agent_id in sorted(lapsed):
             stored = await asyncio.to_thread(self._store.stored_agent, agent_id)
-            if not agent_lapsed(stored, now):
+            if stored is None or not agent_lapsed(stored, now):
                 continue
             tasks = await asyncio.to_thread(
                 self._store.list_tasks, agent_id=agent_id, state=TaskState.ACTIVE.value
             )
-            for task in tasks:
+            # Only those begun under the lapsed SVID (a begin is refused from its expiry on):
+            # the node may have attested again under the same ID (x509pop, TPM) since the
+            # record was read, and begun tasks with its new SVID, which are not lapsed.
+            for task in (t for t in tasks if t.created_at < stored.expires_at):
                 _log.warning(
                     "ending a task whose agent's SVID expired",
                     extra={"task_id": task.task_id, "agent_id": agent_id},

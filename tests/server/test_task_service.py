@@ -965,6 +965,49 @@ def test_a_task_of_an_agent_renewed_through_another_server_goes_on(world: World)
     assert world.service.active_task(old_task.spiffe_id) is not None
 
 
+def test_a_task_begun_after_its_agent_attested_again_is_not_ended_as_lapsed(world: World) -> None:
+    """The agent's record is confirmed lapsed; before its tasks are listed the node attests
+    again under the same agent ID (x509pop, TPM: the ID is the node's) on another server and
+    begins a task there. That task was begun with a live SVID: it goes on. The ones begun
+    under the lapsed SVID end."""
+    held = dataclasses.replace(world.agent, expires_at=int(world.clock.now()) + 300)
+    assert world.run(world.state.save_agent(held, world.agent))
+    world.agent = held
+    old_task = world.begin(ttl=3000)
+    world.clock.advance(300 + MAX_CLOCK_SKEW)
+    now = int(world.clock.now())
+    again = dataclasses.replace(held, serial="again", expires_at=now + 3600, attested_at=now)
+    fresh = dataclasses.replace(
+        old_task, task_id="task-fresh", spiffe_id=old_task.spiffe_id + "-fresh", created_at=now
+    )
+    store = world.service._store
+    stored_agent, list_tasks = store.stored_agent, store.list_tasks
+    attested: list[bool] = []
+
+    def attest_again() -> None:
+        # The other server's re-admission and begin, landing between this one's two reads.
+        if not attested:
+            attested.append(True)
+            store._rows.upsert_agent(again, held)
+            store.put_task(fresh)
+
+    def read_agent(agent_id: str) -> Any:
+        found = stored_agent(agent_id)
+        attest_again()
+        return found
+
+    def read_tasks(**kw: Any) -> Any:
+        found = list_tasks(**kw)
+        attest_again()
+        return found
+
+    store.stored_agent = read_agent  # type: ignore[method-assign]
+    store.list_tasks = read_tasks  # type: ignore[method-assign]
+    world.run(world.service.end_agentless())
+    assert world.store.get_task("task-fresh").state is TaskState.ACTIVE  # type: ignore[union-attr]
+    assert world.store.get_task(old_task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
+
+
 def test_a_begin_refused_before_the_policy_decision_is_on_the_ledger_too(world: World) -> None:
     # Every identity decision is audited: refusing a runtime its agent may not serve, or a
     # parent task of another runtime, is one as much as a policy denial.
