@@ -96,6 +96,7 @@ from svid._ratelimit import KeyedLimiter
 if TYPE_CHECKING:
     from server.oauth.wiring import OAuthService
 from server.tls import ServerTls
+from svid import MAX_CLOCK_SKEW
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
 from svid._descriptors import raise_descriptor_limit
@@ -368,6 +369,12 @@ class Server:
             outage=self.ledger_outage,
             announce_policy=self.datastore.announce_policy,
         )
+        if self._restored_window is not None:
+            # An agent whose newer SVID the restore lost is not lapsed until it had the time to
+            # call and have it adopted: until that SVID, signed before the restore, expired.
+            self.tasks.service.hold_agent_lapses_until(
+                self._restored_window.restored_at + cfg.agent_svid_ttl + MAX_CLOCK_SKEW
+            )
         # A host started with another policy_dir than the fleet's last reload says so at once
         # (announcements after the feed cursor read above come through the follower).
         self.tasks.fleet.started(self.datastore.announced_policy())

@@ -218,6 +218,15 @@ class TaskService:
         self._violations_added = 0  # moves with each of this server's violations
         # The entries end_unentitled last checked the active tasks against (a snapshot).
         self._entries_checked: object = None
+        # Before this time end_agentless ends nothing (hold_agent_lapses_until).
+        self._lapses_held_until = 0.0
+
+    def hold_agent_lapses_until(self, at: float) -> None:
+        """End no task for its agent's lapse before `at`: on a datastore restored from a
+        backup an agent's record names the SVID it held then, expired long since while the
+        agent renewed it, and its newer one is adopted only once it calls (restore_adoption.py).
+        An agent_svid_ttl after the restore, every SVID signed before it has expired."""
+        self._lapses_held_until = at
 
     @property
     def policy(self) -> PolicyEngine:
@@ -1351,6 +1360,8 @@ class TaskService:
         confirms them (a renewal through another server may not be here yet). An evicted or
         banned agent's tasks its removal ends (revoke_agent). Returns how many it ended."""
         now = self._now()
+        if now < self._lapses_held_until:
+            return 0
         agents = self._state.agents
         lapsed = {
             t.agent_id for t in self._active.values() if agent_lapsed(agents.get(t.agent_id), now)

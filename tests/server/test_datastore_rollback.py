@@ -25,6 +25,7 @@ from server.cli import build_parser, main
 from server.config import ServerConfig
 from server.datastore.postgres_dsn import open_postgres
 from server.datastore.sqlite import SqliteDataStore
+from svid import MAX_CLOCK_SKEW
 from svid._clock import FakeClock
 from svid._proto import admin_pb2
 from tests import postgres
@@ -180,7 +181,15 @@ def test_a_datastore_restored_behind_its_checkpoints_is_refused_until_told(
         assert _key_slots(config) == slots
 
         again = RunningServer(config, _clock(), restored_datastore=True)
-        again.stop()
+        try:
+            # Its agents' records name the SVIDs of the backup: none is taken as lapsed (its
+            # tasks ended) before the newer SVIDs the restore lost have expired.
+            window = again.server._restored_window
+            assert window is not None
+            held = window.restored_at + config.agent_svid_ttl + MAX_CLOCK_SKEW
+            assert again.server.tasks.service._lapses_held_until == held
+        finally:
+            again.stop()
         aside = list(config.data_dir.glob(f"{CHECKPOINT_FILE}.before-restore-*"))
         assert [CheckpointFile(p).last() for p in aside] == [signed]
         restored = _events(config, "datastore_restored")

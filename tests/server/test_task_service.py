@@ -1008,6 +1008,24 @@ def test_a_task_begun_after_its_agent_attested_again_is_not_ended_as_lapsed(worl
     assert world.store.get_task(old_task.task_id).state is TaskState.REVOKED  # type: ignore[union-attr]
 
 
+def test_a_restored_datastores_agents_are_not_lapsed_before_they_could_call(
+    world: World,
+) -> None:
+    """A restored record names the SVID the agent held at the backup, expired while it
+    renewed; its newer one is adopted only once it calls. Until that one, signed before the
+    restore, has expired (an agent_svid_ttl on), its tasks go on."""
+    held = dataclasses.replace(world.agent, expires_at=int(world.clock.now()) + 300)
+    assert world.run(world.state.save_agent(held, world.agent))
+    world.agent = held
+    task = world.begin(ttl=3000)
+    world.clock.advance(300 + MAX_CLOCK_SKEW)
+    world.service.hold_agent_lapses_until(int(world.clock.now()) + 3600)
+    assert world.run(world.service.end_agentless()) == 0
+    assert world.service.active_task(task.spiffe_id) is not None
+    world.clock.advance(3600)
+    assert world.run(world.service.end_agentless()) == 1
+
+
 def test_a_begin_refused_before_the_policy_decision_is_on_the_ledger_too(world: World) -> None:
     # Every identity decision is audited: refusing a runtime its agent may not serve, or a
     # parent task of another runtime, is one as much as a policy denial.
