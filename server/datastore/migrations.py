@@ -481,22 +481,32 @@ def _task_parent(execute: Execute) -> None:
     """A task's end ends its sub-tasks: found by the parent's id in an index, where each end
     read and parsed its runtime's every active task (up to a node's cap), so a sweep of n
     tasks read n squared rows. Partial: top-level tasks, most of them, cost no index entry.
-    Rows written before get the parent from their body."""
+    Rows written before get the parent from their body; a body that is not JSON (a damaged
+    row, unreadable anyway) is passed over, not left to fail the migration and with it every
+    start of the upgraded server."""
     execute("ALTER TABLE tasks ADD COLUMN parent_task_id TEXT NOT NULL DEFAULT ''")
     execute(
-        "UPDATE tasks SET parent_task_id = COALESCE(json_extract(body, '$.parent_task_id'), '') "
-        "WHERE json_extract(body, '$.parent_task_id') <> ''"
+        "UPDATE tasks SET parent_task_id = json_extract(body, '$.parent_task_id') "
+        "WHERE CASE WHEN json_valid(body) THEN json_extract(body, '$.parent_task_id') END <> ''"
     )
     execute(_TASK_PARENT_INDEX)
 
 
 def _task_parent_postgres(execute: Execute) -> None:
-    """_task_parent in PostgreSQL's words: its JSON operators are not SQLite's."""
+    """_task_parent in PostgreSQL's words: its JSON operators are not SQLite's, and before
+    version 16 it cannot ask whether text is JSON but by catching the cast's error."""
+    execute(
+        "CREATE FUNCTION pg_temp.svidd_task_parent(body TEXT) RETURNS TEXT LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN COALESCE(body::jsonb ->> 'parent_task_id', ''); "
+        "EXCEPTION WHEN invalid_text_representation THEN RETURN ''; END $$"
+    )
     execute("ALTER TABLE tasks ADD COLUMN parent_task_id TEXT NOT NULL DEFAULT ''")
     execute(
-        "UPDATE tasks SET parent_task_id = body::jsonb ->> 'parent_task_id' "
-        "WHERE COALESCE(body::jsonb ->> 'parent_task_id', '') <> ''"
+        "UPDATE tasks SET parent_task_id = found.parent FROM (SELECT task_id, "
+        "pg_temp.svidd_task_parent(body) AS parent FROM tasks) AS found "
+        "WHERE tasks.task_id = found.task_id AND found.parent <> ''"
     )
+    execute("DROP FUNCTION pg_temp.svidd_task_parent(TEXT)")
     execute(_TASK_PARENT_INDEX)
 
 

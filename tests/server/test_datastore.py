@@ -944,8 +944,11 @@ def test_tasks_stored_before_migration_22_are_found_by_their_parent(
         db.execute("DROP INDEX tasks_parent")
         db.execute("ALTER TABLE tasks DROP COLUMN parent_task_id")
         db.execute("DELETE FROM schema_migrations WHERE version = 22")
-        for task_id, parent in (("p", ""), ("c", "p")):
-            body = f'{{"task_id": "{task_id}", "parent_task_id": "{parent}"}}'
+        # A damaged body ("x", not JSON) is passed over: it failed every start.
+        rows = (("p", '""'), ("c", '"p"'), ("n", "null"), ("x", None))
+        for task_id, parent in rows:
+            body = f'{{"task_id": "{task_id}", "parent_task_id": {parent}}}'
+            body = body if parent is not None else "{not json"
             db.execute(
                 "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
                 "created_at, body) VALUES (?, 'a', 'r', 'active', 9, 1, ?)",
