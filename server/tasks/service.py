@@ -1466,12 +1466,13 @@ class TaskService:
 
     async def housekeeping(self) -> None:
         await self.expire_due()
-        await self.end_agentless()
         now = self._now()
         with self._lock:
             # Past its expiry a task is refused anyway (and expired on every server).
             self._ended = {k: at for k, at in self._ended.items() if at >= now}
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
+        # Last: an agent's record it cannot read, run after run, holds up no pruning.
+        await self.end_agentless()
 
 
 def _recordable(draft: Callable[[], EventDraft]) -> EventDraft:

@@ -1026,6 +1026,26 @@ def test_a_restored_datastores_agents_are_not_lapsed_before_they_could_call(
     assert world.run(world.service.end_agentless()) == 1
 
 
+def test_records_are_pruned_while_agent_lapses_cannot_be_read(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """A lapsed agent's record that cannot be read (run after run, a damaged row) does not
+    hold up the pruning of old records, which ran after it."""
+    faulty = FaultInjectingDataStore(datastore)
+    world = make_world(tmp_path, clock, faulty, ca_manager)
+    held = dataclasses.replace(world.agent, expires_at=int(clock.now()) + 300)
+    assert world.run(world.state.save_agent(held, world.agent))
+    world.agent = held
+    world.begin(ttl=3000)
+    clock.advance(300 + MAX_CLOCK_SKEW)
+    faulty.inject(sqlite3.OperationalError("disk I/O error"), method="get_agent")
+    faulty.calls.clear()
+    with pytest.raises(sqlite3.OperationalError):
+        world.run(world.service.housekeeping())
+    assert "prune_credentials" in faulty.calls
+    world.close()
+
+
 def test_a_begin_refused_before_the_policy_decision_is_on_the_ledger_too(world: World) -> None:
     # Every identity decision is audited: refusing a runtime its agent may not serve, or a
     # parent task of another runtime, is one as much as a policy denial.
