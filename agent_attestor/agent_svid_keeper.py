@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
@@ -219,22 +220,14 @@ class AgentSvidKeeper:
             log.error(
                 "cannot save the renewed agent SVID; going on with the one saved before it "
                 "until it is saved (or that one's life runs short), saving it again with backoff",
-                extra={
-                    "svid_file": str(self._store.svid_path),
-                    "failures": count,
-                    "error": str(exc)[:200],
-                },
+                extra=_refusal("svid_file", self._store.svid_path, count, exc),
             )
             return
         log.error(
             "cannot save the %s agent SVID; using it from memory and saving it again with "
             "backoff (a restart before it is saved cannot use it)",
             self._unsaved_how,
-            extra={
-                "svid_file": str(self._store.svid_path),
-                "failures": count,
-                "error": str(exc)[:200],
-            },
+            extra=_refusal("svid_file", self._store.svid_path, count, exc),
         )
 
     async def save_unsaved(self) -> None:
@@ -306,11 +299,7 @@ class AgentSvidKeeper:
             log.error(
                 "cannot save the trust bundle; a restart verifies the server with the one "
                 "saved before",
-                extra={
-                    "bundle_file": str(self._store.bundle_path),
-                    "failures": count,
-                    "error": str(exc)[:200],
-                },
+                extra=_refusal("bundle_file", self._store.bundle_path, count, exc),
             )
 
     def _bundle_saved(self) -> None:
@@ -451,3 +440,8 @@ class AgentSvidKeeper:
                 "cannot remove the refused agent SVID; this run does not use it again",
                 extra={"svid_file": str(self._store.svid_path), "error": str(exc)[:200]},
             )
+
+
+def _refusal(name: str, path: Path, count: int, exc: OSError) -> dict[str, object]:
+    """A refused save's log fields: the file, how many refusals since last said, the error."""
+    return {name: str(path), "failures": count, "error": str(exc)[:200]}

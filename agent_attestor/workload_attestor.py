@@ -33,9 +33,11 @@ DEFAULT_MAX_HASH_SIZE = 256 * 1024 * 1024
 class WorkloadAttestor(Protocol):
     """Derives selectors for a process; may read /proc/<pid> (the caller brackets it)."""
 
-    # Whether attest() may read the process at all (False: kernel credentials only), so that
-    # identification checks the caller's image only when a selector can depend on it.
-    reads_process: bool
+    @property
+    def reads_process(self) -> bool:
+        """Whether attest() may read the process at all (False: kernel credentials only), so
+        that identification checks the caller's image only when a selector can depend on it."""
+        ...
 
     def attest(self, pid: int, uid: int, gid: int) -> list[Selector]: ...
 
@@ -152,7 +154,10 @@ class UnixAttestor:
         self.gives_exe = exe_selectors == "always" or (
             exe_selectors == "auto" and self.exe_risk is None
         )
-        self.reads_process = self.gives_exe  # uid and gid come from the kernel's record
+
+    @property
+    def reads_process(self) -> bool:
+        return self.gives_exe  # uid and gid come from the kernel's record
 
     def announce(self) -> None:
         """Say once, at the agent's start, whether callers get the executable selectors and why
