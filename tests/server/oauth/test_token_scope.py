@@ -6,6 +6,8 @@ JWT-SVID presented unspent; a workload's own grant carries no scope, and asking 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ import httpx
 import pytest
 
 from svid._spiffe_id import SpiffeId
-from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer
+from tests.server.oauth.conftest import OTHER_RESOURCE, RESOURCE, OAuthServer, serving_oauth
 from tests.server.oauth.test_token_delegation import (
     MCP_ID,
+    OTHER_ID,
+    THIRD,
     actor_token,
     delegate,
     exchange_events,
@@ -44,6 +48,17 @@ def exchange(world: TaskWorld, subject: str, **extra: str) -> httpx.Response:
         "resource": RESOURCE,
     }
     return post(world.oauth, **{**form, **extra})
+
+
+@contextmanager
+def serving_two_workloads(
+    prefix: str, resources: list[str], **settings: Any
+) -> Iterator[OAuthServer]:
+    """A server for `resources` (with these settings) where MCP_ID serves RESOURCE and OTHER_ID
+    serves OTHER_RESOURCE: a token may be acted for one hop, and again from there."""
+    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
+    with serving_oauth(prefix, resources, oauth_resource_workloads=workloads, **settings) as oauth:
+        yield oauth
 
 
 def refused(reply: httpx.Response, error: str) -> str:
@@ -198,13 +213,7 @@ def test_a_token_acted_for_back_at_its_own_resource_hands_on_no_tool_it_was_kept
     """Tools are of one resource each, so a token for another resource limits none of them;
     but a token its client narrowed to read, acted for by its own server towards that same
     resource, or through a neighbour back to it, came out with the tool it was kept from."""
-    from tests.server.oauth.conftest import serving_oauth
-    from tests.server.oauth.test_token_delegation import OTHER_ID
-
-    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
-    with serving_oauth(
-        "ort", [RESOURCE, OTHER_RESOURCE], oauth_resource_workloads=workloads
-    ) as oauth:
+    with serving_two_workloads("ort", [RESOURCE, OTHER_RESOURCE]) as oauth:
         world = task_world(oauth)
         narrow = exchange(world, world.subject_token(), scope="read").json()["access_token"]
         reply = delegate(world, narrow, actor_token(oauth), RESOURCE)
@@ -280,16 +289,9 @@ def test_a_delegated_token_policy_kept_an_action_from_hands_it_on_no_more(
     grant it either, so its lack did not tell whether its chain was kept from write. Acted for
     again, it got write at the third resource. A delegated token hands on the actions it holds,
     no more."""
-    from tests.server.oauth.conftest import serving_oauth
-    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
-
-    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
     policy = _forbidding_writes_to(tmp_path, OTHER_RESOURCE)
-    with serving_oauth(
-        "osp",
-        [RESOURCE, OTHER_RESOURCE, THIRD],
-        oauth_resource_workloads=workloads,
-        policy_dir=str(policy),
+    with serving_two_workloads(
+        "osp", [RESOURCE, OTHER_RESOURCE, THIRD], policy_dir=str(policy)
     ) as oauth:
         world = begin_task(
             oauth,
@@ -315,13 +317,7 @@ def test_a_delegated_token_hands_on_no_action_its_chain_was_kept_from() -> None:
     kept from included: a chain through such a resource, narrowed or not, lost every action.
     Each token a workload may act for names the actions its chain was kept from (`withheld`):
     those, and only those, are handed on no further, however many hops on."""
-    from tests.server.oauth.conftest import serving_oauth
-    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
-
-    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
-    with serving_oauth(
-        "osc", [RESOURCE, OTHER_RESOURCE, THIRD], oauth_resource_workloads=workloads
-    ) as oauth:
+    with serving_two_workloads("osc", [RESOURCE, OTHER_RESOURCE, THIRD]) as oauth:
         world = begin_task(
             oauth,
             actions=("read", "write"),
@@ -362,8 +358,6 @@ def _delegated_without_withheld(oauth: OAuthServer, world: TaskWorld, scope: str
     """An access token for OTHER_RESOURCE delegated from `world`'s task to MCP_ID, holding
     `scope`, as a server minted it before tokens named what their chain was kept from: no
     withheld claim."""
-    from tests.server.oauth.test_token_delegation import OTHER_ID
-
     claims = {
         "client_id": MCP_ID,
         "scope": scope,
@@ -381,13 +375,7 @@ def test_a_delegated_token_without_its_chain_s_withheld_actions_hands_on_only_th
 ):
     """A token minted before tokens named what their chain was kept from (or by a server that
     does not yet) is read as it was: a delegated one hands on only the actions it holds."""
-    from tests.server.oauth.conftest import serving_oauth
-    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
-
-    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
-    with serving_oauth(
-        "osu", [RESOURCE, OTHER_RESOURCE, THIRD], oauth_resource_workloads=workloads
-    ) as oauth:
+    with serving_two_workloads("osu", [RESOURCE, OTHER_RESOURCE, THIRD]) as oauth:
         world = begin_task(
             oauth,
             actions=("read", "write"),
@@ -407,16 +395,9 @@ def test_a_delegated_token_without_withheld_passes_its_narrowing_on_through_a_ho
     writes: it lacked nothing granted there, so the token issued named nothing withheld, and
     acted for again it got write at the third resource. What a delegated token without the
     claim does not hold is withheld from every token of it, whatever the next hop grants."""
-    from tests.server.oauth.conftest import serving_oauth
-    from tests.server.oauth.test_token_delegation import OTHER_ID, THIRD
-
-    workloads = [f"{RESOURCE}={MCP_ID}", f"{OTHER_RESOURCE}={OTHER_ID}"]
     policy = _forbidding_writes_to(tmp_path, RESOURCE)
-    with serving_oauth(
-        "osw",
-        [RESOURCE, OTHER_RESOURCE, THIRD],
-        oauth_resource_workloads=workloads,
-        policy_dir=str(policy),
+    with serving_two_workloads(
+        "osw", [RESOURCE, OTHER_RESOURCE, THIRD], policy_dir=str(policy)
     ) as oauth:
         world = begin_task(
             oauth,
