@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,10 +16,32 @@ import pytest
 from server import propagation
 from server.config import MIN_OWN_SVID_TTL
 from svid._proto import node_pb2
-from tests.server.fixtures import HeldCatchUp, managed_server
+from tests.server.fixtures import Agent, HeldCatchUp, RunningServer, managed_server
 from tests.waits import wait_for
 
 HEARTBEAT = node_pb2.SyncUpdate.HEARTBEAT
+
+
+def beating_stream(server: RunningServer, agent: Agent) -> Iterator[node_pb2.SyncUpdate]:
+    """`agent`'s Sync stream asking for heartbeats, read past its snapshot and the beat that
+    follows it right away."""
+    stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+    try:
+        assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
+        assert next(stream).kind == HEARTBEAT
+    except BaseException:
+        stream.cancel()
+        raise
+    return stream
+
+
+def hold_catch_ups(server: RunningServer, held_catch_up: HeldCatchUp) -> None:
+    """The server's view catches up at `held_catch_up`'s gate from now on, its staleness bound
+    far off: a stream whose backlog overflows waits for the gate, not for the bound."""
+    node = server.server.node
+    assert node is not None
+    node._view._catch_up = held_catch_up
+    node._view.bound = 60.0
 
 
 def test_an_agent_asking_has_heartbeats_and_one_not_asking_has_none() -> None:
@@ -71,17 +94,12 @@ def test_a_live_stream_starting_again_from_a_snapshot_beats_while_its_view_catch
     waits; the snapshot follows once the view is current."""
     monkeypatch.setattr(propagation, "MAX_INBOX", 0)  # every change overflows the backlog
     with managed_server(sync_heartbeat_interval=0.1) as server:
-        node = server.server.node
-        assert node is not None
         held_catch_up = HeldCatchUp(server.call)
 
         agent = server.attest()
-        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+        stream = beating_stream(server, agent)
         try:
-            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
-            assert next(stream).kind == HEARTBEAT
-            node._view._catch_up = held_catch_up
-            node._view.bound = 60.0  # the stream waits for the gate, not for the bound
+            hold_catch_ups(server, held_catch_up)
             entry = server.create_entry("/bulk", agent.spiffe_id)
             wait_for(lambda: held_catch_up.waiting == 1, 10, "the stream to wait for the view")
             with ThreadPoolExecutor(1) as reader:
@@ -115,19 +133,14 @@ def test_the_first_beat_while_the_view_catches_up_comes_an_interval_after_the_la
     monkeypatch.setattr(propagation, "MAX_INBOX", 0)  # every change overflows the backlog
     interval = 1.0
     with managed_server(sync_heartbeat_interval=interval) as server:
-        node = server.server.node
-        assert node is not None
         held_catch_up = HeldCatchUp(server.call)
 
         agent = server.attest()
-        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
+        stream = beating_stream(server, agent)
         try:
-            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
-            assert next(stream).kind == HEARTBEAT  # right after the snapshot
             assert next(stream).kind == HEARTBEAT  # on the stream's turn: the next one's due
             last = time.monotonic()  # an interval from now
-            node._view._catch_up = held_catch_up
-            node._view.bound = 60.0
+            hold_catch_ups(server, held_catch_up)
             time.sleep(0.8 * interval)
             server.create_entry("/bulk", agent.spiffe_id)
             wait_for(lambda: held_catch_up.waiting == 1, 10, "the stream to wait for the view")
@@ -163,12 +176,9 @@ def test_a_stream_catching_up_beats_no_longer_than_what_it_holds_is_within_the_b
         freshness.limit = 1.0
         following = asyncio.run_coroutine_threadsafe(followed(), server._loop)
         agent = server.attest()
-        stream = server.node_stub(agent).Sync(node_pb2.SyncRequest(heartbeats=True), timeout=30)
         try:
-            assert next(stream).kind == node_pb2.SyncUpdate.SNAPSHOT
-            assert next(stream).kind == HEARTBEAT
-            node._view._catch_up = held_catch_up
-            node._view.bound = 60.0
+            stream = beating_stream(server, agent)
+            hold_catch_ups(server, held_catch_up)
             server.create_entry("/bulk", agent.spiffe_id)
             began = time.monotonic()
             with ThreadPoolExecutor(1) as reader:
