@@ -315,11 +315,7 @@ def test_revocations_reach_every_stream_as_deltas(srv: RunningServer) -> None:
     stream = _sync(srv, agent)
     try:
         next(stream)
-        srv.call(
-            srv.server.state.add_revocations(
-                (_revocation("jwt_id", "jti-1"), _revocation("x509_serial", "1234"))
-            )
-        )
+        _revoke(srv, _revocation("jwt_id", "jti-1"), _revocation("x509_serial", "1234"))
         started = time.monotonic()
         update = next(stream)
         assert time.monotonic() - started < 5
@@ -340,11 +336,7 @@ def test_a_revocation_the_crl_does_not_list_brings_no_crl(srv: RunningServer) ->
     stream = _sync(srv, agent)
     try:
         next(stream)
-        srv.call(
-            srv.server.state.add_revocations(
-                (_revocation("jwt_id", "jti-2"), _revocation("task", "t-2"))
-            )
-        )
+        _revoke(srv, _revocation("jwt_id", "jti-2"), _revocation("task", "t-2"))
         update = next(stream)
         assert update.kind == DELTA
         assert sorted(r.value for r in update.revocations) == ["jti-2", "t-2"]
@@ -359,7 +351,7 @@ def test_crls_signed_again_reach_every_stream_alone(srv: RunningServer) -> None:
     stream = _sync(srv, agent)
     try:
         next(stream)
-        srv.call(srv.server.state.add_revocations((_revocation("x509_serial", "1234"),)))
+        _revoke(srv, _revocation("x509_serial", "1234"))
         first = next(stream)
         srv.server.state.crl_refreshed()  # what TaskService.refresh_crl does once due
         update = next(stream)
@@ -375,6 +367,11 @@ def test_crls_signed_again_reach_every_stream_alone(srv: RunningServer) -> None:
 
 def _revocation(kind: str, value: str) -> Revocation:
     return Revocation(kind, value, f"{TD}/x", int(time.time()) + 600, "test", int(time.time()))
+
+
+def _revoke(srv: RunningServer, *revocations: Revocation) -> None:
+    """Adds `revocations` to the server's state, on its event loop."""
+    srv.call(srv.server.state.add_revocations(revocations))
 
 
 def _serials(revocations: list[Revocation]) -> set[int]:
@@ -414,7 +411,7 @@ def test_x509_revocations_past_one_crl_reach_an_agent_as_several_crls(srv: Runni
         assert set(listed) == _serials(valid)
         # One more revocation: the delta run carries the whole new set, said to be new.
         more = revoked(40_000, now + 600)
-        srv.call(srv.server.state.add_revocations((more,)))
+        _revoke(srv, more)
         run = _read_snapshot(stream)
         assert {p.kind for p in run} == {DELTA}
         assert run[-1].crl_changed
