@@ -6,6 +6,7 @@ test_datastore_contract.py.) Each test gets a fresh schema on a real server (tes
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -1218,38 +1219,17 @@ def test_a_transaction_left_idle_is_ended_by_the_server_and_its_locks_go(
     monkeypatch.setattr(postgres_module, "IDLE_IN_TRANSACTION_TIMEOUT", 0.5)
     stalled = PostgresDataStore(postgres_dsn, clock, max_connections=1)
     other = PostgresDataStore(postgres_dsn, clock)
-    held, resume = threading.Event(), threading.Event()
-    outcome: list[BaseException | None] = []
-
-    def stall(cur: Any) -> None:
-        cur.execute(pg(ps.BUMP_COUNTER), {"name": "revision"})  # every write's last lock
-        held.set()
-        resume.wait(30)
-        cur.execute("SELECT 1")
-
-    def run() -> None:
-        try:
-            stalled._write("stall", stall)
-            outcome.append(None)
-        except Exception as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run)
     try:
-        thread.start()
-        assert held.wait(30)
-        started = time.monotonic()
-        other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
-        assert time.monotonic() - started < postgres_module.STATEMENT_TIMEOUT
-        resume.set()
-        thread.join(30)
-        assert isinstance(outcome[0], StorageError), outcome
-        assert "idle-in-transaction" in str(outcome[0])
+        with _write_stalled_midway(stalled, bulk=False) as finish:
+            started = time.monotonic()
+            other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+            assert time.monotonic() - started < postgres_module.STATEMENT_TIMEOUT
+            error = finish()
+        assert isinstance(error, StorageError), error
+        assert "idle-in-transaction" in str(error)
         assert other.revision() == 1  # the stalled bump was rolled back
         assert stalled.revision() == 1  # and its pool serves again
     finally:
-        resume.set()
-        thread.join(30)
         stalled.close()
         other.close()
 
@@ -1265,36 +1245,53 @@ def test_a_bulk_write_left_idle_is_ended_by_the_server_as_any_write_is(
     monkeypatch.setattr(postgres_module, "IDLE_IN_TRANSACTION_TIMEOUT", 0.5)
     stalled = PostgresDataStore(postgres_dsn, clock, max_connections=1)
     other = PostgresDataStore(postgres_dsn, clock)
+    try:
+        with _write_stalled_midway(stalled, bulk=True) as finish:
+            other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
+            error = finish()
+        assert isinstance(error, StorageError), error
+        assert other.revision() == 1  # the stalled bump was rolled back
+    finally:
+        stalled.close()
+        other.close()
+
+
+@contextlib.contextmanager
+def _write_stalled_midway(
+    store: PostgresDataStore, *, bulk: bool
+) -> Iterator[Callable[[], BaseException | None]]:
+    """Runs a revision bump on `store` in a thread that stalls once it holds the counter's
+    lock (every write's last); yields then. The yielded call lets the write go on and returns
+    what it raised, so each test states only what another server sees meanwhile and after."""
     held, resume = threading.Event(), threading.Event()
     outcome: list[BaseException | None] = []
 
     def stall(cur: Any) -> None:
-        cur.execute(pg(ps.BUMP_COUNTER), {"name": "revision"})
+        cur.execute(pg(ps.BUMP_COUNTER), {"name": "revision"})  # every write's last lock
         held.set()
         resume.wait(30)
         cur.execute("SELECT 1")
 
     def run() -> None:
         try:
-            stalled._write("stall", stall, bulk=True)
+            store._write("stall", stall, bulk=bulk)
             outcome.append(None)
         except Exception as e:
             outcome.append(e)
+
+    def finish() -> BaseException | None:
+        resume.set()
+        thread.join(30)
+        return outcome[0]
 
     thread = threading.Thread(target=run)
     try:
         thread.start()
         assert held.wait(30)
-        other.upsert_agent(AttestedAgent(AGENT, "join_token", "1", NOW + 3600))
-        resume.set()
-        thread.join(30)
-        assert isinstance(outcome[0], StorageError), outcome
-        assert other.revision() == 1  # the stalled bump was rolled back
+        yield finish
     finally:
         resume.set()
         thread.join(30)
-        stalled.close()
-        other.close()
 
 
 def test_connection_options_bound_every_wait_unless_the_dsn_sets_its_own() -> None:
