@@ -39,6 +39,7 @@ HEADER = (("workload.spiffe.io", "true"),)
 UID1 = frozenset({Selector("unix", "uid:1")})
 UID2 = frozenset({Selector("unix", "uid:2")})
 SID = "spiffe://example.org/w"
+FLOOD_SID = "spiffe://example.org/flood"
 
 
 class AbortError(Exception):
@@ -324,23 +325,28 @@ def test_answers_stay_within_their_byte_budget_and_count() -> None:
     assert sum(split_budget(1001)) == 1001
 
 
+def _me_and_a_flooder(agent: Agent) -> tuple[FakeContext, FakeContext]:
+    """Two workloads, each with its entry: uid 1's (me) and uid 2's, which floods the agent."""
+    agent.sync(entry("e1", SID), entry("e2", FLOOD_SID, UID2))
+    me = agent.caller("a", UID1)
+    flooder = FakeContext("unix-abstract:svid-agent/1/b")
+    agent.registry.add(flooder.peer(), Caller("b", 2, 2, 2, UID2))
+    return me, flooder
+
+
 def test_one_uid_churning_requests_leaves_another_uids_answers_in_place(agent: Agent) -> None:
     # Reordered audiences or unknown fields make new request bytes, so new answers, each served
     # from a token already held (no mint to pay for): with no share per uid, one workload
     # pushed every other's answers out of the shared LRU, and their repeat calls took the slow
     # path again.
-    flood_sid = "spiffe://example.org/flood"
-    agent.sync(entry("e1", SID), entry("e2", flood_sid, UID2))
-    me = agent.caller("a", UID1)  # uid 1
-    flooder = FakeContext("unix-abstract:svid-agent/1/b")
-    agent.registry.add(flooder.peer(), Caller("b", 2, 2, 2, UID2))
+    me, flooder = _me_and_a_flooder(agent)
     mine = agent.fetch(me, "svc")
     base = workload_pb2.JWTSVIDRequest(audience=["x", "y"]).SerializeToString()
     for n in range(MAX_ANSWERS + 100):
         # Field 15, a varint this proto does not have: kept and serialized again as sent.
         request = workload_pb2.JWTSVIDRequest.FromString(base + b"\x78" + _varint(n))
         reply = agent.run(agent.api.FetchJWTSVID(request, flooder))  # type: ignore[arg-type]
-        assert [s.spiffe_id for s in reply.svids] == [flood_sid]
+        assert [s.spiffe_id for s in reply.svids] == [FLOOD_SID]
     assert agent.signer.jwt_calls == 2  # each new answer came from the token held
     assert agent.fetch(me, "svc") is mine  # still the answer built for it
     assert len(agent.api._answers) <= MAX_ANSWERS
@@ -361,11 +367,7 @@ def test_one_uid_minting_into_a_full_jwt_cache_leaves_another_uids_answers_in_pl
     # for new audiences at its minting rate sent every other uid's repeat calls to the slow path.
     agent = Agent(max_entries=70)  # a share of 64 tokens: the flooder recycles its own
     try:
-        flood_sid = "spiffe://example.org/flood"
-        agent.sync(entry("e1", SID), entry("e2", flood_sid, UID2))
-        me = agent.caller("a", UID1)  # uid 1
-        flooder = FakeContext("unix-abstract:svid-agent/1/b")
-        agent.registry.add(flooder.peer(), Caller("b", 2, 2, 2, UID2))
+        me, flooder = _me_and_a_flooder(agent)
         mine = agent.fetch(me, "svc")
         for n in range(100):
             agent.fetch(flooder, f"new{n}")
