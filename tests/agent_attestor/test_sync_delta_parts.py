@@ -148,6 +148,38 @@ async def _sync_until(
     return syncer
 
 
+def _events_until_done(
+    node: node_pb2_grpc.NodeServicer,
+    ca: LocalCa,
+    *,
+    store: AgentStore,
+    clock: Any,
+    first_sync: Callable[[asyncio.AbstractEventLoop, asyncio.Event], None],
+) -> list[str]:
+    """A Syncer's events on `node` until it is disconnected or `done` is set: at its first
+    sync, `first_sync(loop, done)` schedules the test's trouble and when to stop looking."""
+
+    async def scenario() -> list[str]:
+        cache = Cache(clock)
+        events: list[str] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_change(event: str) -> None:
+            events.append(event)
+            if event == "sync" and events.count("sync") == 1:
+                first_sync(loop, done)
+            if event == "disconnected":
+                done.set()
+
+        await _sync_until(
+            done, node, ca, store=store, cache=cache, clock=clock, on_change=on_change
+        )
+        return events
+
+    return asyncio.run(scenario())
+
+
 def test_a_delta_cut_between_its_parts_changes_nothing_workloads_see_until_it_comes_whole(
     tmp_path: Path,
 ) -> None:
@@ -413,29 +445,11 @@ def test_the_agents_own_stalled_loop_is_no_silence_of_its_server(tmp_path: Path)
         clock.advance(1.0)
         time.sleep(0.6)  # past the silence watch's wake-up (0.2 s): it is the first to run
 
-    async def scenario() -> list[str]:
-        cache = Cache(clock)
-        events: list[str] = []
-        done = asyncio.Event()
-        syncs = 0
+    def first_sync(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+        loop.call_later(0.3, stall)
+        loop.call_later(1.5, done.set)
 
-        def on_change(event: str) -> None:
-            nonlocal syncs
-            events.append(event)
-            if event == "sync":
-                syncs += 1
-                if syncs == 1:
-                    asyncio.get_running_loop().call_later(0.3, stall)
-                    asyncio.get_running_loop().call_later(1.5, done.set)
-            if event == "disconnected":
-                done.set()
-
-        await _sync_until(
-            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
-        )
-        return events
-
-    events = asyncio.run(scenario())
+    events = _events_until_done(server, ca, store=store, clock=clock, first_sync=first_sync)
     assert "disconnected" not in events
     assert server.streams == 1
 
@@ -478,32 +492,17 @@ def test_a_hung_server_is_noticed_by_an_agent_whose_loop_is_late_at_every_wake(
         _HungServer(messages, 0.1) if hung else _BeatingServer(messages, 0.1)
     )
 
-    async def scenario() -> list[str]:
-        cache = Cache(clock)
-        events: list[str] = []
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
+    def first_sync(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
         def lag() -> None:
             clock.advance(0.5)
             time.sleep(0.02)
             if not done.is_set():
                 loop.call_later(0.1, lag)
 
-        def on_change(event: str) -> None:
-            events.append(event)
-            if event == "sync" and events.count("sync") == 1:
-                loop.call_soon(lag)
-                loop.call_later(3.0, done.set)
-            if event == "disconnected":
-                done.set()
+        loop.call_soon(lag)
+        loop.call_later(3.0, done.set)
 
-        await _sync_until(
-            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
-        )
-        return events
-
-    events = asyncio.run(scenario())
+    events = _events_until_done(server, ca, store=store, clock=clock, first_sync=first_sync)
     assert ("disconnected" in events) == hung
 
 
@@ -528,24 +527,10 @@ def test_a_pause_that_hides_a_heartbeat_is_no_silence_however_late_the_watch_wak
         clock.advance(pause)
         time.sleep(pause)
 
-    async def scenario() -> list[str]:
-        cache = Cache(clock)
-        events: list[str] = []
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
+    def first_sync(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+        loop.call_later(0.1 * interval, stall)
+        loop.call_later(pause + 3 * interval, done.set)
 
-        def on_change(event: str) -> None:
-            events.append(event)
-            if event == "sync" and events.count("sync") == 1:
-                loop.call_later(0.1 * interval, stall)
-                loop.call_later(pause + 3 * interval, done.set)
-            if event == "disconnected":
-                done.set()
-
-        await _sync_until(
-            done, server, ca, store=store, cache=cache, clock=clock, on_change=on_change
-        )
-        return events
-
-    assert "disconnected" not in asyncio.run(scenario())
+    events = _events_until_done(server, ca, store=store, clock=clock, first_sync=first_sync)
+    assert "disconnected" not in events
     assert server.streams == 1
