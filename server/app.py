@@ -368,6 +368,7 @@ class Server:
             ),
             outage=self.ledger_outage,
             announce_policy=self.datastore.announce_policy,
+            announced_policy=self.datastore.announced_policy,
         )
         if self._restored_window is not None:
             # An agent whose newer SVID the restore lost is not lapsed until it had the time to

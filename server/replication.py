@@ -45,6 +45,7 @@ from server.datastore.records import (
     AuditRecord,
     Entry,
     FeedItem,
+    PolicyAnnouncement,
     Revocation,
 )
 from server.federation.service import Stored
@@ -85,8 +86,8 @@ class FeedWork:
     key_slots: bool = False
     audit_records: bool = False
     federation: bool = False
-    # The hash of the newest policy set announced (FEED_POLICY), None when none was.
-    policy: str | None = None
+    # The newest policy announcement (FEED_POLICY), None when none was.
+    policy: PolicyAnnouncement | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -124,7 +125,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         if item.kind in keys:
             keys[item.kind].add(item.key)
         elif item.kind == FEED_POLICY:
-            policy = item.key  # only the newest announcement counts
+            policy = PolicyAnnouncement(item.revision, item.key)  # only the newest counts
     return FeedWork(
         entries=frozenset(keys[FEED_ENTRY]),
         agents=frozenset(keys[FEED_AGENT]),
@@ -227,7 +228,7 @@ class FeedFollower:
         on_audit_records: Callable[[Sequence[AuditRecord]], None] = lambda _records: None,
         federation: FollowedFederation | None = None,
         view: ViewFreshness | None = None,
-        on_policy_announced: Callable[[str], None] = lambda _hash: None,
+        on_policy_announced: Callable[[PolicyAnnouncement], None] = lambda _announced: None,
     ) -> None:
         self._ds = datastore
         self._state = state
@@ -249,7 +250,7 @@ class FeedFollower:
         # The policy reload an announcement asks for runs beside the feed, not in it: a slow
         # Cedar parse (or a policy_dir on a hung mount) held every later row back, revocations
         # and Sync snapshots included. Only the newest hash waits; one reload runs at a time.
-        self._policy_next: str | None = None
+        self._policy_next: PolicyAnnouncement | None = None
         self._policy_reload: asyncio.Task[None] | None = None
         # For tests and metrics: rows read, full reloads done.
         self.rows_read = 0
@@ -460,18 +461,18 @@ class FeedFollower:
         except Exception:
             _log.exception("taking in audit checkpoints stored by another server failed")
 
-    async def _policy_announced(self, policy_set_hash: str) -> None:
-        self._policy_next = policy_set_hash
+    async def _policy_announced(self, announced: PolicyAnnouncement) -> None:
+        self._policy_next = announced
         if self._policy_reload is None or self._policy_reload.done():
             self._policy_reload = asyncio.ensure_future(self._reload_policy())
 
     async def _reload_policy(self) -> None:
-        while (policy_set_hash := self._policy_next) is not None:
+        while (announced := self._policy_next) is not None:
             self._policy_next = None
             # As for key slots: a failure (this server's policy_dir, its ledger) is logged and
             # reported by the hook; the next announcement tries again.
             try:
-                await asyncio.to_thread(self._on_policy_announced, policy_set_hash)
+                await asyncio.to_thread(self._on_policy_announced, announced)
             except Exception:
                 _log.exception("reloading the policy set another server announced failed")
 
@@ -548,7 +549,7 @@ class FeedFollower:
         Mapping[str, Task | None],
         list[AuditRecord],
         Stored | None,
-        str | None,
+        PolicyAnnouncement | None,
     ]:
         # The head first: whatever commits after it is read again from the feed.
         head = self._ds.feed_head()

@@ -37,6 +37,7 @@ from server.datastore.records import (
     Head,
     JoinToken,
     KeySlot,
+    PolicyAnnouncement,
     Removal,
     Revocation,
     SealedAuditKey,
@@ -558,8 +559,8 @@ class ChangeFeed(Protocol):
         policy set, and every server sharing the datastore reloads its own."""
         ...
 
-    def announced_policy(self) -> str | None:
-        """The hash of the newest FEED_POLICY row the feed still holds (None: none)."""
+    def announced_policy(self) -> PolicyAnnouncement | None:
+        """The newest FEED_POLICY row the feed still holds (None: none)."""
         ...
 
     def wait_feed(self, after: int, timeout: float) -> bool:

@@ -114,6 +114,7 @@ from server.datastore.records import (
     FeedItem,
     JoinToken,
     KeySlot,
+    PolicyAnnouncement,
     Removal,
     Revocation,
     TokenUse,
@@ -1064,9 +1065,9 @@ class PostgresDataStore(
         rows = self._tuples("read the change feed", q.NEWEST_FEED_AT, {})
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
-    def announced_policy(self) -> str | None:
-        rows = self._tuples("read the change feed", q.NEWEST_FEED_KEY, {"kind": FEED_POLICY})
-        return str(rows[0][0]) if rows else None
+    def announced_policy(self) -> PolicyAnnouncement | None:
+        rows = self._tuples("read the change feed", q.NEWEST_POLICY_ANNOUNCEMENT, {})
+        return PolicyAnnouncement(int(rows[0][0]), str(rows[0][1])) if rows else None
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         # LISTEN first, then look: a commit between the look and the wait is still heard.

@@ -247,7 +247,9 @@ PRUNE_FEED_POLICY = (
 )
 NEWEST_FEED_AT = "SELECT MAX(at) AS at FROM feed"
 # Read once at a server's start (no index on kind: the feed holds feed_retention of rows).
-NEWEST_FEED_KEY = "SELECT key FROM feed WHERE kind = :kind ORDER BY revision DESC LIMIT 1"
+NEWEST_POLICY_ANNOUNCEMENT = (
+    f"SELECT revision, key FROM feed WHERE kind = '{FEED_POLICY}' ORDER BY revision DESC LIMIT 1"
+)
 
 # One statement, so two servers on one database cannot both accept a jti: the row is inserted,
 # or an expired holder is overwritten; a live holder leaves the row unchanged (rowcount 0).

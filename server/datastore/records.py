@@ -339,6 +339,15 @@ FEED_KINDS = (
 )
 
 
+class PolicyAnnouncement(NamedTuple):
+    """A FEED_POLICY row: a server loaded set `policy_set_hash`, announced at `revision`. The
+    revision tells two announcements apart (one hash may be announced again, and an older
+    one is read after a newer one served); the hash alone cannot."""
+
+    revision: int
+    policy_set_hash: str
+
+
 class FeedItem(NamedTuple):
     """One row of the change feed: the row named by (kind, key) changed in the transaction
     that wrote revision `revision`, at `at` (unix seconds). It names the row, never its

@@ -68,6 +68,7 @@ from server.datastore.records import (
     FeedItem,
     JoinToken,
     KeySlot,
+    PolicyAnnouncement,
     Removal,
     Revocation,
     Selector,
@@ -943,9 +944,9 @@ class SqliteDataStore(
         at = self._rows(q.NEWEST_FEED_AT, {})[0]["at"]
         return None if at is None else int(at)
 
-    def announced_policy(self) -> str | None:
-        rows = self._rows(q.NEWEST_FEED_KEY, {"kind": FEED_POLICY})
-        return str(rows[0]["key"]) if rows else None
+    def announced_policy(self) -> PolicyAnnouncement | None:
+        rows = self._rows(q.NEWEST_POLICY_ANNOUNCEMENT, {})
+        return PolicyAnnouncement(int(rows[0]["revision"]), str(rows[0]["key"])) if rows else None
 
     def feed_reading(
         self, on_connected: Callable[[], None] | None = None

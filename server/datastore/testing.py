@@ -36,6 +36,7 @@ from server.datastore.records import (
     Head,
     JoinToken,
     KeySlot,
+    PolicyAnnouncement,
     Removal,
     Revocation,
     SealedAuditKey,
@@ -259,7 +260,7 @@ class FaultInjectingDataStore:
         self._enter("announce_policy")
         self.inner.announce_policy(policy_set_hash)
 
-    def announced_policy(self) -> str | None:
+    def announced_policy(self) -> PolicyAnnouncement | None:
         self._enter("announced_policy")
         return self.inner.announced_policy()
 

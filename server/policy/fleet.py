@@ -8,6 +8,11 @@ and a server serving another set reloads its own directory. The policies stay fi
 them in the database would make the files a second, silent source of truth on each host, and
 keep `policy validate` and the shipped tooling from seeing what serves.
 
+Announcements are told apart by their feed revision, and each is judged only while it is the
+newest the datastore holds: the follower may read one after a newer one served (two reloads
+on one server within a second), and reloading to it then recorded a reload nobody asked for
+and reported the set diverged until the newer one was read.
+
 A server whose set still differs after that (its directory differs from the announcer's, or
 fails to load: the old set keeps serving, as for a local reload) says so: a warning log, the
 `diverged` reason (the svid_server_policy_diverged metric), until a later announcement matches.
@@ -21,21 +26,28 @@ from collections.abc import Callable
 
 from server.audit.errors import AuditError
 from server.audit.log import AuditLog
+from server.datastore.records import PolicyAnnouncement
 from server.policy.engine import PolicyEngine, PolicySetInfo
 
 _log = logging.getLogger("svid.server.policy")
 
 
 class PolicyFleet:
-    """`announce(hash)` writes the feed row (DataStore.announce_policy). Thread-safe: reloads
-    come from admin calls and from the follower's thread."""
+    """`announce(hash)` writes the feed row (DataStore.announce_policy); `newest()` reads the
+    newest one back (DataStore.announced_policy). Thread-safe: reloads come from admin calls
+    and from the follower's thread."""
 
     def __init__(
-        self, engine: PolicyEngine, audit: AuditLog, announce: Callable[[str], None]
+        self,
+        engine: PolicyEngine,
+        audit: AuditLog,
+        announce: Callable[[str], None],
+        newest: Callable[[], PolicyAnnouncement | None] = lambda: None,
     ) -> None:
         self._engine = engine
         self._audit = audit
         self._announce = announce
+        self._newest = newest
         self._lock = threading.Lock()
         self._announced: str | None = None
         self._diverged: str | None = None
@@ -62,13 +74,17 @@ class PolicyFleet:
             self._set_diverged(None)
         return info
 
-    def started(self, announced: str | None) -> None:
+    def started(self, announced: PolicyAnnouncement | None) -> None:
         """At start, with the newest announcement the feed holds: the set just loaded from
         this server's policy_dir is compared, not reloaded."""
         with self._lock:
-            self._announced = announced
-            if announced is not None and announced != self._engine.policy_set_hash:
-                self._set_diverged(self._differs(self._engine.policy_set_hash, announced))
+            if announced is None:
+                return
+            self._announced = announced.policy_set_hash
+            if announced.policy_set_hash != self._engine.policy_set_hash:
+                self._set_diverged(
+                    self._differs(self._engine.policy_set_hash, announced.policy_set_hash)
+                )
 
     @staticmethod
     def _differs(serving: str, announced: str) -> str:
@@ -77,9 +93,14 @@ class PolicyFleet:
             f"not {announced} loaded by another server"
         )
 
-    def on_announced(self, policy_set_hash: str) -> None:
+    def on_announced(self, announced: PolicyAnnouncement) -> None:
         """The follower read an announcement (this server's own included)."""
         with self._lock:
+            if self._superseded(announced):
+                # A newer one is in the feed (the follower hands it over next), or the feed
+                # was restored under it (the follower's full reload hands the restored one).
+                return
+            policy_set_hash = announced.policy_set_hash
             self._announced = policy_set_hash
             if self._engine.policy_set_hash == policy_set_hash:
                 self._set_diverged(None)
@@ -95,11 +116,24 @@ class PolicyFleet:
                 _log.error("policy reload announced by another server failed: %s", exc)
                 self._set_diverged("this server's policy_dir failed to load; the old set serves")
                 return
-            if info.hash != policy_set_hash:
-                self._set_diverged(self._differs(info.hash, policy_set_hash))
-            else:
+            if info.hash == policy_set_hash:
                 _log.info("policy reloaded as another server announced", extra={"hash": info.hash})
                 self._set_diverged(None)
+            elif not self._superseded(announced):
+                self._set_diverged(self._differs(info.hash, policy_set_hash))
+            # Else another was announced meanwhile: this server's directory may hold its set
+            # already, and reporting this one's difference would be false. The newer one's
+            # turn judges (with no reload when its set is the one serving).
+
+    def _superseded(self, announced: PolicyAnnouncement) -> bool:
+        """Whether the datastore's newest announcement is another than `announced`. Unread
+        (the datastore failing): judged as before, on what the follower read."""
+        try:
+            newest = self._newest()
+        except Exception as exc:
+            _log.warning("reading the newest policy announcement failed: %s", exc)
+            return False
+        return newest is not None and newest != announced
 
     def _set_diverged(self, reason: str | None) -> None:
         if reason is not None and reason != self._diverged:

@@ -19,7 +19,7 @@ from server.agent_authority import AgentAuthority
 from server.audit import AuditLog
 from server.audit.outage import LedgerOutage
 from server.ca.manager import CaManager
-from server.datastore.records import Removal
+from server.datastore.records import PolicyAnnouncement, Removal
 from server.issuance import TaskDecisions
 from server.peer import PeerCache
 from server.policy import PolicyEngine
@@ -160,11 +160,13 @@ def build_task_layer(
     denials: RefusalBudget | None = None,
     outage: LedgerOutage | None = None,
     announce_policy: Callable[[str], None] = lambda _hash: None,
+    announced_policy: Callable[[], PolicyAnnouncement | None] = lambda: None,
 ) -> TaskLayer:
     """Raises PolicyError (an invalid policy set) or AuditError before anything is served.
     `outage`: told of every commit of the audit log (server/audit/outage.py).
     `announce_policy`: tells the servers sharing the datastore of a `policy reload`
-    (DataStore.announce_policy; server/policy/fleet.py)."""
+    (DataStore.announce_policy; server/policy/fleet.py); `announced_policy` reads the newest
+    announcement back (DataStore.announced_policy)."""
     policy = PolicyEngine(policy_dir, clock, trust_domain=trust_domain)
     audit = AuditLog(datastore, clock, outage)
     store = TaskStore(datastore, outage)
@@ -181,5 +183,5 @@ def build_task_layer(
     )
     service.load()
     removals = AgentRemovals(state, service, clock)
-    fleet = PolicyFleet(policy, audit, announce_policy)
+    fleet = PolicyFleet(policy, audit, announce_policy, announced_policy)
     return TaskLayer(policy, audit, store, service, removals, fleet)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from server.audit import AuditLog
+from server.datastore.base import DataStore
+from server.datastore.records import PolicyAnnouncement
 from server.datastore.sqlite import SqliteDataStore
 from server.policy import PolicyEngine
 from server.policy.fleet import PolicyFleet
+from server.replication import plan
 from svid._clock import FakeClock
 from tests.e2e.test_tasks_server import POLICY
 
@@ -34,16 +40,17 @@ def test_an_announcement_read_during_a_local_reload_is_not_cleared_by_it(
         store.announce_policy(policy_set_hash)
         # The other server's announcement, read by this one's follower meanwhile.
         store.announce_policy("other")
-        thread = threading.Thread(target=fleet.on_announced, args=("other",))
+        thread = threading.Thread(target=fleet.on_announced, args=(store.announced_policy(),))
         thread.start()
         follower.append(thread)
         thread.join(1)  # done at once unless the reload holds it back
 
-    fleet = PolicyFleet(engine, AuditLog(store, clock), announce)
+    fleet = PolicyFleet(engine, AuditLog(store, clock), announce, store.announced_policy)
     try:
         info = fleet.reload_here()
         follower[0].join()
-        assert fleet.announced == store.announced_policy() == "other"
+        assert fleet.announced == "other"
+        assert store.announced_policy() == (2, "other")
         assert fleet.diverged is not None
         assert "other" in fleet.diverged
         assert info.hash in fleet.diverged
@@ -59,13 +66,149 @@ def test_a_reload_the_fleet_asked_for_says_so_in_the_audit_log(tmp_path: Path) -
     clock = FakeClock(1_800_000_000.0)
     store = SqliteDataStore(tmp_path / "db", clock)
     engine = PolicyEngine(tmp_path / "policies", clock, trust_domain=TD)
-    fleet = PolicyFleet(engine, AuditLog(store, clock), store.announce_policy)
+    fleet = PolicyFleet(
+        engine, AuditLog(store, clock), store.announce_policy, store.announced_policy
+    )
     try:
         (tmp_path / "policies" / "work.cedar").write_text(POLICY + "\n")
-        fleet.on_announced("other")
+        store.announce_policy("other")
+        fleet.on_announced(PolicyAnnouncement(1, "other"))
         fleet.reload_here()
         rows = [r for r in store.audit_rows() if r["kind"] == "policy_reload"]
         assert [json.loads(r["extra"]).get("announced_hash") for r in rows] == ["other", None]
         assert rows[0]["policy_set_hash"] == engine.policy_set_hash
     finally:
         store.close()
+
+
+# -- two reloads within a second, on each backend --------------------------------------------
+
+# Only "read" now: another set than POLICY.
+READ_ONLY = POLICY.replace('[Action::"read", Action::"write"]', '[Action::"read"]')
+
+
+class Host:
+    """One server's policy side on the shared store: its directory, engine, ledger, fleet."""
+
+    def __init__(self, root: Path, store: DataStore, clock: FakeClock) -> None:
+        self.dir = root / "policies"
+        self.dir.mkdir(parents=True)
+        self.write(POLICY)
+        self.store = store
+        self.engine = PolicyEngine(self.dir, clock, trust_domain=TD)
+        self.fleet = PolicyFleet(
+            self.engine, AuditLog(store, clock), store.announce_policy, store.announced_policy
+        )
+        self.cursor = store.feed_head()
+
+    def write(self, text: str) -> None:
+        (self.dir / "work.cedar").write_text(text)
+
+    def read_feed(self) -> PolicyAnnouncement | None:
+        """What this server's follower takes from its next page of the feed (plan)."""
+        items = self.store.feed_since(self.cursor, 1000)
+        if items:
+            self.cursor = items[-1].revision
+        return plan(items).policy
+
+    def reloads_asked(self) -> list[str]:
+        """The announced hashes of the fleet's reloads this server recorded."""
+        rows = [r for r in self.store.audit_rows() if r["kind"] == "policy_reload"]
+        extras = [json.loads(r["extra"]) for r in rows]
+        return [e["announced_hash"] for e in extras if "announced_hash" in e]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DataStore]:
+    """One datastore of either backend (the servers below share it)."""
+    clock = FakeClock(1_800_000_000.0)
+    if request.param == "sqlite":
+        store: DataStore = SqliteDataStore(tmp_path / "db", clock)
+    else:
+        from server.datastore.postgres import PostgresDataStore
+
+        store = PostgresDataStore(request.getfixturevalue("postgres_dsn"), clock)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def test_an_older_announcement_read_after_a_newer_one_served_here_reloads_nothing(
+    shared: DataStore, tmp_path: Path
+) -> None:
+    """Two reloads on one server within a second: its follower read the first's announcement
+    after the second served, reloaded once more (a record naming the first's hash) and
+    reported the set diverged until the second's was read."""
+    a = Host(tmp_path / "a", shared, FakeClock(1_800_000_000.0))
+    a.write(READ_ONLY)
+    a.fleet.reload_here()
+    first = a.read_feed()
+    assert first is not None
+    a.write(READ_ONLY + "\n")
+    second = a.fleet.reload_here()
+    a.fleet.on_announced(first)  # handed over after the second served
+    assert a.fleet.diverged is None
+    assert a.engine.policy_set_hash == second.hash
+    assert a.reloads_asked() == []
+    newer = a.read_feed()
+    assert newer is not None
+    assert newer.policy_set_hash == second.hash
+    a.fleet.on_announced(newer)
+    assert a.fleet.diverged is None
+    assert a.reloads_asked() == []
+
+
+def test_another_server_never_reloads_to_an_announcement_a_newer_one_followed(
+    shared: DataStore, tmp_path: Path
+) -> None:
+    """B read the first of A's two reloads, then both hosts were deployed to and A reloaded
+    again: B reloaded for the first, loaded the second's set, and reported it diverged from
+    the first until it read the second."""
+    clock = FakeClock(1_800_000_000.0)
+    a, b = Host(tmp_path / "a", shared, clock), Host(tmp_path / "b", shared, clock)
+    for host in (a, b):
+        host.write(READ_ONLY)
+    a.fleet.reload_here()
+    first = b.read_feed()
+    assert first is not None
+    for host in (a, b):
+        host.write(READ_ONLY + "\n")
+    second = a.fleet.reload_here()
+    b.fleet.on_announced(first)
+    assert b.fleet.diverged is None
+    assert b.reloads_asked() == []  # not to the older one
+    newer = b.read_feed()
+    assert newer is not None
+    b.fleet.on_announced(newer)
+    assert b.fleet.diverged is None
+    assert b.engine.policy_set_hash == second.hash
+    assert b.reloads_asked() == [second.hash]
+
+
+def test_a_reload_announced_while_another_server_reloaded_is_not_reported_against_the_older(
+    shared: DataStore, tmp_path: Path
+) -> None:
+    """A's second reload landed while B reloaded for its first: B's directory held the second
+    set by then, and B reported it diverged from the first until the second was read."""
+    clock = FakeClock(1_800_000_000.0)
+    a, b = Host(tmp_path / "a", shared, clock), Host(tmp_path / "b", shared, clock)
+    a.write(READ_ONLY)
+    a.fleet.reload_here()
+    first = b.read_feed()
+    assert first is not None
+    looks: list[PolicyAnnouncement | None] = []
+
+    def newest() -> PolicyAnnouncement | None:
+        found = shared.announced_policy()
+        if not looks:  # B's look before its reload: A deploys and reloads right after
+            for host in (a, b):
+                host.write(READ_ONLY + "\n")
+            a.fleet.reload_here()
+        looks.append(found)
+        return found
+
+    b.fleet._newest = newest
+    b.fleet.on_announced(first)
+    assert b.reloads_asked() == [first.policy_set_hash]
+    assert b.fleet.diverged is None

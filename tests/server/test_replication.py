@@ -27,6 +27,7 @@ from server.datastore.records import (
     FeedItem,
     ForeignBundle,
     KeySlot,
+    PolicyAnnouncement,
     Revocation,
     Selector,
     TaskRecord,
@@ -106,10 +107,10 @@ def test_plan_hands_over_stored_audit_records() -> None:
 def test_plan_hands_over_the_newest_policy_announcement_only() -> None:
     """Two reloads read in one page: the fleet converges on the later one, not on each."""
     work = plan([FeedItem(1, NOW, "policy", "h1"), FeedItem(2, NOW, "policy", "h2")])
-    assert work == FeedWork(policy="h2")
+    assert work == FeedWork(policy=PolicyAnnouncement(2, "h2"))
     assert work
-    assert (work | FeedWork(policy="h0")).policy == "h2"
-    assert (FeedWork() | work).policy == "h2"
+    assert (work | FeedWork(policy=PolicyAnnouncement(0, "h0"))).policy == (2, "h2")
+    assert (FeedWork() | work).policy == (2, "h2")
 
 
 @pytest.mark.parametrize(
@@ -250,7 +251,7 @@ class Side:
             cursor=cursor,
             settings=FollowSettings(poll_interval=poll_interval, retention=60),
             federation=federation,
-            on_policy_announced=self.announced.append,
+            on_policy_announced=lambda announced: self.announced.append(announced.policy_set_hash),
         )
         self.changes: list[Change] = []
 
@@ -482,8 +483,8 @@ def test_a_slow_policy_reload_holds_no_later_row_back(
     parsing = threading.Event()
     parsed = threading.Event()
 
-    def slow(policy_set_hash: str) -> None:
-        b.announced.append(policy_set_hash)
+    def slow(announced: PolicyAnnouncement) -> None:
+        b.announced.append(announced.policy_set_hash)
         parsing.set()
         parsed.wait(30)
 
