@@ -560,7 +560,7 @@ class ChangeFeed(Protocol):
         ...
 
     def announced_policy(self) -> PolicyAnnouncement | None:
-        """The newest FEED_POLICY row the feed still holds (None: none)."""
+        """The newest FEED_POLICY row the feed still holds (None: none), by an index."""
         ...
 
     def wait_feed(self, after: int, timeout: float) -> bool:

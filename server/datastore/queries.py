@@ -246,7 +246,8 @@ PRUNE_FEED_POLICY = (
     f"(SELECT MAX(revision) FROM feed WHERE at < :before AND kind = '{FEED_POLICY}')"
 )
 NEWEST_FEED_AT = "SELECT MAX(at) AS at FROM feed"
-# Read once at a server's start (no index on kind: the feed holds feed_retention of rows).
+# A search of migration 23's partial index (feed_policy), which holds the announcements only:
+# the kind is named as the index's literal (a bound parameter is not matched to it).
 NEWEST_POLICY_ANNOUNCEMENT = (
     f"SELECT revision, key FROM feed WHERE kind = '{FEED_POLICY}' ORDER BY revision DESC LIMIT 1"
 )

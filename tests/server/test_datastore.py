@@ -35,7 +35,12 @@ from server.datastore import (
 from server.datastore import sqlite as sqlite_module
 from server.datastore.errors import AgentReplacedError, DatastoreMovedError, StorageError
 from server.datastore.migrations import MIGRATIONS
-from server.datastore.records import EventFilter, TokenUse, revocation_needed_from
+from server.datastore.records import (
+    EventFilter,
+    PolicyAnnouncement,
+    TokenUse,
+    revocation_needed_from,
+)
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
 from svid import MAX_CLOCK_SKEW, MAX_VERIFIER_LEEWAY
@@ -929,6 +934,49 @@ def test_a_tasks_sub_tasks_are_read_by_index(tmp_path: Path, clock: FakeClock) -
     finally:
         db.close()
     assert steps == ["SEARCH tasks USING INDEX tasks_parent (parent_task_id=? AND state=?)"], steps
+
+
+def test_the_newest_policy_announcement_is_read_by_index(tmp_path: Path, clock: FakeClock) -> None:
+    """A server's start read the feed backwards from its head for the newest announcement:
+    the whole feed when it held none (60 ms at a million rows). Migration 23's partial index
+    holds the announcements only."""
+    SqliteDataStore(tmp_path / "db", clock).close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        steps = [
+            row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {queries.NEWEST_POLICY_ANNOUNCEMENT}")
+        ]
+    finally:
+        db.close()
+    assert steps == ["SCAN feed USING INDEX feed_policy"], steps
+
+
+def test_a_datastore_of_migration_22_reads_its_policy_announcement_by_the_new_index(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgraded from the previous schema: the announcements it holds are indexed too."""
+    db = _created_at_version(tmp_path / "db", clock, monkeypatch, 22)
+    # As version 22 wrote them: an announcement, and a newer row of another kind.
+    db.execute("UPDATE counters SET value = 2 WHERE name = 'feed'")
+    db.execute("INSERT INTO feed (revision, at, kind, key) VALUES (1, 5, 'policy', 'h1')")
+    db.execute("INSERT INTO feed (revision, at, kind, key) VALUES (2, 5, 'task', 't1')")
+    db.commit()
+    db.close()
+    store = SqliteDataStore(tmp_path / "db", clock)
+    try:
+        assert store.schema_versions() == [m.version for m in MIGRATIONS]
+        assert store.announced_policy() == PolicyAnnouncement(1, "h1")
+        store.announce_policy("h2")
+        assert store.announced_policy() == PolicyAnnouncement(3, "h2")
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "db")
+    try:
+        sql = f"EXPLAIN QUERY PLAN {queries.NEWEST_POLICY_ANNOUNCEMENT}"
+        plan = [row[3] for row in db.execute(sql)]
+    finally:
+        db.close()
+    assert plan == ["SCAN feed USING INDEX feed_policy"], plan
 
 
 def test_tasks_stored_before_migration_22_are_found_by_their_parent(

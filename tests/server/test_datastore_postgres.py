@@ -49,6 +49,7 @@ from server.datastore.records import (
     REMOVAL_EVICTED,
     EventFilter,
     Head,
+    PolicyAnnouncement,
     Removal,
     TokenUse,
 )
@@ -500,6 +501,48 @@ def test_a_tasks_sub_tasks_are_read_by_index(postgres_dsn: str, clock: FakeClock
         params = {"parent_task_id": "t", "state": "active"}
         plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(SUB_TASKS)}", params))
     assert "tasks_parent" in plan, plan
+
+
+def test_the_newest_policy_announcement_is_read_by_index(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """Migration 23's partial index serves a start's read of the newest announcement on
+    PostgreSQL too: without it, a feed holding none was read whole."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = " ".join(
+            row[0] for row in conn.execute(f"EXPLAIN {pg(q.NEWEST_POLICY_ANNOUNCEMENT)}")
+        )
+    assert "feed_policy" in plan, plan
+
+
+def test_a_datastore_of_migration_22_reads_its_policy_announcement_by_the_new_index(
+    postgres_dsn: str, clock: FakeClock
+) -> None:
+    """Upgraded from the previous schema: the announcements it holds are indexed too."""
+    PostgresDataStore(postgres_dsn, clock).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        # As a store at migration 22 held them: an announcement, a newer row of another kind.
+        conn.execute("DROP INDEX feed_policy")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 23")
+        conn.execute("UPDATE counters SET value = 2 WHERE name = 'feed'")
+        conn.execute("INSERT INTO feed (revision, at, kind, key) VALUES (1, 5, 'policy', 'h1')")
+        conn.execute("INSERT INTO feed (revision, at, kind, key) VALUES (2, 5, 'task', 't1')")
+    store = PostgresDataStore(postgres_dsn, clock)
+    try:
+        assert store.schema_versions() == [m.version for m in MIGRATIONS]
+        assert store.announced_policy() == PolicyAnnouncement(1, "h1")
+        store.announce_policy("h2")
+        assert store.announced_policy() == PolicyAnnouncement(3, "h2")
+    finally:
+        store.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = " ".join(
+            row[0] for row in conn.execute(f"EXPLAIN {pg(q.NEWEST_POLICY_ANNOUNCEMENT)}")
+        )
+    assert "feed_policy" in plan, plan
 
 
 def test_tasks_stored_before_migration_22_are_found_by_their_parent(
