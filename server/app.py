@@ -378,7 +378,12 @@ class Server:
             )
         # A host started with another policy_dir than the fleet's last reload says so at once
         # (announcements after the feed cursor read above come through the follower).
-        self.tasks.fleet.started(self.datastore.announced_policy())
+        announced = self.datastore.announced_policy()
+        if rollback is not None and self._restored_datastore:
+            # Its announcements after the copy are lost: this server's set is announced again.
+            self.tasks.fleet.restored(announced)
+        else:
+            self.tasks.fleet.started(announced)
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server
         # signs with it, so one pinned key checks all of their checkpoints.
         signer = (
@@ -564,6 +569,7 @@ class Server:
             federation=self.federation.service,
             view=view,
             on_policy_announced=self.tasks.fleet.on_announced,
+            on_feed_restored=self.tasks.fleet.restored,
         )
         self._executor = ThreadPoolExecutor(cfg.signing_threads, thread_name_prefix="svid-sign")
         # JWT batches the loop's workers do not take (task identities, small batches, workers

@@ -229,6 +229,7 @@ class FeedFollower:
         federation: FollowedFederation | None = None,
         view: ViewFreshness | None = None,
         on_policy_announced: Callable[[PolicyAnnouncement], None] = lambda _announced: None,
+        on_feed_restored: Callable[[PolicyAnnouncement | None], None] | None = None,
     ) -> None:
         self._ds = datastore
         self._state = state
@@ -237,6 +238,7 @@ class FeedFollower:
         self._on_key_slots_changed = on_key_slots_changed
         self._on_audit_records = on_audit_records
         self._on_policy_announced = on_policy_announced
+        self._on_feed_restored = on_feed_restored
         self._clock = clock
         self._cursor = cursor
         self.settings = settings or FollowSettings()
@@ -389,7 +391,7 @@ class FeedFollower:
             # The view holds what committed before this read began, once it is applied.
             as_of, (head, items) = await self._read_dated(self._page, cursor)
             if pruned_past(cursor, head, items):
-                await self.reload_everything()
+                await self.reload_everything(went_back=head < cursor)
                 return read
             work = plan(items) | self._pending
             if work:
@@ -476,6 +478,17 @@ class FeedFollower:
             except Exception:
                 _log.exception("reloading the policy set another server announced failed")
 
+    async def _feed_restored(
+        self,
+        hook: Callable[[PolicyAnnouncement | None], None],
+        newest: PolicyAnnouncement | None,
+    ) -> None:
+        # As for key slots: a failure is logged; the restored announcement stays the newest.
+        try:
+            await asyncio.to_thread(hook, newest)
+        except Exception:
+            _log.exception("announcing the policy set again on a restored datastore failed")
+
     async def policy_settled(self) -> None:
         """For tests: wait until the announcements read so far were handed over."""
         while (reload := self._policy_reload) is not None and not reload.done():
@@ -501,8 +514,10 @@ class FeedFollower:
             loaded.federation = self._federation.read_stored()
         return loaded
 
-    async def reload_everything(self) -> None:
-        """The rows after the cursor were pruned: diff everything stored with memory."""
+    async def reload_everything(self, went_back: bool = False) -> None:
+        """The rows after the cursor were pruned: diff everything stored with memory.
+        `went_back`: the feed's head is behind the cursor (the datastore restored from a
+        backup): its newest policy announcement is handed to `on_feed_restored`."""
         self.full_reloads += 1
         _log.warning(
             "change feed rows after revision %d were pruned; reloading all state", self._cursor
@@ -533,7 +548,10 @@ class FeedFollower:
         await self._audit_records_stored(records)
         # The cursor jumps to the head: an announcement among the rows kept after the pruned
         # ones would be skipped, and this server would serve its old set without a word.
-        if announced is not None:
+        if went_back and self._on_feed_restored is not None:
+            # Older, maybe, than the fleet's last reload (lost with the rows after the copy).
+            await self._feed_restored(self._on_feed_restored, announced)
+        elif announced is not None:
             await self._policy_announced(announced)
         await self._state.refresh_revision(self._read)
         self._cursor = head

@@ -86,6 +86,40 @@ class PolicyFleet:
                     self._differs(self._engine.policy_set_hash, announced.policy_set_hash)
                 )
 
+    def restored(self, newest: PolicyAnnouncement | None) -> None:
+        """The datastore was restored from a backup (this start was told so, or the feed went
+        back under the follower): the announcements written after the copy are lost, and its
+        newest (`newest`) may name a set no server serves any more. Compared with it, every
+        server reported its set diverged, "loaded by another server", until someone ran a
+        `policy reload`. The fleet's set as this server knows it is announced again instead:
+        the one it last followed, or at a start the one its directory loads. A server whose
+        set differs from that still says so (its follower judges the announcement)."""
+        with self._lock:
+            known = self._announced
+            if known is None and newest is None:
+                return  # nothing was announced, before the restore or since this start
+            fleet_set = known if known is not None else self._engine.policy_set_hash
+            if newest is not None and newest.policy_set_hash == fleet_set:
+                self._announced = fleet_set
+                return
+            _log.warning(
+                "the restored datastore's newest policy announcement (%s) is not the fleet's "
+                "set as this server knows it (%s): announcing that one again",
+                None if newest is None else newest.policy_set_hash,
+                fleet_set,
+            )
+            serving = self._engine.policy_set_hash
+            try:
+                self._announce(fleet_set)
+            except Exception as exc:
+                # Judged as any start is, on what the datastore holds.
+                _log.error("announcing the policy set again failed: %s", exc)
+                if newest is not None and newest.policy_set_hash != serving:
+                    self._set_diverged(self._differs(serving, newest.policy_set_hash))
+                return
+            self._announced = fleet_set
+            self._set_diverged(None if serving == fleet_set else self._differs(serving, fleet_set))
+
     @staticmethod
     def _differs(serving: str, announced: str) -> str:
         return (

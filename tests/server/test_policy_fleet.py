@@ -3,7 +3,10 @@ file; what another server announces is handed in as the follower would."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from server.policy.fleet import PolicyFleet
 from server.replication import plan
 from svid._clock import FakeClock
 from tests.e2e.test_tasks_server import POLICY
+from tests.server.test_replication import Side
 
 TD = "example.org"
 
@@ -90,10 +94,10 @@ READ_ONLY = POLICY.replace('[Action::"read", Action::"write"]', '[Action::"read"
 class Host:
     """One server's policy side on the shared store: its directory, engine, ledger, fleet."""
 
-    def __init__(self, root: Path, store: DataStore, clock: FakeClock) -> None:
+    def __init__(self, root: Path, store: DataStore, clock: FakeClock, text: str = POLICY) -> None:
         self.dir = root / "policies"
-        self.dir.mkdir(parents=True)
-        self.write(POLICY)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.write(text)
         self.store = store
         self.engine = PolicyEngine(self.dir, clock, trust_domain=TD)
         self.fleet = PolicyFleet(
@@ -212,3 +216,72 @@ def test_a_reload_announced_while_another_server_reloaded_is_not_reported_agains
     b.fleet.on_announced(first)
     assert b.reloads_asked() == [first.policy_set_hash]
     assert b.fleet.diverged is None
+
+
+# -- a datastore restored from a backup -------------------------------------------------------
+
+
+def test_a_start_on_a_restored_datastore_holding_an_older_announcement_reports_nothing(
+    shared: DataStore, tmp_path: Path
+) -> None:
+    """The backup held the announcement of a reload the fleet made before a later one (lost
+    with everything after the copy): every server started on it reported its set diverged
+    from one "loaded by another server" that none serves, until a `policy reload` by hand."""
+    clock = FakeClock(1_800_000_000.0)
+    a = Host(tmp_path / "a", shared, clock)
+    old = a.fleet.reload_here()  # in the backup; the later reload to READ_ONLY is not
+    # The hosts, deployed with the later set.
+    b = Host(tmp_path / "b", shared, clock, text=READ_ONLY)
+    b.fleet.restored(shared.announced_policy())  # started with --restored-datastore
+    assert b.fleet.diverged is None
+    newest = shared.announced_policy()
+    assert newest is not None
+    assert newest.policy_set_hash == b.engine.policy_set_hash != old.hash
+    # The next server started (without the flag) compares with it: nothing differs.
+    c = Host(tmp_path / "c", shared, clock, text=READ_ONLY)
+    c.fleet.started(shared.announced_policy())
+    assert c.fleet.diverged is None
+    # A running server followed it: the same set serves, nothing is reloaded.
+    a.write(READ_ONLY)
+    a.fleet.on_announced(newest)
+    assert a.fleet.diverged is None
+    assert a.engine.policy_set_hash == newest.policy_set_hash
+
+
+def test_a_datastore_restored_under_a_running_server_gets_the_fleets_set_announced_again(
+    tmp_path: Path,
+) -> None:
+    """The feed went back under a running server's follower (its SQLite file restored from
+    a copy): the restored announcement, older than the one it followed, was handed over as
+    new; the server reloaded for it (a record naming the old hash) and reported its set
+    diverged. The set it followed is announced again instead."""
+    clock = FakeClock(1_800_000_000.0)
+    side = Side(tmp_path / "db", clock)
+    host = Host(tmp_path / "b", side.store, clock)
+    side.follower._on_policy_announced = host.fleet.on_announced
+    side.follower._on_feed_restored = host.fleet.restored
+
+    async def follow() -> None:
+        await side.follower.catch_up()
+        await side.follower.policy_settled()
+
+    try:
+        host.fleet.reload_here()
+        asyncio.run(follow())
+        with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                live.backup(copy)
+            host.write(READ_ONLY)
+            later = host.fleet.reload_here()  # lost with the restore
+            asyncio.run(follow())
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                copy.backup(live)  # the restore
+        asyncio.run(follow())
+        assert side.follower.full_reloads == 1
+        assert host.fleet.diverged is None
+        assert host.reloads_asked() == []
+        newest = side.store.announced_policy()
+        assert newest is not None
+        assert newest.policy_set_hash == later.hash
+    finally:
+        side.store.close()
