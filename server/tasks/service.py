@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from server.agent_index import AgentIndex
 from server.audit import AuditError, AuditLog, EventDraft, EventKind, SecretInAuditError
 from server.audit.event import check_no_secret
 from server.ca.manager import CaManager
@@ -216,8 +217,12 @@ class TaskService:
         # Other servers' (one datastore) count here within a second.
         self._violation_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._violations_added = 0  # moves with each of this server's violations
-        # The entries end_unentitled last checked the active tasks against (a snapshot).
+        # The entries and agents end_unentitled last checked the active tasks against
+        # (snapshots), and when the first node alias live then expires: a task served through
+        # an alias ends when it stops covering the agent, though no entry changed.
         self._entries_checked: object = None
+        self._agents_checked: AgentIndex | None = None
+        self._aliases_expire_at = float("inf")
         # Before this time end_agentless ends nothing (hold_agent_lapses_until).
         self._lapses_held_until = 0.0
 
@@ -1300,13 +1305,28 @@ class TaskService:
         workload moved to another node: the task's entry, parented to the old node's agent,
         went on serving there): a task is its runtime's unit of work, and its entry copies
         the runtime's selectors, so it went on serving its SVIDs, for up to its TTL, to the
-        workload the operator had just taken the identity from. Memory names the candidates
-        (only when the entries changed since the last call); the datastore confirms them, as
-        memory may be behind another server's writes. Returns how many it ended."""
+        workload the operator had just taken the identity from. So does a task served through
+        a node alias that no longer covers its agent: the alias deleted or expired, or the
+        agent's node selectors changed. Memory names the candidates (only when the entries or
+        the agents changed since the last call, or a node alias expired); the datastore
+        confirms them, as memory may be behind another server's writes. Returns how many it
+        ended."""
         entries = self._state.entries
-        if entries is self._entries_checked:
-            return 0
-        active = list(self._active.values())
+        agents = self._state.agents
+        now = self._now()
+        if entries is self._entries_checked and now < self._aliases_expire_at:
+            if agents is self._agents_checked:
+                return 0
+            # Only agents' records changed (their node selectors, which aliases match on):
+            # only those agents' tasks may have lost an alias.
+            before = self._agents_checked
+            active = [
+                t
+                for t in self._active.values()
+                if before is None or agents.get(t.agent_id) is not before.get(t.agent_id)
+            ]
+        else:
+            active = list(self._active.values())
         served = self._served_within(entries)
         changed = await asyncio.to_thread(runtime_changed, active, entries.by_id, served)
         if changed:
@@ -1322,6 +1342,8 @@ class TaskService:
             await self._finish(task, TaskState.REVOKED, reason)
         # Only once all are ended: one that failed is tried again next time.
         self._entries_checked = entries
+        self._agents_checked = agents
+        self._aliases_expire_at = aliases_expire_at(entries, self._server_id, now)
         return len(changed)
 
     def _served_within(self, entries: EntryIndex) -> Callable[[Task, Entry], bool]:
@@ -1534,6 +1556,15 @@ def cut_short_begins(
         for t in active
         if t.created_at < before and t.expires_at > now and t.entry_id not in entry_ids
     ]
+
+
+def aliases_expire_at(entries: EntryIndex, server_id: str, now: int) -> float:
+    """When the first node alias live at `now` expires (infinity when none will): the tasks
+    it served stop being served then, though no entry changes."""
+    return min(
+        (a.expires_at for a in entries.by_parent.get(server_id, ()) if a.expires_at > now),
+        default=float("inf"),
+    )
 
 
 def agent_lapsed(agent: AttestedAgent | None, now: int) -> bool:

@@ -747,6 +747,60 @@ def test_a_task_ends_when_its_runtimes_entry_moves_to_a_parent_its_agent_does_no
         assert world.service.active_task(task.spiffe_id) is not None
 
 
+@pytest.mark.parametrize("lost", ["expired", "deleted", "node_selectors"])
+def test_a_task_served_through_a_node_alias_ends_once_the_alias_stops_covering_its_agent(
+    world: World, lost: str
+) -> None:
+    """A task whose runtime's entry is parented to a node alias ran on after the alias expired
+    or the agent's node selectors changed (only a deleted alias, an entry change, ended it):
+    its SVIDs were served, up to its TTL, by a node no longer given the runtime's identity."""
+    agent = dataclasses.replace(world.agent, selectors=(Selector("rack", "1"),))
+    assert world.run(world.state.save_agent(agent, world.agent))
+    world.agent = agent
+    alias_expiry = int(world.clock.now()) + 60
+    alias = world.run(
+        world.state.create_entry(
+            Entry("", ALIAS, SERVER_ID, (Selector("rack", "1"),), expires_at=alias_expiry)
+        )
+    )
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    world.run(world.state.update_entry(dataclasses.replace(runtime, parent_id=ALIAS)))
+    task = world.begin()
+    assert world.run(world.service.end_unentitled()) == 0
+    world.clock.advance(30)
+    assert world.run(world.service.end_unentitled()) == 0  # nothing changed yet
+    if lost == "expired":
+        world.clock.advance(30)
+    elif lost == "deleted":
+        world.run(world.state.delete_entry(alias.id))
+    else:
+        moved = dataclasses.replace(agent, selectors=(Selector("rack", "2"),))
+        assert world.run(world.state.save_agent(moved, agent))
+    assert world.run(world.service.end_unentitled()) == 1
+    stored = world.store.get_task(task.task_id)
+    assert stored is not None
+    assert stored.state is TaskState.REVOKED
+    assert "through this agent" in stored.end_reason
+    assert world.service.active_task(task.spiffe_id) is None
+
+
+def test_an_agents_renewal_ends_none_of_its_tasks_served_through_a_node_alias(
+    world: World,
+) -> None:
+    agent = dataclasses.replace(world.agent, selectors=(Selector("rack", "1"),))
+    assert world.run(world.state.save_agent(agent, world.agent))
+    world.agent = agent
+    world.run(world.state.create_entry(Entry("", ALIAS, SERVER_ID, (Selector("rack", "1"),))))
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    world.run(world.state.update_entry(dataclasses.replace(runtime, parent_id=ALIAS)))
+    task = world.begin()
+    assert world.run(world.service.end_unentitled()) == 0
+    renewed = dataclasses.replace(agent, expires_at=agent.expires_at + 600)
+    assert world.run(world.state.save_agent(renewed, agent))
+    assert world.run(world.service.end_unentitled()) == 0
+    assert world.service.active_task(task.spiffe_id) is not None
+
+
 def test_a_move_memory_has_not_caught_up_with_ends_no_task_yet(world: World) -> None:
     """The datastore says the runtime's entry moved (another server's write) before memory
     does: the new parent may be a node alias written with it that memory has not seen
