@@ -91,6 +91,8 @@ class RevocationEvent:
 
 
 RevokedCallback = Callable[[RevocationEvent], Any]
+# A revocation as the set tells it from others (_key): kind, value, issuer, task identity.
+_Key = tuple[str, str, CertIssuer | None, str]
 
 
 class SourceState:
@@ -125,7 +127,7 @@ class SourceState:
         self._stream_crls: tuple[bytes, ...] = ()
         self._stream_items: tuple[Revoked, ...] = ()
         self._have_x509 = False  # CRLs are judged against bundles only once there are some
-        self._revoked: frozenset[tuple[str, str, CertIssuer | None]] = frozenset()
+        self._revoked: frozenset[_Key] = frozenset()
         self._subscribers: list[RevokedCallback] = []
         # Until the feed delivers, the set is not known to be complete.
         self.revocations.feed_lost(None)
@@ -330,10 +332,15 @@ def _said(item: Revoked) -> SpiffeId | None:
         return None
 
 
-def _key(item: Revoked) -> tuple[str, str, CertIssuer | None]:
+def _key(item: Revoked) -> _Key:
+    """What tells one revocation from another: a serial by its issuer; a task's end by the
+    task identity it names too (a task ID is unique only within its runtime and trust domain,
+    and another task's end with the same ID must not hide this one's)."""
     if item.kind == KIND_X509_SERIAL:
-        return item.kind, normalize_serial(item.value), item.issuer
-    return item.kind, item.value, None
+        return item.kind, normalize_serial(item.value), item.issuer, ""
+    if item.kind == KIND_TASK:
+        return item.kind, item.value, None, item.spiffe_id
+    return item.kind, item.value, None, ""
 
 
 def _usable(items: Iterable[Revoked]) -> Iterable[Revoked]:

@@ -33,6 +33,7 @@ from svid._cache import LruCache
 from svid._errors import StaleRevocationsError, VerificationError
 from svid._revocation import KIND_TASK, KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
 from svid._source_state import RevocationEvent, task_id_of
+from svid._spiffe_id import SpiffeId
 from svid._ssl_peer import peer_chain_der
 from svid._tls_authorize import Authorizer, refusal
 from svid._verify_x509 import VerifiedX509, X509Verifier
@@ -70,8 +71,8 @@ class PeerPolicy:
         )
         self._lock = threading.Lock()
         # Each open connection's peer chain, as what revokes it (svid._revocation.CertKey),
-        # and the task its peer is, if any (its end closes the connection).
-        self._open: weakref.WeakKeyDictionary[Any, tuple[tuple[CertKey, ...], str | None]] = (
+        # and its peer's SPIFFE ID when that is a task's (the task's end closes it).
+        self._open: weakref.WeakKeyDictionary[Any, tuple[tuple[CertKey, ...], SpiffeId | None]] = (
             weakref.WeakKeyDictionary()
         )
         # Leaf DER -> the chain it came with. A resumed session carries the peer's leaf but not
@@ -108,7 +109,8 @@ class PeerPolicy:
         td = peer.spiffe_id.trust_domain.name
         keys = tuple(cert_key(td, c) for c in peer.chain)
         with self._lock:
-            self._open[conn] = (keys, task_id_of(peer.spiffe_id))
+            task = peer.spiffe_id if task_id_of(peer.spiffe_id) is not None else None
+            self._open[conn] = (keys, task)
         return peer, keys
 
     def revoked(self, keys: tuple[CertKey, ...]) -> bool:
@@ -125,18 +127,36 @@ class PeerPolicy:
             what = f"certificate serial {event.value} has been revoked"
         else:
             return
-        ended = event.value if event.kind == KIND_TASK else None
         with self._lock:
             hit = [
                 conn
                 for conn, (keys, task) in self._open.items()
-                if (task == ended if ended is not None else any(event.revokes(k) for k in keys))
+                if (
+                    ended_task(event, task)
+                    if event.kind == KIND_TASK
+                    else any(event.revokes(k) for k in keys)
+                )
             ]
             for conn in hit:  # refused for good: another revocation of it has nothing to end
                 del self._open[conn]
         for conn in hit:
             conn._svid_refuse(PeerRefusedError(f"TLS peer {what}"))
             log.info("closed a TLS connection: peer %s", what)
+
+
+def ended_task(event: RevocationEvent, peer: SpiffeId | None) -> bool:
+    """Whether a task's end (KIND_TASK) is that of the task `peer` is. A task ID is unique
+    only within its runtime and trust domain: the end names the whole task identity
+    (`spiffe_id`), and a peer of another trust domain or runtime with the same task ID is not
+    the task that ended. An end that names no task identity of its ID (an agent from before
+    ends carried one) is matched on the ID alone: closing a connection too many beats leaving
+    an ended task's open."""
+    if peer is None or task_id_of(peer) != event.value:
+        return False
+    said = event.spiffe_id
+    if said is None or task_id_of(said) != event.value:
+        return True
+    return said == peer
 
 
 class _Gate:

@@ -31,8 +31,9 @@ from svid import (
     tls,
 )
 from svid._proto import revocation_pb2
+from svid._source_state import RevocationEvent
 from svid._tls_contexts import private_pem
-from svid._tls_gate import VerifyingSSLObject
+from svid._tls_gate import VerifyingSSLObject, ended_task
 from svid._verify_x509 import VerifiedX509
 from svid.workloadapi import WorkloadApiUnavailableError
 from tests.svid.certs import junk_cert, make_ca
@@ -710,3 +711,45 @@ def test_a_tasks_end_closes_its_peers_connection_though_its_certificate_is_not_r
         ended = revocation_pb2.Revoked(kind="task", value="t1", spiffe_id=task)
         world.server.state.change(revoked=[*world.server.state.revoked, ended])
         assert seen.closed.wait(5), "the ended task's connection stayed open"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        "spiffe://foreign.org/agents/bot/task/t1",  # the same task ID in another trust domain
+        "spiffe://example.org/agents/other-bot/task/t1",  # ... under another runtime
+    ],
+)
+def test_a_tasks_end_closes_only_the_connections_of_that_task_identity(
+    world: World, other: str
+) -> None:
+    """A task's end closed every connection whose peer's task ID matched its id alone: the end
+    of a task of another trust domain or runtime that carried the same task ID closed it."""
+    task = "spiffe://example.org/agents/bot/task/t1"
+    sctx = tls.server_context(world.server.source, task)
+    cctx = plain_context(world.pki.svid(task), world.pki, server=False)
+    with https_server(sctx) as (port, seen, _httpd), httpx.Client(verify=cctx) as client:
+        assert _get(cctx, port, client).status_code == 200
+        announced: list[Any] = []
+        world.server.source.on_revoked(announced.append)  # called after the TLS policy's
+        twin = revocation_pb2.Revoked(kind="task", value="t1", spiffe_id=other)
+        world.server.state.change(revoked=[*world.server.state.revoked, twin])
+        eventually(lambda: announced, "the other task's end announced")
+        assert _get(cctx, port, client).status_code == 200
+        assert not seen.closed.is_set(), "another identity's task end closed the connection"
+        # The task's own end, listed after the other's of the same task ID, is announced too.
+        ended = revocation_pb2.Revoked(kind="task", value="t1", spiffe_id=task)
+        world.server.state.change(revoked=[*world.server.state.revoked, ended])
+        assert seen.closed.wait(5), "the ended task's connection stayed open"
+
+
+def test_a_task_end_naming_no_identity_is_matched_on_its_task_id() -> None:
+    """What an agent from before ends carried the task's SPIFFE ID sends: the ID alone."""
+    peer = SpiffeId.parse("spiffe://example.org/agents/bot/task/t1")
+    bare = RevocationEvent("task", "t1", 0.0)
+    assert ended_task(bare, peer)
+    assert not ended_task(RevocationEvent("task", "t2", 0.0), peer)
+    assert not ended_task(bare, SpiffeId.parse("spiffe://example.org/agents/bot"))
+    # An identity that is no task of that ID says nothing either: the ID decides.
+    odd = RevocationEvent("task", "t1", 0.0, SpiffeId.parse("spiffe://example.org/agents/bot"))
+    assert ended_task(odd, peer)
