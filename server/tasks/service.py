@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import threading
@@ -107,6 +108,10 @@ AGENT_LAPSED = (
     "its agent's SVID expired and was not renewed (the node left, or attested again under "
     "another agent ID)"
 )
+# A runtime's tasks ended before their expiry, not expired yet, per node, at most this many
+# times max_active_per_runtime: their revocations are listed until their expiry. Default
+# TTLs at the default begin rate (20/s x 300 s) stay below 10 x 1000.
+ENDED_PER_ACTIVE = 10
 # Bound on the per-task facts kept for mints and exchanges (about one per active task).
 _FACTS_CACHE_SIZE = 4096
 MAX_VIOLATION_COUNTS = 4096
@@ -206,6 +211,13 @@ class TaskService:
         # with _active. Per agent: one SPIFFE ID runs on many nodes, and one node's instances
         # (or a hostile agent) filling the cap must not refuse the same runtime on the others.
         self._held: Counter[tuple[str, str]] = Counter()
+        # The expiries of the tasks each runtime ended early through each agent (a heap per
+        # key), at most ENDED_PER_ACTIVE times max_active_per_runtime until then: a runtime
+        # beginning and ending tasks at once held none active, while each end kept its
+        # entries on the revocation list, sent to every agent, up to max_ttl (20 begins a
+        # second of hour-long tasks listed 72k tasks at once). Memory only: a restart forgets
+        # them (the begin rate still bounds them).
+        self._listed: dict[tuple[str, str], list[int]] = {}
         # Tasks this server ended (id -> expires_at): an end is final, so a row the change
         # feed read before the end never makes one active again here.
         self._ended: dict[str, int] = {}
@@ -276,6 +288,24 @@ class TaskService:
             self._held[held] -= 1
             if not self._held[held]:
                 del self._held[held]
+            if self.settings.max_active_per_runtime and gone.expires_at > self._now():
+                heapq.heappush(self._listed.setdefault(held, []), gone.expires_at)
+
+    def _ended_early(self, agent_id: str, runtime_id: str) -> int:
+        """The tasks a runtime ended through an agent before their expiry, not expired yet:
+        their end, and their credentials, stay on the revocation list every agent is sent
+        until then."""
+        key = (agent_id, runtime_id)
+        now = self._now()
+        with self._lock:
+            listed = self._listed.get(key)
+            if listed is None:
+                return 0
+            while listed and listed[0] <= now:
+                heapq.heappop(listed)
+            if not listed:
+                del self._listed[key]
+            return len(listed)
 
     # -- tasks begun or ended through other servers (server.replication) ------------------------
 
@@ -544,6 +574,13 @@ class TaskService:
             raise RateLimitedError(
                 f"runtime {req.runtime_id} holds {cap} active tasks on this node "
                 "(max_active_tasks_per_runtime): end one first"
+            )
+        if cap and self._ended_early(agent.spiffe_id, req.runtime_id) >= cap * ENDED_PER_ACTIVE:
+            raise RateLimitedError(
+                f"runtime {req.runtime_id} ended {cap * ENDED_PER_ACTIVE} tasks on this node "
+                "before their expiry, and every agent is sent their revocations until then "
+                f"({ENDED_PER_ACTIVE} x max_active_tasks_per_runtime): ask for TTLs as short "
+                "as the work, or wait for one to run out"
             )
         intent = self._child_intent(req, parent)  # RequestError -> INVALID_ARGUMENT
         # Checked on the principal the task gets, inherited ones too: a parent begun before
@@ -1492,6 +1529,14 @@ class TaskService:
         with self._lock:
             # Past its expiry a task is refused anyway (and expired on every server).
             self._ended = {k: at for k, at in self._ended.items() if at >= now}
+            # Those of runtimes that begin no more (only a begin looks at its own).
+            self._listed = {
+                key: kept
+                for key, listed in self._listed.items()
+                if (kept := [at for at in listed if at > now])
+            }
+            for kept in self._listed.values():
+                heapq.heapify(kept)
         await asyncio.to_thread(self._store.prune, self._now(), self.settings.violation_window)
         # Last: an agent's record it cannot read, run after run, holds up no pruning.
         await self.end_agentless()

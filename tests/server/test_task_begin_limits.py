@@ -98,6 +98,37 @@ def test_a_runtime_holds_at_most_its_cap_of_active_tasks() -> None:
         _begin(server, agent, runtime)
 
 
+def _end(server: RunningServer, agent: Agent, runtime_id: str, task_id: str) -> None:
+    with grpc.secure_channel(
+        server.runtime.node_address, agent.credentials(), options=list(TLS_NAME)
+    ) as channel:
+        task_pb2_grpc.NodeTasksStub(channel).EndTask(
+            task_pb2.NodeEndTaskRequest(task_id=task_id, runtime_ids=[runtime_id]), timeout=10
+        )
+
+
+def test_a_runtime_ending_its_tasks_at_once_lists_a_bounded_number_of_them_as_revoked() -> None:
+    """A runtime beginning and ending tasks at once held none active, so its cap never
+    applied, while each end stayed on the revocation list sent to every agent until the
+    task's expiry: begin and end at the begin rate, with long TTLs, and that list grew to the
+    rate times the TTL (72k tasks at 20/s for an hour). Ten times the cap is listed at most."""
+    with managed_server(max_active_tasks_per_runtime=1) as server:
+        agent = server.attest()
+        runtime = server.create_entry("/agents/flood", agent.spiffe_id).spiffe_id
+        other = server.create_entry("/agents/other", agent.spiffe_id).spiffe_id
+        for _ in range(10):
+            _end(server, agent, runtime, _begin(server, agent, runtime).task_id)
+        refused = _refused(server, agent, runtime)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "before their expiry" in refused.details()  # type: ignore[attr-defined]
+        tasks = [r for r in server.server.state.revocations if r.kind == "task"]
+        assert len(tasks) == 10
+        _begin(server, agent, other)  # its own count
+        # Once they run out (and their revocations with them), the runtime begins again.
+        server.clock.advance(301)
+        _begin(server, agent, runtime)
+
+
 def test_an_intent_of_thousands_of_resources_is_refused_at_once_naming_the_limit() -> None:
     """About 50 KB on the wire, far below any message limit, and 30,000 pairs for Cedar: the
     decision alone held the server's CPU (and the GIL) for 10 s before the begin was refused

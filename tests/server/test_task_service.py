@@ -2560,3 +2560,21 @@ def test_a_fresh_crl_is_taken_by_a_relying_party_whose_clock_is_a_few_seconds_be
     behind = world.clock.now() - 5
     result = openssl_verify(world.tmp, leaf, [ca_cert], at=behind, crls=crls)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_count_of_tasks_ended_early_forgets_them_once_they_expire(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """Each runtime's tasks ended before their expiry are counted until then; a runtime that
+    begins no more must not leave its count held for good (one per runtime and node)."""
+    settings = TaskSettings(max_active_per_runtime=1)
+    world = make_world(tmp_path, clock, datastore, ca_manager, settings=settings)
+    try:
+        task = world.begin(ttl=60)
+        world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+        assert world.service._ended_early(AGENT, RUNTIME) == 1
+        clock.advance(61)
+        world.run(world.service.housekeeping())
+        assert world.service._listed == {}
+    finally:
+        world.close()
