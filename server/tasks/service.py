@@ -42,7 +42,7 @@ from server.datastore.records import (
     Revocation,
     TaskCursor,
 )
-from server.entitlement import EntryIndex, agent_parents, entitled_entry
+from server.entitlement import EntryIndex, agent_parents, entitled_entry, live
 from server.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -230,11 +230,12 @@ class TaskService:
         self._violation_counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._violations_added = 0  # moves with each of this server's violations
         # The entries and agents end_unentitled last checked the active tasks against
-        # (snapshots), and when the first node alias live then expires: a task served through
-        # an alias ends when it stops covering the agent, though no entry changed.
+        # (snapshots), and when the first node alias or runtime's entry live then expires: a
+        # task served through an alias ends when it stops covering the agent, and one whose
+        # runtime's entry expires ends with it, though no entry changed.
         self._entries_checked: object = None
         self._agents_checked: AgentIndex | None = None
-        self._aliases_expire_at = float("inf")
+        self._lapses_at = float("inf")
         # Before this time end_agentless ends nothing (hold_agent_lapses_until).
         self._lapses_held_until = 0.0
 
@@ -1344,14 +1345,15 @@ class TaskService:
         the runtime's selectors, so it went on serving its SVIDs, for up to its TTL, to the
         workload the operator had just taken the identity from. So does a task served through
         a node alias that no longer covers its agent: the alias deleted or expired, or the
-        agent's node selectors changed. Memory names the candidates (only when the entries or
-        the agents changed since the last call, or a node alias expired); the datastore
-        confirms them, as memory may be behind another server's writes. Returns how many it
-        ended."""
+        agent's node selectors changed; and one whose runtime's entry expired (its expiry
+        moved before the task's). Memory names the candidates (only when the entries or the
+        agents changed since the last call, or an alias or runtime's entry expired); the
+        datastore confirms them, as memory may be behind another server's writes. Returns how
+        many it ended."""
         entries = self._state.entries
         agents = self._state.agents
         now = self._now()
-        if entries is self._entries_checked and now < self._aliases_expire_at:
+        if entries is self._entries_checked and now < self._lapses_at:
             if agents is self._agents_checked:
                 return 0
             # Only agents' records changed (their node selectors, which aliases match on):
@@ -1380,7 +1382,7 @@ class TaskService:
         # Only once all are ended: one that failed is tried again next time.
         self._entries_checked = entries
         self._agents_checked = agents
-        self._aliases_expire_at = aliases_expire_at(entries, self._server_id, now)
+        self._lapses_at = lapses_at(entries, self._server_id, self._active.values(), now)
         return len(changed)
 
     def _served_within(self, entries: EntryIndex) -> Callable[[Task, Entry], bool]:
@@ -1396,6 +1398,8 @@ class TaskService:
         parents: dict[str, frozenset[str]] = {}  # by agent: its aliases are read once
 
         def served(task: Task, runtime: Entry) -> bool:
+            if not live(runtime, now):
+                return False  # expired: it serves no one (its expiry moved before the task's)
             if runtime.parent_id == task.agent_id:
                 return True
             held = entries.by_id.get(runtime.id)
@@ -1603,13 +1607,14 @@ def cut_short_begins(
     ]
 
 
-def aliases_expire_at(entries: EntryIndex, server_id: str, now: int) -> float:
-    """When the first node alias live at `now` expires (infinity when none will): the tasks
-    it served stop being served then, though no entry changes."""
-    return min(
-        (a.expires_at for a in entries.by_parent.get(server_id, ()) if a.expires_at > now),
-        default=float("inf"),
-    )
+def lapses_at(entries: EntryIndex, server_id: str, active: Iterable[Task], now: int) -> float:
+    """When the first node alias, or runtime's entry of an `active` task, live at `now`
+    expires (infinity when none will): the tasks it served stop being served then, though no
+    entry changes."""
+    aliases = (a.expires_at for a in entries.by_parent.get(server_id, ()))
+    held = (entries.by_id.get(t.runtime_entry_id) for t in active if t.runtime_entry_id)
+    runtimes = (e.expires_at for e in held if e is not None)
+    return min((at for at in itertools.chain(aliases, runtimes) if at > now), default=float("inf"))
 
 
 def agent_lapsed(agent: AttestedAgent | None, now: int) -> bool:

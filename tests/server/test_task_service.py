@@ -2578,3 +2578,21 @@ def test_the_count_of_tasks_ended_early_forgets_them_once_they_expire(
         assert world.service._listed == {}
     finally:
         world.close()
+
+
+def test_a_task_ends_once_its_runtimes_entry_expires_after_its_expiry_was_moved_earlier(
+    world: World,
+) -> None:
+    """A begin caps a task's TTL at its runtime's entry's expiry, but an operator moving that
+    expiry earlier afterwards left the task, and its entry's SVIDs, going on past it."""
+    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
+    task = world.begin(ttl=600)
+    expiry = int(world.clock.now()) + 30
+    world.run(world.state.update_entry(dataclasses.replace(runtime, expires_at=expiry)))
+    assert world.run(world.service.end_unentitled()) == 0
+    world.clock.advance(31)
+    assert world.run(world.service.end_unentitled()) == 1
+    stored = world.store.get_task(task.task_id)
+    assert stored is not None
+    assert stored.state is TaskState.REVOKED
+    assert f"runtime's entry {runtime.id}" in stored.end_reason
