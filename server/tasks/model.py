@@ -13,6 +13,7 @@ from server.datastore.records import REVOKED_TASK, Credential, Revocation
 from server.policy import Intent
 
 __all__ = [
+    "TASK_ID_CHARS",
     "TASK_PATH",
     "Credential",
     "Task",
@@ -25,7 +26,8 @@ __all__ = [
 
 TASK_PATH = "/task/"
 # Every task ID this server ever made (new_task_id): 64 random bits in lowercase hex.
-_TASK_KEY = re.compile(r"[0-9a-f]{16}")
+TASK_ID_CHARS = 16
+_TASK_KEY = re.compile(rf"[0-9a-f]{{{TASK_ID_CHARS}}}")
 
 
 class TaskState(StrEnum):
@@ -106,7 +108,7 @@ def is_task_id(spiffe_id: str) -> bool:
 
 
 def new_task_id() -> str:
-    return secrets.token_hex(8)
+    return secrets.token_hex(TASK_ID_CHARS // 2)
 
 
 def is_task_key(text: str) -> bool:

@@ -69,6 +69,7 @@ from server.state import ServerState
 from server.tasks.crl import CrlCache
 from server.tasks.end_reason import runtime_end_reason
 from server.tasks.model import (
+    TASK_ID_CHARS,
     TASK_PATH,
     Credential,
     Task,
@@ -83,7 +84,7 @@ from svid import MAX_CLOCK_SKEW
 from svid._clock import Clock
 from svid._limits import cut_text, intent_problem, principal_problem
 from svid._ratelimit import KeyedLimiter
-from svid._spiffe_id import SpiffeId
+from svid._spiffe_id import MAX_ID_BYTES, SpiffeId
 
 _log = logging.getLogger("svid.server.tasks")
 # A granted tool in a token's `scope`: "tool:<name>" (svid.TaskClaims reads it).
@@ -378,6 +379,15 @@ class TaskService:
         if is_task_id(wanted):
             raise InvalidRequestError(
                 f"runtime_id: {wanted} is a task identity; begin a sub-task with parent_task_id"
+            )
+        # The task's ID is the runtime's with /task/<id> after it: past a SPIFFE ID's length,
+        # every verifier (go-spiffe, py-spiffe, svid) refuses its SVIDs, granted and audited.
+        room = MAX_ID_BYTES - len(TASK_PATH) - TASK_ID_CHARS
+        if len(wanted.encode()) > room:
+            raise InvalidRequestError(
+                f"runtime_id: {len(wanted.encode())} bytes leave no room for a task's SPIFFE ID "
+                f"(<runtime_id>{TASK_PATH}<task id>, at most {MAX_ID_BYTES} bytes): at most "
+                f"{room} bytes"
             )
         entry = entitled_entry(
             self._state.entries,

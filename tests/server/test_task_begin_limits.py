@@ -14,6 +14,7 @@ from server.audit import EventKind
 from server.datastore.records import EventFilter
 from svid._limits import MAX_ON_BEHALF_OF_BYTES
 from svid._proto import node_pb2, task_pb2, task_pb2_grpc
+from svid._spiffe_id import MAX_ID_BYTES, SpiffeId
 from tests.server.fixtures import TLS_NAME, Agent, RunningServer, managed_server
 from tests.waits import wait_for
 
@@ -127,6 +128,27 @@ def test_a_runtime_ending_its_tasks_at_once_lists_a_bounded_number_of_them_as_re
         # Once they run out (and their revocations with them), the runtime begins again.
         server.clock.advance(301)
         _begin(server, agent, runtime)
+
+
+def test_a_runtime_id_leaving_no_room_for_a_task_id_is_refused_before_anything_is_written() -> None:
+    """A runtime ID near a SPIFFE ID's 2048 bytes was granted a task whose ID, the runtime's
+    with /task/<id> after it, passed them: a task every verifier refuses the SVIDs of, its
+    begin allowed and on the audit log."""
+    with managed_server() as server:
+        agent = server.attest()
+        prefix = server.create_entry("/agents/x", agent.spiffe_id).spiffe_id[: -len("/agents/x")]
+        room = MAX_ID_BYTES - len("/task/") - 16
+        fits = server.create_entry("/" + "a" * (room - len(prefix) - 1), agent.spiffe_id)
+        over = server.create_entry("/" + "b" * (room - len(prefix)), agent.spiffe_id)
+        assert len(fits.spiffe_id) == room
+        assert len(over.spiffe_id) == room + 1
+        refused = _refused(server, agent, over.spiffe_id)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert f"at most {room} bytes" in refused.details()  # type: ignore[attr-defined]
+        assert not server.server.tasks.store.list_tasks(runtime_ids=[over.spiffe_id])
+        task = _begin(server, agent, fits.spiffe_id)
+        assert len(task.spiffe_id) == MAX_ID_BYTES
+        assert str(SpiffeId.parse(task.spiffe_id)) == task.spiffe_id
 
 
 def test_an_intent_of_thousands_of_resources_is_refused_at_once_naming_the_limit() -> None:
