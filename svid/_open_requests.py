@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from svid._caller import Caller
+from svid._errors import SpiffeIdError
 from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent, task_id_of
+from svid._spiffe_id import SpiffeId
 
 Key = tuple[str, str | CertKey]
 JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
@@ -27,6 +29,39 @@ JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitt
 TXN = "txn"
 # A certificate by issuer and serial, as a CRL's entry revokes it (svid._revocation.CertKey).
 X509_ISSUED = "x509_issued"
+# A task by its whole SPIFFE ID, where what admitted a request names it: a task ID is unique
+# only within its runtime and trust domain, and the end of another's with the same ID must
+# not end this one's requests. Such a request is keyed by its task ID as TXN_ONLY, which only
+# an end naming no identity hits (an agent from before ends carried one: matched on the ID).
+TASK_IDENTITY = "task_identity"
+TXN_ONLY = "txn_only"
+
+
+def _task_keys(task_id: str, identity: str | None) -> tuple[Key, ...]:
+    if identity is None:
+        return ((TXN, task_id),)
+    return ((TASK_IDENTITY, identity), (TXN_ONLY, task_id))
+
+
+def _parsed_task(value: object, task_id: str) -> str | None:
+    """`value` as a task SPIFFE ID of `task_id`, or None when it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = SpiffeId.parse(value)
+    except SpiffeIdError:
+        return None
+    return str(parsed) if task_id_of(parsed) == task_id else None
+
+
+def _token_task(caller: Caller, task_id: str) -> str | None:
+    """The SPIFFE ID of the task a task token is of: its `sub`, or for a token whose `sub`
+    is the principal (an exchange), the current actor (`act.sub`); None when neither is it."""
+    own = _parsed_task(str(caller.spiffe_id), task_id)
+    if own is not None:
+        return own
+    act = caller.claims.get("act")
+    return _parsed_task(act.get("sub"), task_id) if isinstance(act, dict) else None
 
 
 def caller_keys(caller: Caller) -> tuple[Key, ...]:
@@ -38,15 +73,15 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
         keys.append((KIND_JWT_ID, jti))
     task_id = caller.task_id
     if task_id is not None:
-        keys.append((TXN, task_id))
+        keys.extend(_task_keys(task_id, _token_task(caller, task_id)))
     peer = caller.x509
     if peer is not None:
         # A task's X.509-SVID cut to a CA's notAfter (a CA rotation within the task) expires
         # before the end and is not revoked then: the end (its task's key) closes what it
         # admitted.
         peer_task = task_id_of(peer.spiffe_id)
-        if peer_task is not None and peer_task != task_id:
-            keys.append((TXN, peer_task))
+        if peer_task is not None:
+            keys.extend(k for k in _task_keys(peer_task, str(peer.spiffe_id)) if k not in keys)
         td = peer.spiffe_id.trust_domain.name
         for cert in peer.chain:
             issued = cert_key(td, cert)
@@ -55,17 +90,27 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
     return tuple(keys)
 
 
+def _ended_task_keys(event: RevocationEvent, task_id: str) -> tuple[Key, ...]:
+    """What a task's end hits: requests of that task identity when the event names it (and
+    those whose identity is unknown, by ID), else every request of the task ID."""
+    named = event.spiffe_id
+    identity = _parsed_task(str(named), task_id) if named is not None else None
+    if identity is None:
+        return ((TXN, task_id), (TXN_ONLY, task_id))
+    return ((TXN, task_id), (TASK_IDENTITY, identity))
+
+
 def event_keys(event: RevocationEvent) -> tuple[Key, ...]:
     if event.kind == KIND_TASK:
         # The task ended: what its tokens opened goes too, though the token that opened it
         # expired before the end (none revoked then) and the task had no X.509-SVID.
-        return ((TXN, event.value),)
+        return _ended_task_keys(event, event.value)
     issuer = event.issuer
     keys: list[Key] = [
         (event.kind, event.value) if issuer is None else (X509_ISSUED, issuer.key(event.value))
     ]
     if event.txn is not None and event.kind != KIND_JWT_ID:
-        keys.append((TXN, event.txn))
+        keys.extend(_ended_task_keys(event, event.txn))
     return tuple(keys)
 
 

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Generic, Protocol, TypeVar
 
-from svid._revocation import KIND_JWT_ID, KIND_TASK
+from svid._errors import SpiffeIdError
+from svid._revocation import KIND_JWT_ID, KIND_TASK, Revoked
+from svid._source_state import task_id_of
 from svid._spiffe_id import SpiffeId
 from svid._task_model import Fetched, TaskInfo
 from svid._workload_calls import RevocationsUpdate
@@ -75,7 +77,9 @@ class LiveTasks(Generic[T]):
             return []
         ids = {item.spiffe_id for item in update.items if item.spiffe_id}
         jtis = {item.value for item in update.items if item.kind == KIND_JWT_ID}
-        ended = {item.value for item in update.items if item.kind == KIND_TASK}
+        # Ends that name the task's SPIFFE ID are in `ids`; by the task ID alone only those
+        # naming none (see ended_by_id).
+        ended = {item.value for item in update.items if ended_by_id(item)}
         hit = [
             task
             for key, task in tasks
@@ -84,6 +88,20 @@ class LiveTasks(Generic[T]):
             or (jtis and not jtis.isdisjoint(task._cached_jtis()))
         ]
         return sorted(hit, key=lambda task: task.info.depth)
+
+
+def ended_by_id(item: Revoked) -> bool:
+    """Whether `item` is a task's end to match on its task ID alone: one that names no task
+    identity of that ID (an agent from before ends carried one). A task ID is unique only
+    within its runtime and trust domain: an end naming a task's SPIFFE ID is that task's, and
+    another's with the same ID must not end it."""
+    if item.kind != KIND_TASK:
+        return False
+    try:
+        said = SpiffeId.parse(item.spiffe_id) if item.spiffe_id else None
+    except SpiffeIdError:
+        said = None
+    return said is None or task_id_of(said) != item.value
 
 
 def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | None:
@@ -97,7 +115,7 @@ def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | 
     doubtful: set[str] = set()
     task_id = task.info.task_id
     for item in update.items:
-        if item.kind == KIND_TASK and item.value == task_id:
+        if item.value == task_id and ended_by_id(item):
             return None
         if item.kind == KIND_JWT_ID and item.value in held:
             return None

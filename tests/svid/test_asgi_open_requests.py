@@ -3,6 +3,9 @@ one request, then shared by several, then by one again, always hits exactly the 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 from svid import RevocationEvent, SpiffeId, X509Bundle, X509Verifier
 from svid._bundle import BundleSet
 from svid._caller import Caller
@@ -156,3 +159,50 @@ def test_a_tasks_end_ends_what_an_x509_svid_of_it_since_expired_admitted() -> No
         requests.admit(Caller(peer.spiffe_id, x509=peer), lambda name=name: ended.append(name))
     requests.on_revoked(_event("task", "t1"))
     assert ended == ["t1"]
+
+
+def test_a_tasks_end_ends_only_the_requests_of_that_task_identity() -> None:
+    """A task's end was matched on its task ID alone: the end of a task of another runtime or
+    trust domain that carried the same ID ended this task's requests and MCP sessions. An end
+    naming no identity (an older agent's) still ends them, on the ID."""
+    ca = make_ca()
+    leaf = make_leaf(ca, uris=[str(TASK)])
+    bundles = BundleSet.of(X509Bundle(TASK.trust_domain, (ca.cert,)))
+    source = MemoryBundleSource()
+    source.set_x509_bundles(bundles)
+    peer = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0)).verify_der(
+        der_concat([leaf.cert])
+    )
+    ended: list[str] = []
+    requests = OpenRequests()
+    for name in ("stream", "session"):
+        requests.admit(Caller(peer.spiffe_id, x509=peer), lambda name=name: ended.append(name))
+    for other in ("spiffe://foreign.org/agents/bot/task/t1", "spiffe://example.org/b/task/t1"):
+        requests.on_revoked(_event("task", "t1", SpiffeId.parse(other)))
+        requests.on_revoked(_event("x509_serial", "ab", SpiffeId.parse(other)))
+    assert ended == []
+    requests.on_revoked(_event("task", "t1", TASK))
+    assert sorted(ended) == ["session", "stream"]
+    ended.clear()
+    requests.admit(Caller(peer.spiffe_id, x509=peer), lambda: ended.append("older agent's"))
+    requests.on_revoked(_event("task", "t1"))
+    assert ended == ["older agent's"]
+
+
+def test_a_tasks_end_ends_the_requests_its_tokens_admitted_by_the_task_they_name() -> None:
+    """A task token names its task in `sub`; a token whose `sub` is the principal (an
+    exchange) names it as the current actor (`act.sub`)."""
+    upstream = SpiffeId.parse("spiffe://example.org/agents/upstream")
+    tokens = {
+        "task token": (TASK, {"txn": "t1", "jti": "j1"}),
+        "exchanged": (upstream, {"txn": "t1", "jti": "j2", "act": {"sub": str(TASK)}}),
+    }
+    ended: list[str] = []
+    requests = OpenRequests()
+    for name, (sub, claims) in tokens.items():
+        jwt: Any = SimpleNamespace(claims=claims)
+        requests.admit(Caller(sub, jwt=jwt), lambda name=name: ended.append(name))
+    requests.on_revoked(_event("task", "t1", SpiffeId.parse("spiffe://example.org/b/task/t1")))
+    assert ended == []
+    requests.on_revoked(_event("task", "t1", TASK))
+    assert sorted(ended) == ["exchanged", "task token"]

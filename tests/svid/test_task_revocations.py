@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, replace
 
-from svid._revocation import KIND_JWT_ID, KIND_X509_SERIAL, Revoked
+from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, Revoked
 from svid._spiffe_id import SpiffeId
 from svid._task_model import TaskInfo
 from svid._task_revocations import (
@@ -111,3 +111,25 @@ def test_a_token_of_the_tasks_id_it_does_not_hold_is_doubtful_its_svid_or_own_to
     assert doubtful_jtis(task, update(delegated)) == {"jti-delegated"}
     assert doubtful_jtis(task, update(delegated, Revoked(KIND_X509_SERIAL, "0a", 0.0, sid))) is None
     assert doubtful_jtis(task, update(delegated, Revoked(KIND_JWT_ID, "jti-own", 0.0, ""))) is None
+
+
+def test_a_tasks_end_ends_only_the_task_of_the_identity_it_names() -> None:
+    """A task client took any end of its task's ID for its task's: the end of a task of
+    another runtime or trust domain with the same ID ended it (its tokens dropped, its
+    `with` block told so). An end naming no identity (an older agent's) still ends it."""
+    live: LiveTasks[Held] = LiveTasks()
+    task = Held(info("t1"))
+    live.add(task)
+    for other in ("spiffe://foreign.org/agents/bot/task/t1", f"{RUNTIME}-2/task/t1"):
+        twin = update(Revoked(KIND_TASK, "t1", 0.0, other))
+        assert live.named_by(twin) == []
+        assert doubtful_jtis(task, twin) == frozenset()
+    for ended in (
+        update(Revoked(KIND_TASK, "t1", 0.0)),
+        update(Revoked(KIND_TASK, "t1", 0.0, "x")),
+    ):
+        assert live.named_by(ended) == [task]
+        assert doubtful_jtis(task, ended) is None
+    own = update(Revoked(KIND_TASK, "t1", 0.0, f"{RUNTIME}/task/t1"))
+    assert live.named_by(own) == [task]
+    assert doubtful_jtis(task, own) is None
