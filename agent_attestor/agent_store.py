@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
 from svid._der import certs_to_pem, der_concat, parse_der_certs
+from svid._durable import replace_durably
 from svid._errors import SvidParseError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 class AgentStore:
@@ -105,7 +106,7 @@ class AgentStore:
         # a key that does not fit: an identity lost, and a join token works once.
         _write_private(self._next_key_path, _crypto.key_der(svid.key))
         _write_private(self.svid_path, der_concat(svid.chain))
-        os.replace(self._next_key_path, self.key_path)
+        replace_durably(self._next_key_path, self.key_path)
 
     def remove_svid(self) -> None:
         """Forget the saved identity (the server refused it); its key is useless without it."""
@@ -136,7 +137,7 @@ class AgentStore:
                 # name, the key was overwritten by the next save's first write, and a disk
                 # refusing that save's chain then left the chain on disk without its key.
                 with contextlib.suppress(OSError):  # refused too: loaded all the same
-                    os.replace(self._next_key_path, self.key_path)
+                    replace_durably(self._next_key_path, self.key_path)
             return AgentSvid(spiffe_id=svid.spiffe_id, chain=chain, key=key)
         self._unusable(problem)
         return None

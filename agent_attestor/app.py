@@ -42,6 +42,7 @@ from agent_attestor.workload_client import socket_uri
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
 from svid._der import load_pem_certs
+from svid._durable import replace_durably
 from svid._errors import SvidParseError
 from svid._stop_signals import stop_on_signals
 
@@ -91,7 +92,7 @@ class RuntimeInfo:
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
 
 
 class AgentApp:

@@ -58,6 +58,7 @@ from svid._audit_checkpoint import (
     young_prune,
 )
 from svid._clock import Clock, SystemClock
+from svid._durable import fsync_dir, replace_durably
 
 log = logging.getLogger(__name__)
 FILE_NAME = "audit-checkpoint.jsonl"
@@ -250,7 +251,7 @@ class CheckpointStore:
             )
             records = keep
         _write_private(self.path, "".join(r.to_line() + "\n" for r in records).encode("utf-8"))
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         # What the file now holds but `record`, which _note adds.
         self._count_none()
         for r in records:
@@ -309,7 +310,7 @@ class CheckpointStore:
             extra={"error": str(damage), "moved_to": str(aside)},
         )
         with contextlib.suppress(FileNotFoundError):  # already gone: nothing to keep
-            os.replace(self.path, aside)
+            replace_durably(self.path, aside)
         self._held = {}
         self._count_none()
 
@@ -383,7 +384,7 @@ def _append_line(path: Path, line: str) -> None:
     finally:
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _cut_back(records: dict[str, AuditCheckpoint]) -> bool:
@@ -408,12 +409,3 @@ def _verified(pushed: PushedCheckpoint) -> AuditCheckpoint:
         raise AuditCheckpointError("it carries another key than the one sent with it")
     checkpoint.verify_signature(load_public_der(pushed.public_key))
     return checkpoint
-
-
-def _fsync_dir(directory: Path) -> None:
-    """The rename is durable only once the directory is."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

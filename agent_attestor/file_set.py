@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svid._durable import fsync_dir
+
 
 @dataclass(frozen=True)
 class NewFile:
@@ -87,7 +89,8 @@ def _rename_all(staged: list[tuple[Path, Path]]) -> None:
                     else:
                         target.unlink()
             raise
-        _fsync_directory(staged[0][1].parent if staged else None)
+        if staged:  # the renames on disk, so a power cut after 'Written' keeps them
+            fsync_dir(staged[0][1].parent)
     finally:
         for old in kept:
             if old is not None:
@@ -132,14 +135,3 @@ def _copy_old(target: Path, old: Path, found: os.stat_result) -> None:
     except BaseException:
         old.unlink(missing_ok=True)
         raise
-
-
-def _fsync_directory(directory: Path | None) -> None:
-    """The renames on disk, so a power cut after the command said 'Written' keeps them."""
-    if directory is None:
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from svid._durable import replace_durably
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class RuntimeInfo:
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
 
     @classmethod
     def read(cls, path: Path) -> RuntimeInfo:

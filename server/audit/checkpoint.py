@@ -43,6 +43,7 @@ from server.datastore.records import SealedAuditKey
 from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, signed_bytes
 from svid._clock import format_utc
+from svid._durable import fsync_dir, replace_durably
 
 _log = logging.getLogger("svid.server.audit")
 KEY_SLOT = "checkpoint"
@@ -218,7 +219,7 @@ class CheckpointSigner:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(pem)
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         except OSError as e:
             raise CheckpointError(f"cannot publish the checkpoint public key: {e}") from None
 
@@ -299,7 +300,7 @@ class CheckpointFile:
             finally:
                 os.close(fd)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except OSError as e:
             raise CheckpointError(f"cannot write the checkpoint file: {e.strerror or e}") from None
         return checkpoint
@@ -531,11 +532,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

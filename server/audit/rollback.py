@@ -32,7 +32,6 @@ from server.audit.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointFile,
-    _fsync_dir,
     load_public_key,
 )
 from server.audit.event import EventKind
@@ -40,6 +39,7 @@ from server.audit.log import AuditLog
 from server.datastore.errors import DataStoreError
 from server.datastore.records import Head
 from svid._clock import format_utc
+from svid._durable import fsync_dir
 
 RESTORED_DATASTORE_FLAG = "--restored-datastore"
 
@@ -185,7 +185,7 @@ def accept_rollback(rollback: Rollback, audit: AuditLog, data_dir: Path, now: fl
     if rotated.exists():
         rotated.rename(aside.with_name(aside.name + ".1"))
     path.rename(aside)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
     _log.warning(
         "serving from a restored datastore as asked (%s): %s; the checkpoints signed before "
         "are kept in %s",

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.ca.errors import CaConfigError, KeyStoreError
+from svid._durable import replace_durably
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -97,8 +98,7 @@ class KeyStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-        self._sync_dir()
+        replace_durably(tmp, target)
 
     def load_record(self, slot_id: str) -> bytes | None:
         """A slot's public record, when it and the key file are this server's own: regular
@@ -132,8 +132,7 @@ class KeyStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-        self._sync_dir()
+        replace_durably(tmp, target)
         return target
 
     def load(self, slot_id: str) -> PrivateKey:
@@ -170,10 +169,3 @@ class KeyStore:
         for path in self._dir.glob(f"*{RECORD_SUFFIX}"):
             if not (self._dir / f"{path.name.removesuffix(RECORD_SUFFIX)}.pem").exists():
                 path.unlink(missing_ok=True)
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -27,6 +27,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import AUDIT_COLUMNS, AuditSnapshot, Head
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import Clock
+from svid._durable import fsync_dir
 
 TASKS_FILE = "tasks.db"
 AUDIT_FILE = "audit.db"
@@ -78,6 +79,7 @@ def _retire(path: Path) -> None:
         part = path.with_name(path.name + suffix)
         if part.exists():
             part.rename(part.with_name(part.name + IMPORTED_SUFFIX))
+    fsync_dir(path.parent)  # renamed for good: a power cut must not bring the import back
 
 
 def _mark(db: sqlite3.Connection, name: str, now: int, detail: str) -> None:
