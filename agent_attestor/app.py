@@ -134,6 +134,9 @@ class AgentApp:
             on_checkpoint=self.checkpoints.offer,
         )
         self.state = StateStore(config.state_path)
+        # Read once here: one the agent cannot read (a directory at its name) stops the start
+        # with its path, where the Sync loop retried it for ever (DataFileUnreadableError).
+        self.store.load_bundle()
         self._restore()
         self.state_writer = StateWriter(self.state, self.cache, lambda: self.syncer.position)
         # Built after the restore: it takes on the restored SVIDs (and their renewals).

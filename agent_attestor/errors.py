@@ -138,6 +138,14 @@ class CheckpointUnreadableError(AgentError):
     the disk. The message names the file and what the system said."""
 
 
+class DataFileUnreadableError(AgentError, OSError):
+    """A file of the agent's data directory exists but cannot be read (a directory at its name,
+    no permission, an I/O error): at start the agent does not run, as SPIRE's agent does not
+    with a bundle it cannot load; retrying read the same refusal for ever. An OSError too, so a
+    read failing later (the disk) is retried as a disk's failure is. The message names the file
+    and what the system said."""
+
+
 class AttestationLimitedError(AttestationError):
     """The server's attestation budget for the agent's host is spent (RESOURCE_EXHAUSTED): it
     refills with time, so a later attempt, or another server, may succeed."""
