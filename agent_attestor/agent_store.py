@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -67,6 +69,10 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     replace_durably(tmp, path)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read(path: Path, what: str) -> bytes | None:
@@ -169,8 +175,44 @@ class AgentStore:
             },
         )
 
-    def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
-        _write_private(self.bundle_path, b"".join(authorities))
+    @property
+    def sequence_path(self) -> Path:
+        """Beside bundle.der (kept in the plain DER form): which bundle sequence it holds."""
+        return self.bundle_path.with_name(self.bundle_path.name + ".sequence")
+
+    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0) -> None:
+        """The roots of bundle `sequence` for the next start. The sequence file is written
+        first and names both the file on disk and the new one (by digest), so whichever of the
+        two a crash or a refusal leaves, bundle_sequence tells its age."""
+        new = b"".join(authorities)
+        known = self._sequences()
+        ages = {_digest(new): sequence}
+        with contextlib.suppress(OSError):  # unreadable: bundle_sequence says so in turn
+            current = _digest(self.bundle_path.read_bytes())
+            if current in known and current not in ages:
+                ages[current] = known[current]
+        # Refused, the file's age is unknown (bundle_sequence: None), never a wrong one.
+        with contextlib.suppress(OSError):
+            _write_private(self.sequence_path, json.dumps(ages).encode())
+        _write_private(self.bundle_path, new)
+
+    def _sequences(self) -> dict[str, int]:
+        try:
+            doc = json.loads(self.sequence_path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: v for k, v in doc.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    def bundle_sequence(self) -> int | None:
+        """The bundle sequence of the roots in bundle.der; None when unknown (no file, or one
+        an agent saved before sequences were kept beside it)."""
+        try:
+            der = self.bundle_path.read_bytes()
+        except OSError:
+            return None
+        return self._sequences().get(_digest(der))
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         """The saved roots; None when there are none (or none parse: the server is then

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.model import TrustBundle
@@ -91,6 +92,7 @@ class AgentSvidKeeper:
         # roots a Sync message brought and the disk refused (save_roots) wait here too.
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
+        self._unsaved_sequence = 0  # their bundle's sequence, saved beside them
         self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
         # The agent SVID on disk, as far as this run knows (loaded or saved by it).
         self._on_disk: AgentSvid | None = None
@@ -178,6 +180,7 @@ class AgentSvidKeeper:
         if bundle.x509_authorities:
             # None: roots a Sync message brought and the disk refused still wait (save_roots).
             self._unsaved_roots = bundle.x509_authorities
+            self._unsaved_sequence = bundle.sequence
         # A new SVID refused is news: said at once, not an interval after an older one's line.
         self._svid_save_log = LogThrottle(self._log_interval, self._clock)
         await self._save()
@@ -188,7 +191,43 @@ class AgentSvidKeeper:
         after this one writes these, never older ones. A refusal is said, not raised."""
         if bundle.x509_authorities:
             self._unsaved_roots = bundle.x509_authorities
+            self._unsaved_sequence = bundle.sequence
             await self._save()
+
+    def restore_roots(self, bundle: TrustBundle) -> bool:
+        """At start, before any connection: `bundle` (the saved state's) is what the server is
+        verified with, and saved by save_loop, where it is newer than bundle.der's by its
+        sequence: a Sync message's bundle the disk refused was saved in the state file alone
+        when the agent stopped before save_loop wrote it (killed, or its retries refused), and
+        verifying with bundle.der's older roots trusted a root the server had dropped, or
+        missed its new one after a rotation. Never older roots, so never a root the server
+        removed: a bundle.der of a later sequence (the state file saves a second behind), or
+        of an unknown one (an agent before sequences were kept), is kept. True: `bundle` used."""
+        if not bundle.x509_authorities:
+            return False
+        on_disk = self._store.load_bundle()
+        if on_disk is not None:
+            held = {c.public_bytes(Encoding.DER) for c in on_disk}
+            if held == set(bundle.x509_authorities):
+                return False
+            file_sequence = self._store.bundle_sequence()
+            if file_sequence is None or file_sequence >= bundle.sequence:
+                return False
+        else:
+            file_sequence = None
+        self._unsaved_roots = bundle.x509_authorities
+        self._unsaved_sequence = bundle.sequence
+        self._save_wanted.set()  # save_loop writes them (the disk may still refuse)
+        log.warning(
+            "the trust bundle file holds older roots than the saved agent state; verifying the "
+            "server with the state's, and saving them",
+            extra={
+                "bundle_file": str(self._store.bundle_path),
+                "file_sequence": -1 if file_sequence is None else file_sequence,
+                "state_sequence": bundle.sequence,
+            },
+        )
+        return True
 
     async def _save(self) -> None:
         """Save what waits (the agent SVID, its roots) now. Refused, it is said (throttled) and
@@ -256,9 +295,9 @@ class AgentSvidKeeper:
                     self._unsaved = None
                     self._svid_saved()  # whichever save it was, a refused SVID is mended
                 self._store.forget_spending()
-            roots = self._unsaved_roots
+            roots, sequence = self._unsaved_roots, self._unsaved_sequence
             if roots:
-                await run_held(None, self._store.save_bundle, roots)
+                await run_held(None, self._store.save_bundle, roots, sequence)
                 if self._unsaved_roots is roots:
                     self._unsaved_roots = ()
                     self._bundle_saved()  # whichever save it was, a refused bundle is mended

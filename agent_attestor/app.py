@@ -83,6 +83,10 @@ def bootstrap_roots(config: AgentConfig) -> bytes:
     return b""
 
 
+def _trust_domain_of(spiffe_id: str) -> str:
+    return spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     socket_path: str
@@ -235,6 +239,11 @@ class AgentApp:
         if saved is not None:
             self.cache.restore(saved.state, saved.svids)
             self.syncer.resume(saved.position)
+            # The newer of the state's roots and bundle.der's verify the server: a bundle the
+            # disk refused may be in the state file alone. Only our trust domain's bundle.
+            bundle = saved.state.bundle
+            if bundle is not None and bundle.trust_domain == _trust_domain_of(own.spiffe_id):
+                self.syncer.restore_roots(bundle)
 
     @property
     def runtime_file(self) -> Path:

@@ -305,6 +305,11 @@ class Syncer:
         self._revision_of = position.agent_id
         self.revision, self.epoch = position.revision, position.epoch
 
+    def restore_roots(self, bundle: TrustBundle) -> bool:
+        """Verify the server with the saved state's `bundle` where it is newer than the trust
+        bundle file's (AgentSvidKeeper.restore_roots); True if so."""
+        return self._keeper.restore_roots(bundle)
+
     def set_bootstrap_roots(self, pem: bytes, *, given: bool = False) -> None:
         """Roots to verify the server with until it has handed us a bundle (read at start-up);
         `given`: the operator's trust_bundle, which may stand in for a stale saved bundle."""

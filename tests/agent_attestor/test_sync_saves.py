@@ -45,9 +45,9 @@ class _GatedStore(AgentStore):
         self._gate()
         super().save_svid(svid)
 
-    def save_bundle(self, authorities: tuple[bytes, ...]) -> None:
+    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0) -> None:
         self._gate()
-        super().save_bundle(authorities)
+        super().save_bundle(authorities, sequence)
 
 
 def _gated(tmp_path: Path) -> _GatedStore:

@@ -1,0 +1,121 @@
+"""After a restart the agent verifies its server with the newest roots it holds: the saved
+state's bundle where bundle.der is older (a Sync message's bundle the disk refused to write to
+bundle.der, the agent killed before its retry), bundle.der's where the state file is behind it.
+Never older roots: a root the server dropped must not come back."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent_attestor import agent_store
+from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.app import AgentApp
+from agent_attestor.cache import SyncPosition, SyncState
+from agent_attestor.config import AgentConfig
+from agent_attestor.model import TrustBundle
+from agent_attestor.state_store import StateChange, StateStore
+from svid._clock import FakeClock
+from svid._der import certs_to_pem, parse_der_certs
+from tests.agent_attestor.pki import LocalCa
+
+ME = "spiffe://example.org/svid/agent/join_token/me"
+
+
+def _bundle(sequence: int, *cas: LocalCa) -> TrustBundle:
+    authorities = tuple(a for ca in cas for a in ca.bundle().x509_authorities)
+    return replace(cas[0].bundle(), x509_authorities=authorities, sequence=sequence)
+
+
+def _pem(*cas: LocalCa) -> bytes:
+    return certs_to_pem([ca.cert for ca in cas])
+
+
+def _app(
+    tmp_path: Path, on_disk: TrustBundle, in_state: TrustBundle, *, sequence_kept: bool = True
+) -> AgentApp:
+    """A data dir as a previous run left it: its identity, bundle.der and the state file."""
+    config = AgentConfig(
+        data_dir=tmp_path / "data",
+        socket_path=tmp_path / "api.sock",
+        private_dir=tmp_path / "private",
+    )
+    clock = FakeClock(start=time.time())
+    issuer = LocalCa(clock)
+    key = ec.generate_private_key(ec.SECP256R1())
+    store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+    store.save_svid(AgentSvid(ME, (issuer.sign_leaf(key.public_key(), ME),), key))
+    store.save_bundle(on_disk.x509_authorities, on_disk.sequence)
+    if not sequence_kept:  # as an agent before sequences were kept left it
+        store.sequence_path.unlink()
+    StateStore(config.state_path).write(
+        StateChange(SyncPosition(ME, 9, "ep"), shared=SyncState((), in_state))
+    )
+    return AgentApp(config, clock)
+
+
+def test_a_bundle_file_older_than_the_state_gives_way_to_the_states_roots(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    # bundle.der kept the old CA's roots: the rotation's bundles (the new root beside the old,
+    # then the new alone) were refused by the disk and reached the state file only.
+    app = _app(tmp_path, on_disk=_bundle(1, old), in_state=_bundle(3, new))
+    assert app.syncer._root_pem() == _pem(new)
+    # ...and bundle.der is brought up to them by the save loop's first save.
+    asyncio.run(app.syncer._keeper.save_unsaved())
+    store = app.store
+    assert store.load_bundle() == [new.cert]
+    assert store.bundle_sequence() == 3
+
+
+def test_a_bundle_file_newer_than_the_state_is_kept(tmp_path: Path) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    # The state file saves a second behind: killed in it, it still holds the rotation's
+    # bundle with the old root, which the server had dropped by bundle.der's save.
+    app = _app(tmp_path, on_disk=_bundle(3, new), in_state=_bundle(2, old, new))
+    assert app.syncer._root_pem() == _pem(new)
+    assert parse_der_certs(app.config.bundle_path.read_bytes()) == [new.cert]
+
+
+def test_a_bundle_file_of_unknown_age_is_kept(tmp_path: Path) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    # Saved by an agent that kept no sequence: which is newer cannot be told, and the file
+    # was what such an agent verified with (no root it trusted comes back).
+    app = _app(tmp_path, on_disk=_bundle(3, new), in_state=_bundle(4, old), sequence_kept=False)
+    assert app.syncer._root_pem() == _pem(new)
+
+
+def test_the_bundle_sequence_survives_a_refused_bundle_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store.save_bundle(_bundle(1, old).x509_authorities, 1)
+    write = agent_store._write_private
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path == store.bundle_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(agent_store, "_write_private", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.save_bundle(_bundle(2, new).x509_authorities, 2)
+    # The sequence file, written first, names the old file too: still known as sequence 1,
+    # never taken for the new one's.
+    assert store.load_bundle() == [old.cert]
+    assert store.bundle_sequence() == 1
+    monkeypatch.setattr(agent_store, "_write_private", write)
+    store.save_bundle(_bundle(2, new).x509_authorities, 2)
+    assert store.bundle_sequence() == 2
