@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent_attestor import _crypto
-from agent_attestor.errors import DataFileUnreadableError
+from agent_attestor.data_file import read_data_file
 from svid._der import certs_to_pem, der_concat, parse_der_certs
 from svid._durable import replace_durably
 from svid._errors import SvidParseError
@@ -75,20 +75,6 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path, what: str) -> bytes | None:
-    """The bytes of `path`; None when there is no file at the name. Any other failure is the
-    operator's to mend (a directory there, a mode this user cannot read): said with the path."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise DataFileUnreadableError(
-            f"{what}: cannot read {path}: {exc.strerror or exc}; "
-            "make it a file this agent's user can read, or remove it"
-        ) from None
-
-
 class AgentStore:
     def __init__(self, svid_path: Path, key_path: Path, bundle_path: Path) -> None:
         self.svid_path = svid_path
@@ -136,12 +122,12 @@ class AgentStore:
     def load_svid(self) -> AgentSvid | None:
         """The saved identity, or None: none saved yet, or one that cannot be used (logged). A
         save a kill cut short before its key's rename is finished here."""
-        chain_der = _read(self.svid_path, "agent SVID file")
+        chain_der = read_data_file(self.svid_path, "agent SVID file")
         if chain_der is None:
             return None
         problem = "its private key file is missing"
         for key_path in (self.key_path, self._next_key_path):
-            key_der = _read(key_path, "agent key file")
+            key_der = read_data_file(key_path, "agent key file")
             if key_der is None:
                 continue
             try:
@@ -217,7 +203,7 @@ class AgentStore:
     def load_bundle(self) -> list[x509.Certificate] | None:
         """The saved roots; None when there are none (or none parse: the server is then
         verified with the trust bundle given). DataFileUnreadableError: see _read."""
-        der = _read(self.bundle_path, "trust bundle file")
+        der = read_data_file(self.bundle_path, "trust bundle file")
         if der is None:
             return None
         try:

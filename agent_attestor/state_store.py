@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_attestor.cache import SyncPosition, SyncState
+from agent_attestor.data_file import regular_file
 from agent_attestor.model import Entry, IssuedSvid, Selector
 from agent_attestor.node_client import sync_state
 from svid._proto import common_pb2, node_pb2
@@ -245,6 +246,7 @@ class StateStore:
     def discard(self) -> None:
         """Delete the file (and SQLite's side files): the next write starts a fresh one."""
         self.close()
+        regular_file(self.path, "agent state file")  # a directory there: said with its path
         for suffix in ("", *_SIDE_FILES):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
@@ -253,7 +255,9 @@ class StateStore:
     def load(self, agent_id: str, trust_domain: str, now: float) -> SavedState | None:
         """The saved state of agent `agent_id`, with the SVIDs worth serving at `now`; None
         (logged, the file deleted) when there is none this agent can use."""
-        if not self.path.exists():
+        # Something else at its name (a directory) is refused with its path: discard could
+        # not remove it, and the start crashed with a traceback.
+        if not regular_file(self.path, "agent state file"):
             return None
         try:
             saved = self._read(agent_id, trust_domain, now)

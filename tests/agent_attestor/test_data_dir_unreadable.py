@@ -58,7 +58,7 @@ def test_run_stops_naming_a_bundle_file_it_cannot_read(root: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("svid-agent: trust bundle file: cannot read "), done.stderr[-2000:]
     assert str(data / "bundle.der") in last
-    assert "Is a directory" in last
+    assert "it is a directory, not a regular file" in last
     assert "Traceback" not in done.stderr
 
 
@@ -74,5 +74,38 @@ def test_the_app_refuses_an_identity_file_it_cannot_read(tmp_path: Path, name: s
     path = config.data_dir / name
     path.unlink()
     path.mkdir()
-    with pytest.raises(DataFileUnreadableError, match=f"cannot read {path}: Is a directory"):
+    with pytest.raises(DataFileUnreadableError, match=f"cannot read {path}: it is a directory"):
+        AgentApp(config)
+
+
+def _config(tmp_path: Path) -> AgentConfig:
+    return AgentConfig(
+        data_dir=tmp_path / "data", socket_path=tmp_path / "a.sock", private_dir=tmp_path / "p"
+    )
+
+
+@pytest.mark.parametrize("own_svid", [True, False])
+def test_the_app_refuses_a_directory_at_the_state_files_name(
+    tmp_path: Path, own_svid: bool
+) -> None:
+    # Restored (own SVID) or discarded (none): either way the start crashed with a traceback.
+    config = _config(tmp_path)
+    if own_svid:
+        key = ec.generate_private_key(ec.SECP256R1())
+        ca = LocalCa(FakeClock(start=time.time()))
+        store = AgentStore(config.agent_svid_path, config.agent_key_path, config.bundle_path)
+        store.save_svid(AgentSvid(AGENT, (ca.sign_leaf(key.public_key(), AGENT),), key))
+    config.state_path.mkdir(parents=True)
+    match = f"agent state file: cannot read {config.state_path}: it is a directory"
+    with pytest.raises(DataFileUnreadableError, match=match):
+        AgentApp(config)
+    assert config.state_path.is_dir()  # left for the operator: never removed with its content
+
+
+def test_the_app_refuses_a_fifo_at_the_bundle_files_name(tmp_path: Path) -> None:
+    # Read, it waited for a writer for ever: the start hung without a word.
+    config = _config(tmp_path)
+    config.data_dir.mkdir(mode=0o700)
+    os.mkfifo(config.bundle_path)
+    with pytest.raises(DataFileUnreadableError, match="it is a FIFO, not a regular file"):
         AgentApp(config)
