@@ -21,6 +21,7 @@ from agent_attestor.rotation import ROTATE_AT
 from svid._backoff import Retry
 from svid._clock import Clock, ElapsedClock
 from svid._der import certs_to_pem, parse_der_certs
+from svid._errors import SvidParseError
 from svid._held import run_held, to_its_end
 from svid._log_throttle import LogThrottle
 
@@ -204,6 +205,12 @@ class AgentSvidKeeper:
         removed: a bundle.der of a later sequence (the state file saves a second behind), or
         of an unknown one (an agent before sequences were kept), is kept. True: `bundle` used."""
         if not bundle.x509_authorities:
+            return False
+        try:
+            # Rows are taken as written (state_store.py): a damaged one must not become the
+            # roots every connect parses, and fails on, for good.
+            parse_der_certs(b"".join(bundle.x509_authorities))
+        except SvidParseError:
             return False
         on_disk = self._store.load_bundle()
         if on_disk is not None:

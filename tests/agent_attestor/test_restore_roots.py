@@ -119,3 +119,13 @@ def test_the_bundle_sequence_survives_a_refused_bundle_write(
     monkeypatch.setattr(agent_store, "_write_private", write)
     store.save_bundle(_bundle(2, new).x509_authorities, 2)
     assert store.bundle_sequence() == 2
+
+
+def test_a_state_whose_roots_do_not_parse_leaves_the_bundle_file(tmp_path: Path) -> None:
+    clock = FakeClock(start=time.time())
+    ca = LocalCa(clock)
+    # A damaged row the state file's check lets through: used as the roots, every connect
+    # would fail to parse them, and the Sync task end on an error it does not catch.
+    damaged = replace(_bundle(5, ca), x509_authorities=(b"\x30\x03not a certificate",))
+    app = _app(tmp_path, on_disk=_bundle(1, ca), in_state=damaged)
+    assert app.syncer._root_pem() == _pem(ca)
