@@ -113,7 +113,10 @@ def _open_lock(data_dir: Path) -> int:
         # Directories made above it are 0755 (as private_dir's are): the socket's directory may
         # be below one of them (/run/svid-agent/state beside /run/svid-agent/public), and one
         # made 0700 kept every other user's workload out while the agent served no one.
-        secure_dir(data_dir, "data_dir", 0o700, parent_mode=0o755)
+        # Private: in a sticky world-writable directory (data_dir = /tmp) another user could
+        # put a bundle.der of its own CA there before the agent's first save, and the agent,
+        # whose rename over another user's file a sticky bit refuses, trusted it at each start.
+        secure_dir(data_dir, "data_dir", 0o700, parent_mode=0o755, private=True)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {data_dir}: {exc.strerror or exc}") from None
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

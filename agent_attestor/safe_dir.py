@@ -13,7 +13,15 @@ _AGENT = Who("agent", ConfigError)
 
 
 def secure_dir(
-    path: Path, key: str, mode: int, *, shared: bool = False, parent_mode: int | None = None
+    path: Path,
+    key: str,
+    mode: int,
+    *,
+    shared: bool = False,
+    parent_mode: int | None = None,
+    private: bool = False,
 ) -> Path:
     """svid._safe_dir.secure_dir for the agent: its refusals are ConfigErrors naming it."""
-    return _secure_dir(path, key, mode, _AGENT, shared=shared, parent_mode=parent_mode)
+    return _secure_dir(
+        path, key, mode, _AGENT, shared=shared, parent_mode=parent_mode, private=private
+    )

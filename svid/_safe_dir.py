@@ -36,7 +36,14 @@ MAX_SYMLINKS = 40  # as the kernel's own lookup
 
 
 def _check(
-    key: str, path: Path, st: os.stat_result, uid: int, who: Who, *, shared: bool = False
+    key: str,
+    path: Path,
+    st: os.stat_result,
+    uid: int,
+    who: Who,
+    *,
+    shared: bool = False,
+    private: bool = False,
 ) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise who.error(f"{key}: {path} is not a directory")
@@ -50,6 +57,14 @@ def _check(
         return
     if mode & 0o020 and not mode & 0o002 and _owners_private_group(st):
         mode &= ~0o020  # the group holds the owner alone
+    if private and mode & 0o022:
+        # A sticky bit keeps others from replacing the daemon's files, not from adding their
+        # own under the names it has not written yet (or has just removed), which it reads.
+        raise who.error(
+            f"{key}: directory {path} has mode {mode:04o}: others may add files to it (a "
+            f"sticky bit does not stop that), which the {who.daemon} would read as its own; "
+            "give it a directory of its own"
+        )
     if mode & 0o020 and not mode & (0o002 | stat.S_ISVTX) and who.group_writable is not None:
         who.group_writable(key, path, mode)  # the daemon's to judge (the server warns)
         return
@@ -94,13 +109,16 @@ def secure_dir(
     *,
     shared: bool = False,
     parent_mode: int | None = None,
+    private: bool = False,
 ) -> Path:
     """Make `path` and any missing parent (with `mode`, as the daemon's user; the parents with
     `parent_mode` where given), check it and every directory on the way to it, following
     symlinks as the kernel does, and return where it resolves to. Raises `who.error` naming
     `key` and the first directory another user could change. `shared`: the directory `path`
     resolves to may be written by its group and others (its owner and the directories above it
-    are checked all the same)."""
+    are checked all the same). `private`: the directory `path` resolves to must let no one
+    else add entries, sticky bit or not (/tmp itself): the daemon reads the files it finds
+    there as its own."""
     uid = os.geteuid()
     todo = list(reversed(Path(os.path.abspath(path)).parts[1:]))  # popped from the end
     current = Path("/")
@@ -143,6 +161,6 @@ def secure_dir(
                 current = Path("/")
             todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
             continue
-        _check(key, nxt, st, uid, who, shared=shared and not todo)
+        _check(key, nxt, st, uid, who, shared=shared and not todo, private=private and not todo)
         current = nxt
     return current

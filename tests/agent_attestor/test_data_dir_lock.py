@@ -34,7 +34,14 @@ def test_a_held_data_dir_is_refused_naming_the_holder_and_free_again_once_releas
 
 @pytest.mark.parametrize(
     ("under", "said"),
-    [("file", "is not a directory"), ("file/below", "is not a directory"), ("open", "mode 0777")],
+    [
+        ("file", "is not a directory"),
+        ("file/below", "is not a directory"),
+        ("open", "mode 0777"),
+        # As /tmp itself: others may not replace the agent's files, but may put their own
+        # under the names it reads at start (a bundle.der of their CA) before it writes them.
+        ("sticky", "mode 1777: others may add files to it"),
+    ],
 )
 def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], under: str, said: str
@@ -43,6 +50,8 @@ def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(
     # A data_dir others may write, with the private_dir elsewhere (checked on its own): taken.
     (tmp_path / "open").mkdir()
     os.chmod(tmp_path / "open", 0o777)
+    (tmp_path / "sticky").mkdir()
+    os.chmod(tmp_path / "sticky", 0o1777)
     data_dir = tmp_path / under
     run = ["run", "--server-address", "127.0.0.1:1", "--insecure-bootstrap"]
     private = ["--private-dir", str(tmp_path / "private")]
