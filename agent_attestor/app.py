@@ -26,6 +26,7 @@ from agent_attestor.jwt_answers import split_budget
 from agent_attestor.jwt_cache import JwtCache
 from agent_attestor.metrics import Metrics, MetricsHttpServer
 from agent_attestor.mint_budget import MintBudget
+from agent_attestor.model import TrustBundle
 from agent_attestor.node_client import insecure_fetch_server_root, load_x509pop
 from agent_attestor.peer import CallerRegistry
 from agent_attestor.private_dir import release, resolve_private_dir
@@ -231,19 +232,28 @@ class AgentApp:
         SVIDs are held at once, served once the server's first Sync message has caught them up.
         Blocking (a few seconds at 100k entries), before anything is served."""
         own = self.store.load_svid()
-        if own is None or own.not_after <= self.clock.now() + 1:
+        if own is None:
             # This start attests anew: a new agent ID, for which nothing saved is valid.
             self.state.discard()
+            return
+        if own.not_after <= self.clock.now() + 1:
+            # Likewise, but the roots its last run saved are as good as bundle.der's, and may
+            # be newer: an x509pop agent away past its SVID's life attests with them.
+            bundle = self.state.saved_bundle(own.spiffe_id, self.config.trust_domain)
+            self.state.discard()
+            self._restore_roots(bundle, own.spiffe_id)
             return
         saved = self.state.load(own.spiffe_id, self.config.trust_domain, self.clock.now())
         if saved is not None:
             self.cache.restore(saved.state, saved.svids)
             self.syncer.resume(saved.position)
-            # The newer of the state's roots and bundle.der's verify the server: a bundle the
-            # disk refused may be in the state file alone. Only our trust domain's bundle.
-            bundle = saved.state.bundle
-            if bundle is not None and bundle.trust_domain == _trust_domain_of(own.spiffe_id):
-                self.syncer.restore_roots(bundle)
+            self._restore_roots(saved.state.bundle, own.spiffe_id)
+
+    def _restore_roots(self, bundle: TrustBundle | None, agent_id: str) -> None:
+        """The newer of the state's roots and bundle.der's verify the server: a bundle the disk
+        refused may be in the state file alone. Only our trust domain's bundle."""
+        if bundle is not None and bundle.trust_domain == _trust_domain_of(agent_id):
+            self.syncer.restore_roots(bundle)
 
     @property
     def runtime_file(self) -> Path:

@@ -34,7 +34,7 @@ from typing import Any
 
 from agent_attestor.cache import SyncPosition, SyncState
 from agent_attestor.data_file import regular_file
-from agent_attestor.model import Entry, IssuedSvid, Selector
+from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle
 from agent_attestor.node_client import sync_state
 from svid._proto import common_pb2, node_pb2
 
@@ -285,7 +285,20 @@ class StateStore:
         )
         return saved
 
-    def _read(self, agent_id: str, trust_domain: str, now: float) -> SavedState:
+    def saved_bundle(self, agent_id: str, trust_domain: str) -> TrustBundle | None:
+        """The trust bundle saved by agent `agent_id`, read alone (its entries and SVIDs are of
+        no use: the agent SVID expired); None when there is none it can use. Nothing logged:
+        the caller discards the file next."""
+        if not regular_file(self.path, "agent state file"):
+            return None
+        try:
+            _meta, shared = self._checked(agent_id, trust_domain)
+        except Exception:  # as load: whatever a damaged file raises
+            return None
+        return shared.bundle
+
+    def _checked(self, agent_id: str, trust_domain: str) -> tuple[Mapping[str, Any], SyncState]:
+        """The meta rows and the shared state of a sound file saved by `agent_id`."""
         db = self._connect()
         check = db.execute("PRAGMA quick_check").fetchone()
         if check is None or check[0] != "ok":
@@ -302,7 +315,12 @@ class StateStore:
         blob = meta.get("shared")
         if not isinstance(blob, bytes):
             raise UnusableStateError("no trust bundle saved")
-        shared = sync_state(node_pb2.SyncUpdate.FromString(blob))
+        return meta, sync_state(node_pb2.SyncUpdate.FromString(blob))
+
+    def _read(self, agent_id: str, trust_domain: str, now: float) -> SavedState:
+        meta, shared = self._checked(agent_id, trust_domain)
+        schema = meta.get("schema")
+        db = self._connect()
         entries = tuple(_entry(row) for row in db.execute("SELECT * FROM entries"))
         by_id = {e.id: e for e in entries}
         svids = []

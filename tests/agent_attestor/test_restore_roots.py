@@ -38,7 +38,12 @@ def _pem(*cas: LocalCa) -> bytes:
 
 
 def _app(
-    tmp_path: Path, on_disk: TrustBundle, in_state: TrustBundle, *, sequence_kept: bool = True
+    tmp_path: Path,
+    on_disk: TrustBundle,
+    in_state: TrustBundle,
+    *,
+    sequence_kept: bool = True,
+    svid_expired: bool = False,
 ) -> AgentApp:
     """A data dir as a previous run left it: its identity, bundle.der and the state file."""
     config = AgentConfig(
@@ -57,6 +62,8 @@ def _app(
     StateStore(config.state_path).write(
         StateChange(SyncPosition(ME, 9, "ep"), shared=SyncState((), in_state))
     )
+    if svid_expired:  # the agent away past its SVID's life
+        clock.advance(issuer.ttl + 60)
     return AgentApp(config, clock)
 
 
@@ -129,3 +136,14 @@ def test_a_state_whose_roots_do_not_parse_leaves_the_bundle_file(tmp_path: Path)
     damaged = replace(_bundle(5, ca), x509_authorities=(b"\x30\x03not a certificate",))
     app = _app(tmp_path, on_disk=_bundle(1, ca), in_state=damaged)
     assert app.syncer._root_pem() == _pem(ca)
+
+
+def test_an_agent_back_past_its_svids_life_attests_with_the_states_newer_roots(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    app = _app(tmp_path, on_disk=_bundle(1, old), in_state=_bundle(3, new), svid_expired=True)
+    # Its entries and SVIDs go (a new attestation), its roots verify the server it attests to.
+    assert not app.config.state_path.exists()
+    assert app.syncer._root_pem() == _pem(new)
