@@ -185,7 +185,7 @@ class AgentStore:
     def _sequences(self) -> dict[str, int]:
         try:
             doc = json.loads(self.sequence_path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # damaged: the file's age is unknown
             return {}
         if not isinstance(doc, dict):
             return {}

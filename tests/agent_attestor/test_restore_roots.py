@@ -147,3 +147,23 @@ def test_an_agent_back_past_its_svids_life_attests_with_the_states_newer_roots(
     # Its entries and SVIDs go (a new attestation), its roots verify the server it attests to.
     assert not app.config.state_path.exists()
     assert app.syncer._root_pem() == _pem(new)
+
+
+@pytest.mark.parametrize(
+    "damage", [b"\xff\xfe", b"[" * 100_000, b'{"a": true}', b"[1, 2]", b"", None]
+)
+def test_a_damaged_sequence_file_leaves_the_bundle_files_age_unknown(
+    tmp_path: Path, damage: bytes | None
+) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store.save_bundle(_bundle(1, old).x509_authorities, 1)
+    if damage is None:  # something else at its name
+        store.sequence_path.unlink()
+        store.sequence_path.mkdir()
+    else:
+        store.sequence_path.write_bytes(damage)
+    assert store.bundle_sequence() is None  # unknown: bundle.der is kept at a start
+    store.save_bundle(_bundle(2, new).x509_authorities, 2)  # and saves go on
+    assert store.load_bundle() == [new.cert]
