@@ -52,6 +52,7 @@ def get(
     timeout: float,
     check_peer: Callable[[bytes | None], None] | None = None,
     party: str = "",
+    outward: bool = False,
 ) -> Reply:
     """GET ``url`` (https with ``context``; plain http only where the caller allowed it).
     ``check_peer`` is given the server's certificate (DER) before the request is read: it
@@ -60,7 +61,9 @@ def get(
     bounds the name's resolution and the connect too: the lookup, then each address the name
     resolves to, is given only the time left. ``party`` (a federated trust domain, an
     issuer; the URL's host when "") is whose names the lookup counts against: see
-    PARTY_LOOKUPS_AT_ONCE."""
+    PARTY_LOOKUPS_AT_ONCE. ``outward``: a URL another party chose (not the operator), so
+    no address of this host or its link (see `inward`) is connected to, whatever name
+    leads there."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     tls = parts.scheme == "https"
@@ -79,7 +82,9 @@ def get(
         try:
             # Connected here, not by http.client: its connect (socket.create_connection)
             # gives every address the whole timeout, with no socket the deadline could cut.
-            sock = _connect(host, conn.port, ends, cutter, timeout, party=party or host)
+            sock = _connect(
+                host, conn.port, ends, cutter, timeout, party=party or host, outward=outward
+            )
             if tls:
                 sock = _handshake(sock, host, context, cutter)
             conn.sock = sock  # http.client sends on it and does not connect again
@@ -136,13 +141,39 @@ class _Cutter:
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
 
+def inward(address: str) -> bool:
+    """Whether `address` reaches this host or its link rather than another party's server:
+    loopback, link-local (a cloud's metadata service, 169.254.169.254), unspecified (0.0.0.0
+    connects to this host), multicast or reserved; IPv4-mapped IPv6 as the IPv4 address it
+    maps. A URL another party chose must not lead there (SSRF)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+    )
+
+
 def _connect(
-    host: str, port: int, ends: float, cutter: _Cutter, timeout: float, *, party: str
+    host: str,
+    port: int,
+    ends: float,
+    cutter: _Cutter,
+    timeout: float,
+    *,
+    party: str,
+    outward: bool = False,
 ) -> socket.socket:
     """A TCP connection to the first of `host`'s addresses that answers, each attempt given
-    only what is left of the GET's time; the socket's timeout then is what remains."""
+    only what is left of the GET's time; the socket's timeout then is what remains. With
+    `outward`, addresses that are `inward` are skipped: checked on the very address
+    connected to, so a name that resolves elsewhere the next time (DNS rebinding) gains
+    nothing."""
     error: OSError | None = None
     for family, kind, proto, _, address in _resolve(host, port, ends, timeout, party):
+        if outward and inward(str(address[0])):
+            error = OSError(f"{host}: address {address[0]} is of this host or its link: refused")
+            continue
         left = ends - time.monotonic()
         if left <= 0 or cutter.fired:
             break

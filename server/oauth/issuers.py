@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from server import https_get
 from server.errors import ConfigError
@@ -51,6 +52,7 @@ RETRY = 30.0
 WANTED_GAP = 10.0
 # A JWKS served for OIDC marks its keys "sig"; one served as a SPIFFE bundle, "jwt-svid".
 KEY_USES = ("sig", USE_JWT)
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)\s*(?:,|$)", re.IGNORECASE)
 
 
@@ -101,12 +103,20 @@ def fetch_keys(
         check_issuer(jwks_uri, "jwks_uri")  # https (http on loopback only), a host
     except ConfigError as exc:
         raise IssuerError(f"{issuer.url}: {exc}") from None
+    # The issuer's document chooses this URL, not the operator: elsewhere than the issuer's
+    # own origin it was a GET from svidd to wherever the issuer liked (SSRF): a plain-http
+    # service on our loopback, the cloud metadata service by a name resolving to it.
+    elsewhere = _origin(jwks_uri) != _origin(issuer.url)
+    if elsewhere and not jwks_uri.startswith("https://"):
+        raise IssuerError(
+            f"{issuer.url}: jwks_uri {jwks_uri[:200]!r} is plain http off the issuer's origin"
+        )
     left = deadline - time.monotonic()
     if left <= 0:
         raise IssuerError(f"{issuer.url}: no time left for its JWKS within the {timeout:g} s")
     # The JWKS's host is the one the issuer's document names: its lookups count against
     # the issuer too, so names it makes up to hang hold its own room only.
-    keys, max_age = _get(jwks_uri, ctx, left, issuer.url)
+    keys, max_age = _get(jwks_uri, ctx, left, issuer.url, outward=elsewhere)
     try:
         bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
     except BundleError as exc:
@@ -118,10 +128,23 @@ def fetch_keys(
     return FetchedKeys(bundle, max_age)
 
 
-def _get(url: str, ctx: ssl.SSLContext, timeout: float, party: str) -> tuple[bytes, float | None]:
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the default one named): check_issuer has parsed the URL."""
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS.get(parts.scheme)
+
+
+def _get(
+    url: str, ctx: ssl.SSLContext, timeout: float, party: str, *, outward: bool = False
+) -> tuple[bytes, float | None]:
     try:
         reply = https_get.get(
-            url, context=ctx, limit=MAX_DOCUMENT_BYTES, timeout=timeout, party=party
+            url,
+            context=ctx,
+            limit=MAX_DOCUMENT_BYTES,
+            timeout=timeout,
+            party=party,
+            outward=outward,
         )
     except (OSError, http.client.HTTPException) as exc:
         raise IssuerError(f"{url}: {type(exc).__name__}: {exc}") from None

@@ -265,3 +265,39 @@ def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_fre
     assert addresses
     wait_for(lambda: not lookups._pending, 5, "no lookup pending", interval=0.01)
     assert not lookups._held
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "::1",
+        "169.254.169.254",
+        "fe80::1%1",
+        "0.0.0.0",
+        "::",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "224.0.0.1",
+        "240.0.0.1",
+    ],
+)
+def test_addresses_of_this_host_or_its_link_are_inward(address: str) -> None:
+    assert https_get.inward(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "10.1.2.3", "2606:4700::1111"])
+def test_other_hosts_addresses_are_not_inward(address: str) -> None:
+    # A private range is another host of the deployment (an issuer on 10/8), not this one.
+    assert not https_get.inward(address)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_outward_get_connects_to_no_inward_address_whatever_the_name(scheme: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"{scheme}://localhost:{listener.getsockname()[1]}/doc"
+        with pytest.raises(OSError, match="of this host or its link"):
+            https_get.get(url, context=None, limit=100, timeout=2, outward=True)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            listener.accept()

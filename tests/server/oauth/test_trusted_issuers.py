@@ -5,10 +5,13 @@ own), or by a bundle file."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ class Issuer:
     ca_file: Path = Path()
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
     named_issuer: str | None = None  # None: its own URL
+    jwks_uri: str | None = None  # None: its own /jwks
     status: int = 200
     max_age: int = 120
     fetches: dict[str, int] = field(default_factory=dict)
@@ -75,7 +79,8 @@ class Issuer:
         if self.status != 200:
             return self.status, b"{}", {}
         if path == "/.well-known/openid-configuration":
-            doc = {"issuer": self.named_issuer or self.url, "jwks_uri": self.url + "/jwks"}
+            jwks_uri = self.jwks_uri or self.url + "/jwks"
+            doc = {"issuer": self.named_issuer or self.url, "jwks_uri": jwks_uri}
             return 200, json.dumps(doc).encode(), {}
         if path == "/jwks":
             jwks = [
@@ -272,6 +277,58 @@ def test_the_fetch_refuses_what_it_cannot_trust(issuer: Issuer, case: str, says:
         ca_file = write_tls_files(short_tmpdir("iso"))[0]  # another CA than the issuer's
     with pytest.raises(IssuerError, match=says):
         _fetch(issuer, ca_file)
+
+
+class Victim:
+    """A service on this host's loopback that only the host should reach (a local admin
+    port, a sidecar): counts the connections made to it, and answers none."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        # shutdown, not only close: an accept blocked in another thread would hold on.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("http://127.0.0.1:{port}/admin/keys", "plain http off the issuer's origin"),
+        ("https://localhost:{port}/jwks", "of this host or its link"),
+        ("https://127.0.0.1:{port}/jwks", "of this host or its link"),
+    ],
+)
+def test_a_jwks_uri_off_the_issuers_origin_never_leads_to_this_hosts_own_services(
+    issuer: Issuer, where: str, says: str
+) -> None:
+    # The issuer's document chooses the jwks_uri: pointed at a service on svidd's loopback
+    # (or the cloud metadata address), it made svidd GET it for the issuer (SSRF).
+    issuer.add_key("p1")
+    victim = Victim()
+    try:
+        issuer.jwks_uri = where.format(port=victim.port)
+        with pytest.raises(IssuerError, match=says):
+            _fetch(issuer)
+        assert victim.connections == 0
+    finally:
+        victim.close()
 
 
 def _partner_down(clock: Clock) -> tuple[DiscoveredIssuers, list[str]]:
