@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from server import https_get
 from server.errors import ConfigError
+from server.input_text import shown
 from server.oauth.discovery import OIDC_PATH
 from server.oauth.settings import TrustedIssuer, check_issuer
 from svid._bundle import USE_JWT, JwtBundle
@@ -64,7 +65,12 @@ Audit = Callable[..., object]
 
 
 class IssuerError(Exception):
-    """An issuer's discovery document or keys could not be fetched or were refused."""
+    """An issuer's discovery document or keys could not be fetched or were refused. Its
+    message quotes the issuer's answers (a status line, a key's members): made printable
+    here, as it reaches the logs and the ledger."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shown(message))
 
 
 @dataclass(frozen=True, slots=True)

@@ -437,7 +437,8 @@ class SvidEndpoint:
     """A bundle endpoint of our own making: presents `leaf` (an X.509-SVID) and answers every
     GET with `body`, until closed."""
 
-    def __init__(self, leaf: Issued, issuer: Issued, body: bytes) -> None:
+    def __init__(self, leaf: Issued, issuer: Issued, body: bytes, *, raw: bool = False) -> None:
+        """`raw`: `body` is the whole answer, status line and headers too."""
         tmp = short_tmpdir("fed")
         (tmp / "chain.pem").write_bytes(certs_to_pem([leaf.cert, issuer.cert]))
         (tmp / "key.pem").write_bytes(
@@ -451,7 +452,15 @@ class SvidEndpoint:
         context.load_cert_chain(tmp / "chain.pem", tmp / "key.pem")
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}/"
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        answer = (
+            body
+            if raw
+            else b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+            % (
+                len(body),
+                body,
+            )
+        )
 
         def serve() -> None:
             while True:
@@ -542,6 +551,57 @@ def test_a_non_self_serving_endpoint_is_authenticated_by_its_own_trust_domains_b
     finally:
         genuine.close()
         forged.close()
+
+
+# What a hostile endpoint writes where svidd quotes it: a terminal title and a cleared screen
+# (ESC sequences), a NUL (PostgreSQL text takes none), a forged line.
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\x00\r\nbundle accepted"
+
+
+def test_a_refusal_quoting_the_endpoint_reaches_operator_and_ledger_as_printable_text() -> None:
+    """The status line a hostile endpoint answers is quoted in the refusal: raw, its escape
+    sequences reached the operator's terminal (`federation refresh`), the logs and the
+    ledger; its NUL made PostgreSQL refuse the ledger row, so the refusal went unrecorded."""
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    hostile = SvidEndpoint(
+        _now_leaf(hub, endpoint_id), hub, HOSTILE.encode("latin-1") + b"\r\n\r\n", raw=True
+    )
+    try:
+        with managed_server(trust_domain="other.org") as other:
+            admin = other.admin()
+            _set_bundle(admin, "hub.org", hub)
+            rel = admin_pb2.FederationRelationship(
+                trust_domain="example.org",
+                bundle_endpoint_url=hostile.url,
+                profile=HTTPS_SPIFFE,
+                endpoint_spiffe_id=endpoint_id,
+            )
+            admin.CreateFederationRelationship(
+                admin_pb2.CreateFederationRelationshipRequest(relationship=rel), timeout=10
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.RefreshFederatedBundle(
+                    admin_pb2.RefreshFederatedBundleRequest(trust_domain="example.org"),
+                    timeout=30,
+                )
+            details = str(refused.value.details())
+            assert "unreachable" in details
+            assert details.isprintable()
+            assert "\\x1b]0;owned\\x07" in details  # shown, escaped
+            reasons = [str(e["reason"]) for e in _events(other, BUNDLE_REFUSED)]
+            assert reasons
+            assert all(r.isprintable() for r in reasons)
+    finally:
+        hostile.close()
+
+
+def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
+    ca = make_ca("example.org", spiffe_id=f"spiffe://evil.org/{HOSTILE}")
+    body = SpiffeBundle(HOME, (ca.cert,)).to_json()
+    with pytest.raises(FederationError, match=r"belongs to spiffe://evil\.org") as refused:
+        check_bundle(HOME, body)
+    assert str(refused.value).isprintable()
 
 
 def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:

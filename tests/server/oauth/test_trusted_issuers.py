@@ -331,6 +331,33 @@ def test_a_jwks_uri_off_the_issuers_origin_never_leads_to_this_hosts_own_service
         victim.close()
 
 
+def test_a_refusal_quoting_the_issuer_is_printable_text() -> None:
+    # The issuer's status line is quoted in the refusal, which the logs and the ledger keep:
+    # raw, its escape sequences and NUL went there as it wrote them.
+    ca_file, cert, key = write_tls_files(short_tmpdir("isq"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with contextlib.suppress(OSError), ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.recv(65536)
+            conn.sendall(b"\x1b]0;owned\x07\x1b[2J\x00\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(IssuerError) as refused:
+            fetch_keys(TrustedIssuer(PARTNER, url), ssl.create_default_context(cafile=ca_file))
+        assert str(refused.value).isprintable()
+        assert "\\x1b]0;owned\\x07" in str(refused.value)
+    finally:
+        thread.join(5)
+        listener.close()
+
+
 def _partner_down(clock: Clock) -> tuple[DiscoveredIssuers, list[str]]:
     """Issuers with PARTNER alone trusted, whose every fetch fails; and the URLs fetched."""
     calls: list[str] = []
