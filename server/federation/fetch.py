@@ -22,6 +22,7 @@ from cryptography import x509
 from server import https_get
 from server.datastore.records import HTTPS_SPIFFE, HTTPS_WEB, FederationRelationship
 from server.federation.errors import FederationError
+from server.strict_json import member_twice
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
 from svid._errors import SvidError
@@ -38,7 +39,13 @@ MAX_BUNDLE_NUMBER = 2**63 - 1
 def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
     """The bundle `body` holds, if it is one of `trust_domain`: parsed, and every X.509
     authority that names a trust domain (a URI SAN, as SPIFFE CA certificates carry) naming
-    this one, and its numbers within what the agents are sent. FederationError otherwise."""
+    this one, and its numbers within what the agents are sent; no object in it naming a
+    member twice (server/strict_json.py). FederationError otherwise."""
+    twice = member_twice(body)
+    if twice is not None:
+        raise FederationError(
+            f"bundle of {trust_domain} refused: an object in it names {twice[:100]!r} twice"
+        )
     try:
         bundle = SpiffeBundle.parse(trust_domain, body)
     except SvidError as exc:

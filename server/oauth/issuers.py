@@ -34,6 +34,7 @@ from server.errors import ConfigError
 from server.input_text import shown
 from server.oauth.discovery import OIDC_PATH
 from server.oauth.settings import TrustedIssuer, check_issuer
+from server.strict_json import member_twice
 from svid._bundle import USE_JWT, JwtBundle
 from svid._clock import Clock, ElapsedClock
 from svid._errors import BundleError
@@ -90,6 +91,7 @@ def fetch_keys(
     what went wrong."""
     deadline = time.monotonic() + timeout
     body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout, issuer.url)
+    _refuse_member_twice(issuer, "discovery document", body)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -123,6 +125,7 @@ def fetch_keys(
     # The JWKS's host is the one the issuer's document names: its lookups count against
     # the issuer too, so names it makes up to hang hold its own room only.
     keys, max_age = _get(jwks_uri, ctx, left, issuer.url, outward=elsewhere)
+    _refuse_member_twice(issuer, "JWKS", keys)
     try:
         bundle = JwtBundle.parse_jwks(issuer.trust_domain, keys, uses=KEY_USES)
     except BundleError as exc:
@@ -132,6 +135,14 @@ def fetch_keys(
     if len(bundle.keys) > MAX_KEYS:
         raise IssuerError(f"{issuer.url}: its JWKS holds {len(bundle.keys)} keys (> {MAX_KEYS})")
     return FetchedKeys(bundle, max_age)
+
+
+def _refuse_member_twice(issuer: TrustedIssuer, what: str, body: bytes) -> None:
+    """Read one way only (server/strict_json.py): two "issuer" members, or two "kid" in a
+    key, mean one thing here and another to the issuer's other relying parties."""
+    twice = member_twice(body)
+    if twice is not None:
+        raise IssuerError(f"{issuer.url}: an object of its {what} names {twice[:100]!r} twice")
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -602,6 +603,42 @@ def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
     with pytest.raises(FederationError, match=r"belongs to spiffe://evil\.org") as refused:
         check_bundle(HOME, body)
     assert str(refused.value).isprintable()
+
+
+@pytest.mark.parametrize(
+    ("twice", "member"),
+    [
+        # Another reader keeping the first value reads an X.509 authority, this one a JWT key.
+        (lambda key: key.replace('"use":"x509-svid"', '"use":"jwt-svid","use":"x509-svid"'), "use"),
+        (
+            lambda doc: doc.replace(
+                '"spiffe_sequence":2', '"spiffe_sequence":1,"spiffe_sequence":2'
+            ),
+            "spiffe_sequence",
+        ),
+        (lambda doc: doc.replace('{"keys":', '{"keys":[],"keys":'), "keys"),
+    ],
+)
+def test_a_bundle_naming_a_member_twice_is_refused(twice: Any, member: str) -> None:
+    """RFC 8259 leaves a member named twice to the reader: Python and Go keep the last,
+    others the first. Such a bundle is refused, fetched or set by hand, not read our way."""
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    served = twice(
+        SpiffeBundle(HOME, (_now_ca("example.org").cert,), sequence=2).to_json().decode()
+    )
+    assert served.count(f'"{member}"') == 2
+    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, served.encode())
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
+        )
+        with pytest.raises(FederationError, match=f"names '{member}' twice"):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+    finally:
+        endpoint.close()
+    with pytest.raises(FederationError, match=f"names '{member}' twice"):
+        check_bundle(HOME, served.encode())
 
 
 def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:

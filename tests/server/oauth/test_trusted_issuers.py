@@ -60,6 +60,7 @@ class Issuer:
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
     named_issuer: str | None = None  # None: its own URL
     jwks_uri: str | None = None  # None: its own /jwks
+    twice: str = ""  # a member its documents name twice: "issuer" or "kid"
     status: int = 200
     max_age: int = 120
     fetches: dict[str, int] = field(default_factory=dict)
@@ -81,14 +82,20 @@ class Issuer:
         if path == "/.well-known/openid-configuration":
             jwks_uri = self.jwks_uri or self.url + "/jwks"
             doc = {"issuer": self.named_issuer or self.url, "jwks_uri": jwks_uri}
-            return 200, json.dumps(doc).encode(), {}
+            text = json.dumps(doc)
+            if self.twice == "issuer":  # read first by others: another issuer's document
+                text = text.replace('{"issuer"', '{"issuer": "https://elsewhere.example", "issuer"')
+            return 200, text.encode(), {}
         if path == "/jwks":
             jwks = [
                 {**public_key_members(k.public_key()), "kid": kid, "use": "sig", "alg": "ES256"}
                 for kid, k in self.keys.items()
             ]
             headers = {"Cache-Control": f"public, max-age={self.max_age}"}
-            return 200, json.dumps({"keys": jwks}).encode(), headers
+            text = json.dumps({"keys": jwks})
+            if self.twice == "kid":  # read first by others: a key of another kid
+                text = text.replace('"kid"', '"kid": "other", "kid"', 1)
+            return 200, text.encode(), headers
         return 404, b"{}", {}
 
 
@@ -329,6 +336,14 @@ def test_a_jwks_uri_off_the_issuers_origin_never_leads_to_this_hosts_own_service
         assert victim.connections == 0
     finally:
         victim.close()
+
+
+@pytest.mark.parametrize("member", ["issuer", "kid"])
+def test_a_document_naming_a_member_twice_is_refused(issuer: Issuer, member: str) -> None:
+    issuer.add_key("p1")
+    issuer.twice = member
+    with pytest.raises(IssuerError, match=f"names '{member}' twice"):
+        _fetch(issuer)
 
 
 def test_a_refusal_quoting_the_issuer_is_printable_text() -> None:
