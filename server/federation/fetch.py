@@ -34,13 +34,20 @@ MAX_BUNDLE_BYTES = 1024 * 1024
 # The agents are sent a foreign bundle's sequence and refresh hint as int64 (common.Bundle): a
 # larger one, installed, failed every Sync that carried the bundle.
 MAX_BUNDLE_NUMBER = 2**63 - 1
+# At most this many X.509 authorities, and as many JWT keys, in a foreign bundle: a trust
+# domain rotating holds a few. A megabyte of them (some 2,000 CA certificates under one
+# subject name) made each of our workloads that accepts the trust domain try every one
+# against any chain claiming that issuer (a signature check each, for whoever connects),
+# and was sent to every agent federating with it at each change, once a minute.
+MAX_AUTHORITIES = 64
 
 
 def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
     """The bundle `body` holds, if it is one of `trust_domain`: parsed, and every X.509
     authority that names a trust domain (a URI SAN, as SPIFFE CA certificates carry) naming
-    this one, and its numbers within what the agents are sent; no object in it naming a
-    member twice (server/strict_json.py). FederationError otherwise."""
+    this one, at most MAX_AUTHORITIES of each kind, and its numbers within what the agents
+    are sent; no object in it naming a member twice (server/strict_json.py).
+    FederationError otherwise."""
     twice = member_twice(body)
     if twice is not None:
         raise FederationError(
@@ -50,6 +57,14 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
         bundle = SpiffeBundle.parse(trust_domain, body)
     except SvidError as exc:
         raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
+    for kind, count in (
+        ("X.509 authorities", len(bundle.x509_authorities)),
+        ("JWT authorities", len(bundle.jwt_authorities)),
+    ):
+        if count > MAX_AUTHORITIES:
+            raise FederationError(
+                f"bundle of {trust_domain} refused: {count} {kind}, at most {MAX_AUTHORITIES}"
+            )
     for name, value in (
         ("spiffe_sequence", bundle.sequence),
         ("spiffe_refresh_hint", bundle.refresh_hint),

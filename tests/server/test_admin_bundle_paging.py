@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.cli import main
-from server.federation.fetch import MAX_BUNDLE_BYTES
+from server.federation.fetch import MAX_AUTHORITIES, MAX_BUNDLE_BYTES
 from server.listing import MAX_PAGE_BYTES
 from svid._bundle import SpiffeBundle
 from svid._proto import admin_pb2
@@ -28,9 +28,10 @@ def srv() -> Iterator[RunningServer]:
 
 
 def _large_bundle(trust_domain: str) -> bytes:
-    # One key under thousands of key ids: a bundle near the maximum, cheap to make.
+    # One key under as many long key ids as a bundle may hold: near the maximum size, cheap
+    # to make.
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    keys = {f"k{n:06d}" + "x" * 64: key for n in range(4000)}
+    keys = {f"k{n:06d}" + "x" * 14_000: key for n in range(MAX_AUTHORITIES)}
     body = SpiffeBundle(TrustDomain(trust_domain), (), keys, sequence=1).to_json()
     assert MAX_PAGE_BYTES // 3 < len(body) <= MAX_BUNDLE_BYTES
     return body

@@ -23,6 +23,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from server.datastore.records import (
@@ -32,7 +33,7 @@ from server.datastore.records import (
     FederationRelationship,
 )
 from server.federation.errors import FederationError
-from server.federation.fetch import check_bundle, fetch_bundle
+from server.federation.fetch import MAX_AUTHORITIES, check_bundle, fetch_bundle
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
@@ -639,6 +640,38 @@ def test_a_bundle_naming_a_member_twice_is_refused(twice: Any, member: str) -> N
         endpoint.close()
     with pytest.raises(FederationError, match=f"names '{member}' twice"):
         check_bundle(HOME, served.encode())
+
+
+def test_a_bundle_of_more_authorities_than_a_trust_domain_rotates_through_is_refused() -> None:
+    """A megabyte of CA certificates under one subject name: each of our workloads accepting
+    the trust domain tried every one against any chain naming that issuer (a signature check
+    each, for whoever connects), and every agent federating with it was sent them all."""
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    # make_ca names every one "CA example.org": the same subject.
+    cas = tuple(_now_ca("example.org").cert for _ in range(MAX_AUTHORITIES + 1))
+    served = SpiffeBundle(HOME, cas, sequence=2).to_json()
+    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, served)
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
+        )
+        with pytest.raises(
+            FederationError, match=f"65 X.509 authorities, at most {MAX_AUTHORITIES}"
+        ):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+    finally:
+        endpoint.close()
+    assert (
+        len(
+            check_bundle(HOME, SpiffeBundle(HOME, cas[:MAX_AUTHORITIES]).to_json()).x509_authorities
+        )
+        == MAX_AUTHORITIES
+    )
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwt_keys = {f"k{i}": key for i in range(MAX_AUTHORITIES + 1)}
+    with pytest.raises(FederationError, match="65 JWT authorities"):
+        check_bundle(HOME, SpiffeBundle(HOME, (), jwt_keys).to_json())
 
 
 def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
