@@ -145,13 +145,27 @@ def inward(address: str) -> bool:
     """Whether `address` reaches this host or its link rather than another party's server:
     loopback, link-local (a cloud's metadata service, 169.254.169.254), unspecified (0.0.0.0
     connects to this host), multicast or reserved; IPv4-mapped IPv6 as the IPv4 address it
-    maps. A URL another party chose must not lead there (SSRF)."""
+    maps; and the metadata services clouds put elsewhere (_METADATA). A URL another party
+    chose must not lead there (SSRF)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return (
-        ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+        ip.is_loopback
+        or ip.is_link_local
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip in _METADATA
     )
+
+
+# Cloud metadata services outside the link-local range: Alibaba Cloud's (in the shared
+# address space), AWS's IPv6 one (a unique local address). Private ranges as such are not
+# inward: an issuer's keys may be served by another host of the deployment.
+_METADATA = frozenset(
+    {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")}
+)
 
 
 def _connect(

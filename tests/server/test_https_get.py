@@ -280,6 +280,8 @@ def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_fre
         "::ffff:169.254.169.254",
         "224.0.0.1",
         "240.0.0.1",
+        "100.100.100.200",
+        "fd00:ec2::254",
     ],
 )
 def test_addresses_of_this_host_or_its_link_are_inward(address: str) -> None:
