@@ -24,21 +24,11 @@ def refuse_unprintable(name: str, *values: str) -> None:
 
 def shown(text: str) -> str:
     """`text` as one line of printable text: each character that is not printable (a NUL, a
-    newline, an escape sequence's ESC) written as its escape, \\x1b. For what another party
-    put in a message (a foreign endpoint's status line, a certificate's URI SAN): the message
-    reaches an operator's terminal, the logs, and the ledger, which on PostgreSQL takes no
-    NUL (a refusal holding one was not recorded at all)."""
+    newline, an escape sequence's ESC) written as its Python escape (`\\n`, `\\x1b`), as the
+    text log writes them (svid/_logs.py). For what another party put in a message (a foreign
+    endpoint's status line, a certificate's URI SAN): the message reaches an operator's
+    terminal, the logs, and the ledger, which on PostgreSQL takes no NUL (a refusal holding
+    one was not recorded at all)."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else _escape(c) for c in text)
-
-
-def _escape(c: str) -> str:
-    code = ord(c)
-    return (
-        f"\\x{code:02x}"
-        if code <= 0xFF
-        else f"\\u{code:04x}"
-        if code <= 0xFFFF
-        else f"\\U{code:08x}"
-    )
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
