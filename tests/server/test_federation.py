@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
+from server.ca.sealing import KeyEncryptionKey
 from server.datastore.records import (
     HTTPS_SPIFFE,
     HTTPS_WEB,
@@ -560,17 +561,26 @@ def test_a_non_self_serving_endpoint_is_authenticated_by_its_own_trust_domains_b
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x00\r\nbundle accepted"
 
 
-def test_a_refusal_quoting_the_endpoint_reaches_operator_and_ledger_as_printable_text() -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_refusal_quoting_the_endpoint_reaches_operator_and_ledger_as_printable_text(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
     """The status line a hostile endpoint answers is quoted in the refusal: raw, its escape
     sequences reached the operator's terminal (`federation refresh`), the logs and the
     ledger; its NUL made PostgreSQL refuse the ledger row, so the refusal went unrecorded."""
+    overrides: dict[str, Any] = {"trust_domain": "other.org"}
+    if backend == "postgresql":
+        kek = short_tmpdir("fpk") / "kek"
+        KeyEncryptionKey.generate().write_new(kek)
+        overrides["datastore"] = request.getfixturevalue("postgres_dsn")
+        overrides["key_encryption_key_file"] = str(kek)
     hub = _now_ca("hub.org")
     endpoint_id = "spiffe://hub.org/bundle-server"
     hostile = SvidEndpoint(
         _now_leaf(hub, endpoint_id), hub, HOSTILE.encode("latin-1") + b"\r\n\r\n", raw=True
     )
     try:
-        with managed_server(trust_domain="other.org") as other:
+        with managed_server(**overrides) as other:
             admin = other.admin()
             _set_bundle(admin, "hub.org", hub)
             rel = admin_pb2.FederationRelationship(
@@ -592,7 +602,7 @@ def test_a_refusal_quoting_the_endpoint_reaches_operator_and_ledger_as_printable
             assert details.isprintable()
             assert "\\x1b]0;owned\\x07" in details  # shown, escaped
             reasons = [str(e["reason"]) for e in _events(other, BUNDLE_REFUSED)]
-            assert reasons
+            assert reasons, "no refusal on the ledger"
             assert all(r.isprintable() for r in reasons)
     finally:
         hostile.close()
