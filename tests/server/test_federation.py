@@ -608,6 +608,29 @@ def test_a_refusal_quoting_the_endpoint_reaches_operator_and_ledger_as_printable
         hostile.close()
 
 
+def test_a_redirect_to_this_hosts_own_services_is_not_followed() -> None:
+    """A bundle endpoint answering 302 to a local service (a metadata address, an admin
+    port): refused as the answer it is, the place it names never asked."""
+    victim = socket.create_server(("127.0.0.1", 0))
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    location = f"http://127.0.0.1:{victim.getsockname()[1]}/latest/meta-data/"
+    answer = f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, answer.encode(), raw=True)
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
+        )
+        with pytest.raises(FederationError, match="answered HTTP 302"):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+        victim.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            victim.accept()
+    finally:
+        endpoint.close()
+        victim.close()
+
+
 def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
     ca = make_ca("example.org", spiffe_id=f"spiffe://evil.org/{HOSTILE}")
     body = SpiffeBundle(HOME, (ca.cert,)).to_json()
