@@ -157,7 +157,15 @@ def fetch_bundle(
         raise FederationError(f"{td}: bundle endpoint URL {rel.endpoint_url!r} has no valid port")
 
     def check_peer(der: bytes | None) -> None:
-        presented = endpoint_id_of(der)
+        try:
+            presented = endpoint_id_of(der)
+        except (SvidError, ValueError) as exc:
+            # A certificate OpenSSL chained whose SAN cryptography cannot read (a URI that is
+            # no IA5String): raised as is, it was no refusal but an unknown error, retried
+            # every few seconds with a traceback, never backed off nor put on the ledger.
+            raise FederationError(
+                f"{td}: bundle endpoint presented a certificate whose names do not parse: {exc}"
+            ) from None
         if presented != rel.endpoint_spiffe_id:
             raise FederationError(
                 f"{td}: bundle endpoint presented {presented or 'no SPIFFE ID'}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -629,6 +630,39 @@ def test_a_redirect_to_this_hosts_own_services_is_not_followed() -> None:
     finally:
         endpoint.close()
         victim.close()
+
+
+def test_an_endpoint_svid_whose_san_does_not_parse_is_a_refusal() -> None:
+    """A leaf the endpoint trust domain's CA signed (OpenSSL chains it) whose URI SAN is no
+    IA5String: reading its SPIFFE ID raised X509SvidError out of the fetch, an unknown error
+    to `federation refresh`, retried every 5 s with a traceback and never put on the ledger."""
+    hub = _now_ca("hub.org")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    garbled = x509.UnrecognizedExtension(
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x86\x01\xff"
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(hub.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(garbled, critical=True)
+        .sign(hub.key, hashes.SHA256())
+    )
+    endpoint = SvidEndpoint(Issued(leaf, key), hub, SpiffeBundle(HOME).to_json())
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id="spiffe://hub.org/b"
+        )
+        with pytest.raises(FederationError, match="names do not parse"):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+    finally:
+        endpoint.close()
 
 
 def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
