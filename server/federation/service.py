@@ -713,8 +713,10 @@ class FederationService:
         except NotFoundError:
             self._due.pop(td, None)
         except Exception:
+            # Not a refusal, so a bug, but one what the endpoint serves may trigger at every
+            # fetch: backed off as failures are, not a traceback every RETRY seconds for ever.
             _log.exception("foreign bundle refresh failed", extra={"td": td})
-            self._schedule(td, RETRY)
+            self._schedule(td, self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed())
         finally:
             await self._let_go(td)  # deleted while it was fetched
 

@@ -179,6 +179,24 @@ def test_an_endpoint_that_keeps_failing_is_fetched_less_and_less_often(world: Wo
     assert world.service.next_fetch("example.org") == world.clock.now() + RETRY
 
 
+def test_a_fetch_that_fails_unexpectedly_is_retried_less_and_less_often(world: World) -> None:
+    # An error no refusal names (an endpoint found a bug) was retried every 5 s for ever, a
+    # traceback each time, whatever the endpoint kept serving.
+    def broken() -> SpiffeBundle:
+        raise RuntimeError("what the endpoint served broke the fetch")
+
+    waits = []
+    for _ in range(4):
+        world.answers = [broken]
+        world.run(world.service.refresh_due())
+        waits.append(world.service.next_fetch("example.org") - world.clock.now())
+        world.clock.advance(waits[-1])  # type: ignore[attr-defined]
+    assert waits == [RETRY, 10, 20, 40]
+    world.answers = [_bundle(1, hint=3600)]
+    world.run(world.service.refresh_due())
+    assert world.service.next_fetch("example.org") == world.clock.now() + 3600
+
+
 def test_a_failed_fetch_keeps_the_last_good_bundle(world: World) -> None:
     world.answers = [_bundle(1), FederationError("example.org: unreachable")]
     world.run(world.service.refresh("example.org"))
