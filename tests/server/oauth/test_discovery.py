@@ -114,3 +114,27 @@ def test_head_is_answered_with_the_get_headers_and_no_body(oauth_server: OAuthSe
         get = client.get(oauth_server.issuer + "/keys")
         assert head.headers["content-length"] == get.headers["content-length"]
         assert client.head(oauth_server.issuer + "/nothing").status_code == 404
+
+
+def test_the_documents_name_the_configured_issuer_whatever_host_the_client_says(
+    oauth_server: OAuthServer,
+) -> None:
+    # A Host header of the attacker's choosing (a cache in front keyed without it, a client
+    # that trusts what it is told) must not name another issuer or keys elsewhere.
+    ctx = oauth_server.ssl_context()
+    headers = {"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+        doc = httpx.get(oauth_server.issuer + path, headers=headers, verify=ctx).json()
+        assert doc["issuer"] == oauth_server.issuer
+        assert doc["jwks_uri"] == oauth_server.issuer + "/keys"
+        assert "evil" not in json.dumps(doc)
+
+
+def test_the_jwks_publishes_public_jwt_keys_only(oauth_server: OAuthServer) -> None:
+    # No private member, no X.509 authority (nor its certificate): the JWT keys alone.
+    jwks = httpx.get(oauth_server.issuer + "/keys", verify=oauth_server.ssl_context()).json()
+    bundle = oauth_server.running.server.state.bundle
+    assert sorted(k["kid"] for k in jwks["keys"]) == sorted(bundle.jwt_authorities)
+    for key in jwks["keys"]:
+        assert key["use"] == "sig"
+        assert set(key) <= {"kty", "crv", "x", "y", "n", "e", "use", "alg", "kid"}
