@@ -55,7 +55,7 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
         )
     try:
         bundle = SpiffeBundle.parse(trust_domain, body)
-    except SvidError as exc:
+    except ValueError as exc:  # SvidError, or cryptography's on a name it reads lazily
         raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
     for kind, count in (
         ("X.509 authorities", len(bundle.x509_authorities)),
@@ -74,15 +74,22 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
                 f"bundle of {trust_domain} refused: {name} is past {MAX_BUNDLE_NUMBER}"
             )
     for cert in bundle.x509_authorities:
+        # Names are read here, not by the parse (cryptography reads them lazily): one that does
+        # not parse (a SAN, a subject of invalid UTF-8) raised ValueError from whatever read it
+        # first, the refusal's own message among them, as an unknown error.
         try:
             uris = _uris(cert)
-        except SvidError as exc:  # the parse reads no extension: a SAN that does not parse
-            raise FederationError(f"bundle of {trust_domain} refused: {exc}") from None
+            subject = cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+        except ValueError as exc:  # SvidError from extensions_of too
+            raise FederationError(
+                f"bundle of {trust_domain} refused: an X.509 authority's names do not parse: {exc}"
+            ) from None
         for uri in uris:
             if uri != str(trust_domain.id):
                 raise FederationError(
                     f"bundle of {trust_domain} refused: its X.509 authority "
-                    f"{cert.subject.rfc4514_string()} belongs to {uri}"
+                    f"{subject} belongs to {uri}"
                 )
     return bundle
 

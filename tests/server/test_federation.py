@@ -4,6 +4,7 @@ checked, recorded on the ledger and pushed on the Sync stream; refusals keep the
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import json
@@ -40,6 +41,7 @@ from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
 from svid._jose import b64url_encode
+from svid._jwk import public_key_members
 from svid._proto import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2
 from svid._spiffe_id import TrustDomain
 from tests.ports import free_port
@@ -770,6 +772,35 @@ def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
             )
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed extensions" in str(refused.value.details())
+
+
+@pytest.mark.parametrize("san", ["spiffe://evil.org", "spiffe://example.org"])
+def test_a_bundle_whose_authority_has_a_subject_that_does_not_parse_is_refused(san: str) -> None:
+    """A CA certificate whose subject is a UTF8String of invalid UTF-8 (its signature is no
+    matter: a root's is not checked): cryptography reads the name lazily, and the ValueError
+    came from the refusal's own message (another trust domain's URI SAN), an unknown error;
+    its URI SAN matching, it was installed with names nothing here can read."""
+    ca = make_ca("zzzz.org", spiffe_id=san)
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"CA zzzz.org") == 2  # issuer and subject
+    garbled = der.replace(b"CA zzzz.org", b"\xff" * len("CA zzzz.org"))
+    key = {
+        **public_key_members(ca.key.public_key()),
+        "use": "x509-svid",
+        "x5c": [base64.b64encode(garbled).decode()],
+    }
+    body = json.dumps({"keys": [key]}).encode()
+    with pytest.raises(FederationError, match="names do not parse"):
+        check_bundle(HOME, body)
+    with managed_server(trust_domain="other.org") as other:
+        with pytest.raises(grpc.RpcError) as refused:
+            other.admin().SetFederatedBundle(
+                admin_pb2.SetFederatedBundleRequest(
+                    bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=body)
+                ),
+                timeout=10,
+            )
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_an_entry_that_moves_to_an_agent_brings_its_foreign_bundles_on_the_stream() -> None:
