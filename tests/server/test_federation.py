@@ -36,7 +36,12 @@ from server.datastore.records import (
     FederationRelationship,
 )
 from server.federation.errors import FederationError
-from server.federation.fetch import MAX_AUTHORITIES, check_bundle, fetch_bundle
+from server.federation.fetch import (
+    MAX_AUTHORITIES,
+    MAX_BUNDLE_BYTES,
+    check_bundle,
+    fetch_bundle,
+)
 from server.federation.service import BUNDLE_CHANGED, BUNDLE_REFUSED
 from svid._bundle import SpiffeBundle
 from svid._der import certs_to_pem
@@ -662,6 +667,23 @@ def test_an_endpoint_svid_whose_san_does_not_parse_is_a_refusal() -> None:
             "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id="spiffe://hub.org/b"
         )
         with pytest.raises(FederationError, match="names do not parse"):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+    finally:
+        endpoint.close()
+
+
+def test_a_bundle_past_its_size_limit_is_refused_unread() -> None:
+    """An endpoint announcing 100 MiB: read up to the limit and a byte, then refused."""
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (100 << 20)
+    answer = head + b" " * (MAX_BUNDLE_BYTES + 2)
+    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, answer, raw=True)
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
+        )
+        with pytest.raises(FederationError, match=f"larger than {MAX_BUNDLE_BYTES} bytes"):
             fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
     finally:
         endpoint.close()
