@@ -11,7 +11,9 @@ Each issuer is fetched at start and again when its JWKS's ``Cache-Control: max-a
 publish (at most once per WANTED_GAP); a failed fetch keeps the keys fetched last and is tried
 again after RETRY. Until a first fetch succeeds, that trust domain's tokens are refused
 (no keys). The fetch is blocking (http.client) and follows no redirect: the issuers due are
-fetched side by side, in threads of their own (https_get.fetch_pool).
+fetched side by side, in threads of their own (https_get.fetch_pool). A ``jwks_uri`` off the
+issuer's own origin is the issuer's choice, not the operator's: https only, and never to an
+address of this host or its link (https_get.inward).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def fetch_keys(
     # own origin it was a GET from svidd to wherever the issuer liked (SSRF): a plain-http
     # service on our loopback, the cloud metadata service by a name resolving to it.
     elsewhere = _origin(jwks_uri) != _origin(issuer.url)
-    if elsewhere and not jwks_uri.startswith("https://"):
+    if elsewhere and urlsplit(jwks_uri).scheme != "https":
         raise IssuerError(
             f"{issuer.url}: jwks_uri {jwks_uri[:200]!r} is plain http off the issuer's origin"
         )
