@@ -26,6 +26,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from server.cli_output import shown
 from server.errors import CliError
 
 if TYPE_CHECKING:
@@ -219,8 +220,10 @@ def _slot_json(item: LostKey) -> dict[str, Any]:
 
 def _slot_lines(lost: Sequence[LostKey]) -> list[str]:
     return [
-        f"  {i.slot.kind:<4} {i.slot.status:<8} slot {i.slot.slot_id}  "
-        + (f"sealed under key id {i.sealed_under}" if i.sealed_under else f"key file {i.path}")
+        shown(
+            f"  {i.slot.kind:<4} {i.slot.status:<8} slot {i.slot.slot_id}  "
+            + (f"sealed under key id {i.sealed_under}" if i.sealed_under else f"key file {i.path}")
+        )
         for i in lost
     ]
 

@@ -90,7 +90,7 @@ def _relationship_text(rel: admin_pb2.FederationRelationship) -> str:
     if rel.ca_file:
         rows.append(("CA file", rel.ca_file))
     rows.append(("Static", "true (configuration file)" if rel.static else "false"))
-    return "\n".join(f"{name:<20}: {value}" for name, value in rows)
+    return "\n".join(f"{name:<20}: {out.shown(value)}" for name, value in rows)
 
 
 def _bundle_json(bundle: admin_pb2.FederatedBundle) -> str:
@@ -186,7 +186,7 @@ def run_command(
         )
         emit(
             args,
-            f"Deleted the relationship with {args.trust_domain}",
+            f"Deleted the relationship with {out.shown(args.trust_domain)}",
             json.dumps({"trust_domain": args.trust_domain}),
         )
     elif cmd == ("federation", "refresh"):
@@ -229,7 +229,11 @@ def run_command(
         stub.DeleteFederatedBundle(
             admin_pb2.DeleteFederatedBundleRequest(trust_domain=args.id), timeout=t
         )
-        emit(args, f"Deleted the bundle of {args.id}", json.dumps({"trust_domain": args.id}))
+        emit(
+            args,
+            f"Deleted the bundle of {out.shown(args.id)}",
+            json.dumps({"trust_domain": args.id}),
+        )
     elif cmd == ("bundle", "show"):
         found = stub.GetFederatedBundle(
             admin_pb2.GetFederatedBundleRequest(trust_domain=args.id), timeout=t

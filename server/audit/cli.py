@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from server.audit.errors import AuditError
+from server.cli_output import shown
 from server.datastore.base import AuditStore
 from server.errors import CliError
 from svid._clock import parse_utc
@@ -197,7 +198,7 @@ def _verify(args: argparse.Namespace, config: Callable[[argparse.Namespace], Any
     if not result.ok:
         raise CliError(str(result))
     if getattr(args, "output", "text") != "json":
-        print(str(result) + (f" (checkpoints signed by {note})" if note else ""))
+        print(shown(str(result) + (f" (checkpoints signed by {note})" if note else "")))
 
 
 def _non_negative_days(text: str) -> float:

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from server import cli_entries
 from server.audit import cli as audit_cli
+from server.cli_output import shown
 from server.config import file_value, read_toml
 from server.errors import CliError
 from svid._clock import SystemClock, format_utc, unix_times_as_numbers
@@ -76,11 +77,11 @@ def _validate(args: argparse.Namespace) -> None:
     )
     if check.problems:
         for problem in check.problems:
-            print(str(problem), file=sys.stderr)
+            print(shown(problem), file=sys.stderr)
         raise CliError(f"policy directory {directory} is invalid ({len(check.problems)} problems)")
     # On stderr, as problems are: stdout stays the one answer (`--output json` parses it).
     for warning in check.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {shown(warning)}", file=sys.stderr)
     if getattr(args, "output", "text") == "json":
         print(json.dumps({"policy_dir": str(directory), "valid": True}))
     else:
@@ -122,7 +123,8 @@ def _task_text(task: task_pb2.Task) -> str:
     ]
     if task.ended_at:
         lines.append(f"Ended          : {when(task.ended_at)}")
-    return "\n".join(lines)
+    # A workload states its intent and a policy words the reason: each line shown escaped.
+    return "\n".join(shown(line) for line in lines)
 
 
 def _as_json(message: Any) -> object:
@@ -172,7 +174,8 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> N
             print(json.dumps(_as_json(info), indent=2))
         else:
             print(
-                f"policy reloaded: {info.hash} from {info.source} ({len(info.policy_ids)} policies)"
+                f"policy reloaded: {info.hash} from {shown(info.source)} "
+                f"({len(info.policy_ids)} policies)"
             )
             # What the others do with it is theirs to report (server/policy/fleet.py).
             print(
