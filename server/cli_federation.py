@@ -13,6 +13,7 @@ from server import cli_output as out
 from server.cli_entries import all_pages
 from server.errors import CliError
 from svid._bundle import SpiffeBundle
+from svid._daemon_config import expand_path
 from svid._errors import SvidError
 from svid._proto import admin_pb2, admin_pb2_grpc
 from svid._spiffe_id import TrustDomain
@@ -45,7 +46,11 @@ def _relationship_flags(parser: argparse.ArgumentParser, *, update: bool) -> Non
     parser.add_argument(
         "--endpoint-spiffe-id", help="https_spiffe: the SPIFFE ID the endpoint presents"
     )
-    parser.add_argument("--ca-file", help="https_web: CA file on the server (default: system)")
+    parser.add_argument(
+        "--ca-file",
+        help="https_web: CA file on the server's host (default: the system's roots); a relative "
+        "path is taken from this command's working directory and sent absolute",
+    )
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -135,8 +140,11 @@ def _merge(rel: admin_pb2.FederationRelationship, args: argparse.Namespace) -> N
             rel.ca_file = ""
     if args.endpoint_spiffe_id is not None:
         rel.endpoint_spiffe_id = args.endpoint_spiffe_id
-    if args.ca_file is not None:
-        rel.ca_file = args.ca_file
+    if args.ca_file:
+        # The server reads it from its own working directory: sent as the caller means it.
+        rel.ca_file = str(expand_path("--ca-file", args.ca_file, CliError).absolute())
+    elif args.ca_file is not None:
+        rel.ca_file = ""  # '' clears it
 
 
 def run_command(

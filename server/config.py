@@ -535,9 +535,16 @@ def _check_consistency(config: ServerConfig) -> None:
         )
     for text in config.federation_relationships:
         try:
-            parse_static(text, config.trust_domain)
+            rel = parse_static(text, config.trust_domain)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # Checked at start as every file the config names: missing, every fetch failed.
+        if rel.ca_file and not Path(rel.ca_file).is_file():
+            raise ConfigError(
+                f"federation_relationships: {rel.trust_domain}: ca_file {rel.ca_file}: no such "
+                f"file (a relative path is taken from the server's working directory, "
+                f"{Path.cwd()})"
+            )
     if config.http_max_connections_per_host > config.http_max_connections:
         raise ConfigError(
             f"http_max_connections_per_host: {config.http_max_connections_per_host} is more "

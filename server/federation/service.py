@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from server.audit.errors import LedgerError
@@ -52,6 +53,7 @@ from server.input_text import refuse_unprintable
 from svid._backoff import Retry
 from svid._bundle import SpiffeBundle
 from svid._clock import Clock, ElapsedClock
+from svid._daemon_config import expand_path
 from svid._errors import SpiffeIdError
 from svid._spiffe_id import SpiffeId, TrustDomain
 from svid._waits import set_within
@@ -137,6 +139,13 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
         raise InvalidRequestError("endpoint_spiffe_id: only for the https_spiffe profile")
     if rel.ca_file and rel.profile != HTTPS_WEB:
         raise InvalidRequestError("ca_file: only for the https_web profile")
+    if rel.ca_file and not Path(rel.ca_file).is_absolute():
+        # Read at each fetch by the server, from its own working directory: a caller's
+        # `./ca.pem` named another file, or none (the CLI sends its --ca-file made absolute).
+        raise InvalidRequestError(
+            f"ca_file: {rel.ca_file!r} must be an absolute path (a relative one would be read "
+            "from the server's working directory, not the caller's)"
+        )
     return replace(rel, trust_domain=td.name, endpoint_spiffe_id=endpoint_id)
 
 
@@ -171,6 +180,12 @@ def parse_static(text: str, own: TrustDomain) -> FederationRelationship:
         )
     td, profile, url = parts[:3]
     extra = parts[3] if len(parts) == 4 else ""
+    if profile == HTTPS_WEB and extra:
+        # As every path of the config (and as SPIRE's): a leading ~ expanded, a relative path
+        # taken from the server's working directory, once, at start: named absolute in the
+        # relationship and in every fetch error, never re-read from wherever a fetch runs.
+        field_name = f"federation_relationships: {td}: ca_file"
+        extra = str(expand_path(field_name, extra, InvalidRequestError).absolute())
     rel = FederationRelationship(
         td,
         url,
