@@ -1,6 +1,6 @@
 """The svid-server CLI's bulk entry work: reading entry files, sending them in batches, and
-following list pages (of entries, agents and tasks: `add_page_size`, `page_size`, `all_pages`;
-`bundle list` follows foreign bundles' pages with `all_pages` too).
+following list pages (of entries, agents, tasks, federation relationships and foreign bundles:
+`add_page_size`, `page_size`, `all_pages`).
 
 An entry file is JSON: an array of entries, an object with an "entries" array (what
 `svid-server entry show --output json` prints, so a listing can be fed back), or JSON Lines

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from server import cli_output as out
-from server.cli_entries import all_pages
+from server.cli_entries import add_page_size, all_pages, page_size
 from server.errors import CliError
 from svid._bundle import SpiffeBundle
 from svid._daemon_config import expand_path
@@ -61,7 +61,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         fed.add_parser("create", parents=[common], help="federate with"), update=False
     )
     _relationship_flags(fed.add_parser("update", parents=[common], help="change one"), update=True)
-    fed.add_parser("list", parents=[common], help="list relationships")
+    add_page_size(fed.add_parser("list", parents=[common], help="list relationships"))
     for name, text in (
         ("show", "show a relationship"),
         ("delete", "end a relationship (its last bundle stays: `bundle delete`)"),
@@ -78,7 +78,7 @@ def add_bundle_commands(bundle: Any, common: argparse.ArgumentParser) -> None:
     bset.add_argument(
         "--path", required=True, type=Path, help="SPIFFE bundle JSON file ('-' for stdin)"
     )
-    bundle.add_parser("list", parents=[common], help="list foreign bundles")
+    add_page_size(bundle.add_parser("list", parents=[common], help="list foreign bundles"))
     bundle.add_parser("delete", parents=[common], help="forget a foreign bundle").add_argument(
         "--id", required=True, metavar="TRUST_DOMAIN"
     )
@@ -173,11 +173,15 @@ def run_command(
         )
         emit(args, _relationship_text(changed), out.to_json(changed))
     elif cmd == ("federation", "list"):
-        rels = list(
-            stub.ListFederationRelationships(
-                admin_pb2.ListFederationRelationshipsRequest(), timeout=t
-            ).relationships
-        )
+
+        def relationship_page(token: str) -> tuple[list[admin_pb2.FederationRelationship], str]:
+            request = admin_pb2.ListFederationRelationshipsRequest(
+                page_size=page_size(args), page_token=token
+            )
+            reply = stub.ListFederationRelationships(request, timeout=t)
+            return list(reply.relationships), reply.next_page_token
+
+        rels = all_pages(relationship_page)
         text = "\n\n".join(
             [f"Found {len(rels)} relationship(s)", *(_relationship_text(r) for r in rels)]
         )
@@ -223,7 +227,9 @@ def run_command(
     elif cmd == ("bundle", "list"):
 
         def bundle_page(token: str) -> tuple[list[admin_pb2.FederatedBundle], str]:
-            request = admin_pb2.ListFederatedBundlesRequest(page_token=token)
+            request = admin_pb2.ListFederatedBundlesRequest(
+                page_size=page_size(args), page_token=token
+            )
             reply = stub.ListFederatedBundles(request, timeout=t)
             return list(reply.bundles), reply.next_page_token
 

@@ -301,14 +301,20 @@ class DeleteFederationRelationshipResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListFederationRelationshipsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListFederationRelationshipsResponse(_message.Message):
-    __slots__ = ("relationships",)
+    __slots__ = ("relationships", "next_page_token")
     RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     relationships: _containers.RepeatedCompositeFieldContainer[FederationRelationship]
-    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, relationships: _Optional[_Iterable[_Union[FederationRelationship, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RefreshFederatedBundleRequest(_message.Message):
     __slots__ = ("trust_domain",)
