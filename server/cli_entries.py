@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from server.cli_files import read_at_most
 from server.errors import CliError
 from server.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.registration import MAX_BATCH
@@ -31,6 +30,9 @@ from svid._proto import admin_pb2, common_pb2
 # a chunk stops at whichever it reaches first, with room to spare.
 BATCH_ITEMS = MAX_BATCH
 BATCH_BYTES = 3 * 1024 * 1024
+# An entry file is read whole and parsed in memory (some 20 times its size as Python objects):
+# 64 MiB holds some 200,000 entries.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 _M = TypeVar("_M", bound=Message)
 _CODE_NAMES: dict[int, str] = {int(c.value[0]): c.name for c in grpc.StatusCode}
@@ -77,9 +79,10 @@ def _loads(where: str, text: str) -> Any:
 def read_entries(path: str) -> list[Item]:
     """Every entry of the file (`-` for stdin), or a CliError naming the first bad one."""
     name = "stdin" if path == "-" else path
+    body = read_at_most("--file", path, MAX_FILE_BYTES, "split it into several files")
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise CliError(f"--file: cannot read {name}: {exc}") from None
     try:
         whole: Any = _loads(name, text)

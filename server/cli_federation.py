@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from server import cli_output as out
 from server.cli_entries import add_page_size, all_pages, page_size
+from server.cli_files import read_at_most
 from server.errors import CliError
+from server.federation.fetch import MAX_BUNDLE_BYTES
 from svid._bundle import SpiffeBundle
 from svid._daemon_config import expand_path
 from svid._errors import SvidError
@@ -120,12 +121,9 @@ def _bundle_text(bundle: admin_pb2.FederatedBundle, fmt: str = "spiffe") -> str:
 
 
 def _read(path: Path) -> bytes:
-    if str(path) == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CliError(f"--path: cannot read {path}: {exc.strerror}") from None
+    return read_at_most(
+        "--path", path, MAX_BUNDLE_BYTES, "no bundle is larger: the server refuses it"
+    )
 
 
 def _merge(rel: admin_pb2.FederationRelationship, args: argparse.Namespace) -> None:

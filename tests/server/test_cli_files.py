@@ -1,0 +1,71 @@
+"""Files the CLI reads whole are read to a bound: `bundle set --path /dev/zero` read on until
+the machine's memory was gone (the kernel's OOM killer ended it, at 22 GB here)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server import cli_entries
+from server.cli import main
+from server.federation.fetch import MAX_BUNDLE_BYTES
+from tests.server.fixtures import RunningServer, running_server
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    yield from running_server()
+
+
+def _run(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str
+) -> tuple[int, str, str]:
+    code = main([*argv, "--admin-socket", srv.runtime.admin_socket])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_bundle_file_past_the_largest_bundle_is_refused_unread(
+    capsys: pytest.CaptureFixture[str],
+    srv: RunningServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
+    code, out, err = _run(
+        capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", str(big)
+    )
+    assert (code, out) == (1, "")
+    assert f"--path: {big} holds more than {MAX_BUNDLE_BYTES} bytes" in err
+
+    endless = io.TextIOWrapper(io.BytesIO(b" " * (MAX_BUNDLE_BYTES + 1)))
+    monkeypatch.setattr(sys, "stdin", endless)
+    code, out, err = _run(capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", "-")
+    assert (code, out) == (1, "")
+    assert f"--path: stdin holds more than {MAX_BUNDLE_BYTES} bytes" in err
+    assert endless.buffer.tell() == MAX_BUNDLE_BYTES + 1  # read to the bound, no further
+
+    code, out, err = _run(
+        capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", str(tmp_path)
+    )
+    assert code == 1
+    assert f"--path: cannot read {tmp_path}: Is a directory" in err
+
+
+def test_an_entry_file_past_its_bound_is_refused_unread(
+    capsys: pytest.CaptureFixture[str],
+    srv: RunningServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cli_entries, "MAX_FILE_BYTES", 1000)
+    big = tmp_path / "entries.json"
+    big.write_bytes(b"[" + b" " * 1000 + b"]")
+    code, out, err = _run(capsys, srv, "entry", "create", "--file", str(big))
+    assert (code, out) == (1, "")
+    assert f"--file: {big} holds more than 1000 bytes (split it into several files)" in err
