@@ -112,8 +112,23 @@ class Rule:
 
     def message(self, exc: BaseException) -> str:
         if self.fixed is None:
-            return str(exc) or type(exc).__name__
+            return bounded_message(str(exc) or type(exc).__name__)
         return self.fixed if isinstance(self.fixed, str) else self.fixed(exc)
+
+
+# A caller's own message quotes its input, and gRPC carries it in a trailer, percent-encoded (a
+# byte up to 3): past the client's 8 KiB metadata limit, a 70 KB DNS name quoted back reached
+# the caller as "Stream removed (received metadata size exceeds hard limit)", never its error.
+MAX_MESSAGE_BYTES = 2048
+
+
+def bounded_message(text: str) -> str:
+    """`text` cut to MAX_MESSAGE_BYTES of UTF-8 (never inside a character), saying so."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return text
+    head = data[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return f"{head}... ({len(data) - len(head.encode())} bytes more)"
 
 
 # An absolute path in free text (not the "//" or "/path" of a URI: those follow ":", "/" or a

@@ -115,3 +115,27 @@ def test_task_fields_escaped() -> None:
     text = _task_text(task)
     _no_control(text)
     assert text.count(shown(HOSTILE)) == 6
+
+
+def test_an_error_quoting_a_huge_value_reaches_the_cli_cut_short(
+    capsys: pytest.CaptureFixture[str], srv: RunningServer
+) -> None:
+    huge = "d" * 70_000
+    code, out, err = _run(
+        capsys,
+        srv,
+        "entry",
+        "create",
+        "--spiffe-id",
+        f"{TD}/shown/dns",
+        "--parent-id",
+        f"{TD}/svid/server",
+        "--selector",
+        "unix:uid:1",
+        "--dns",
+        huge,
+    )
+    assert (code, out) == (1, "")
+    assert "INVALID_ARGUMENT: " in err, err[:300]
+    assert "bytes more)" in err
+    assert len(err) < 3000
