@@ -113,6 +113,10 @@ def parse_trust_domain(text: str, field_name: str = "trust_domain") -> TrustDoma
         raise InvalidRequestError(f"{field_name}: {exc}") from None
 
 
+MAX_URL_BYTES = 2048  # the length a SPIFFE ID may have
+MAX_CA_FILE_BYTES = 4096  # Linux's PATH_MAX
+
+
 def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> FederationRelationship:
     td = parse_trust_domain(rel.trust_domain)
     if td == own:
@@ -122,6 +126,14 @@ def validate_relationship(rel: FederationRelationship, own: TrustDomain) -> Fede
     # failure; a control character in the URL reached the refusals the ledger keeps.
     refuse_unprintable("bundle_endpoint_url", rel.endpoint_url)
     refuse_unprintable("ca_file", rel.ca_file)
+    # Logged, and put on the ledger with each refusal, at every failed fetch: a 3 MB URL was
+    # stored as given, and two of them put `federation list` past gRPC's 4 MiB reply limit.
+    for name, value, limit in (
+        ("bundle_endpoint_url", rel.endpoint_url, MAX_URL_BYTES),
+        ("ca_file", rel.ca_file, MAX_CA_FILE_BYTES),
+    ):
+        if len(value.encode()) > limit:
+            raise InvalidRequestError(f"{name}: at most {limit} bytes")
     if not rel.endpoint_url.startswith("https://"):
         raise InvalidRequestError(
             f"bundle_endpoint_url: {rel.endpoint_url!r} must be an https:// URL"
