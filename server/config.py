@@ -236,16 +236,30 @@ def _as_float(key: str, value: Any) -> float:
     return number
 
 
+def _refuse_non_utf8(key: str, text: str) -> None:
+    """A flag's bytes that are not UTF-8 (Python holds them as lone surrogates) refused naming
+    the key, never the value (a URL with a password): they raised UnicodeEncodeError wherever
+    the text was first encoded (psycopg parsing a --datastore URL), a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: not UTF-8 text") from None
+
+
 def _as_str(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    _refuse_non_utf8(key, value)
     return value
 
 
 def _as_path(key: str, value: Any) -> Path:
     """A path, with a leading ~ or ~user expanded as the agent's config does (taken literally,
-    `data_dir = "~/svid"` made a directory named "~" wherever the server was started)."""
-    text = _as_str(key, value)
+    `data_dir = "~/svid"` made a directory named "~" wherever the server was started). Any
+    bytes a file name may hold: not held to UTF-8 as text is."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    text = value
     if not text:
         raise ConfigError(f"{key}: must not be empty")
     return expand_path(key, text, ConfigError)
@@ -281,6 +295,7 @@ def _as_datastore(key: str, value: Any) -> str:
     if not is_postgres_dsn(text):
         # A SQLite file ("" for the default one), its path read as data_dir's is (~ expanded).
         return str(expand_path(key, text, ConfigError)) if text else text
+    _refuse_non_utf8(key, text)
     try:
         _ = urllib.parse.urlsplit(text).port  # raises for a port that is no number
     except ValueError:
@@ -295,6 +310,8 @@ def _as_str_list(key: str, value: Any) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    for item in items:
+        _refuse_non_utf8(key, item)
     return tuple(i.strip() for i in items if i.strip())
 
 

@@ -235,6 +235,28 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
         load_config(bad)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        # psycopg encoded the URL to parse it: UnicodeEncodeError out of `run`, a traceback.
+        ("datastore", "postgres://svid:hunter2@db/svid\udcff"),
+        ("oauth_resources", "https://api.example/\udcff"),
+        ("oidc_issuer", "https://\udcff.example"),
+    ],
+)
+def test_a_flag_that_is_not_utf8_is_refused_naming_its_key_only(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        build_config({"trust_domain": "example.org"}, {key: value})
+    assert str(refused.value) == f"{key}: not UTF-8 text"
+
+
+def test_a_path_flag_may_hold_any_bytes() -> None:
+    config = build_config({"trust_domain": "example.org"}, {"data_dir": "/srv/caf\udce9"})
+    assert os.fsencode(config.data_dir) == b"/srv/caf\xe9"
+    ours = build_config({"trust_domain": "example.org"}, {"datastore": "/srv/caf\udce9.db"})
+    assert os.fsencode(ours.datastore_path) == b"/srv/caf\xe9.db"
+
+
 # -- the datastore ------------------------------------------------------------------------------
 
 
