@@ -729,6 +729,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
+            if sys.stdout is None and args.command != "run":
+                # Started with descriptor 1 closed (`>&-`): Python drops every print, so a
+                # token was made, or a key file written, and the command answered nothing.
+                raise CliError("stdout is closed: the command's answer would be lost; nothing done")
             if args.command not in ("run", "keys"):  # these read only what they are given
                 _check_text(args)
                 _discover_config(args)

@@ -10,8 +10,10 @@ CLOSED_BY_READER = 141
 
 
 def flush_stdout() -> None:
-    """Flush now, so a closed pipe shows up inside the CLI's error handling, not at exit."""
-    sys.stdout.flush()
+    """Flush now, so a closed pipe shows up inside the CLI's error handling, not at exit.
+    Nothing to flush where the process started without a stdout (`>&-`: sys.stdout is None)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def stdout_closed_by_reader() -> int:

@@ -3,6 +3,7 @@ away early, and the CLI exits without a traceback or an "Exception ignored" line
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,22 @@ def test_head_ends_the_cli_quietly(fake_servers: tuple[Path, Path], argv: list[s
     assert first.strip()  # the CLI did print before the reader went away
     assert err == ""  # no traceback, no "Exception ignored", no error line
     assert code == 141  # like `yes | head`: closed by its reader, not a success
+
+
+def test_a_closed_stdout_is_refused_before_anything_is_done(sock_dir: Path) -> None:
+    """`svid-server keys new-kek --out F >&-`: Python drops every print where descriptor 1 was
+    closed at start, so the key was written, a traceback followed, and the answer was lost."""
+    out = sock_dir / "kek"
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "keys", "new-kek", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),  # the child's descriptor 1 only
+        check=False,
+        timeout=30,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 1
+    assert err.startswith("svid-server: error: stdout is closed: ")
+    assert err.endswith("; nothing done\n")
+    assert err.count("\n") == 1  # no traceback
+    assert not out.exists()
