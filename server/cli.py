@@ -725,6 +725,10 @@ def _check_text(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stderr is None:
+        # Started with descriptor 2 closed (`2>&-`): print(file=None) writes to stdout, and an
+        # error line landed in the `--output json` answer a script reads; dropped, as asked.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

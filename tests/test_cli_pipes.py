@@ -116,3 +116,17 @@ def test_a_closed_stdout_is_refused_before_anything_is_done(sock_dir: Path) -> N
     assert err.endswith("; nothing done\n")
     assert err.count("\n") == 1  # no traceback
     assert not out.exists()
+
+
+def test_a_closed_stderr_keeps_errors_out_of_stdout(sock_dir: Path) -> None:
+    """`... --output json > answer.json 2>&-`: the error line went to stdout (print to a None
+    stderr writes there), into the file a script reads as JSON."""
+    argv = ["entry", "show", "--output", "json", "--admin-socket", str(sock_dir / "none.sock")]
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", *argv],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),  # the child's descriptor 2 only
+        check=False,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (1, b"")
