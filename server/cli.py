@@ -530,7 +530,8 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         created = stub.CreateEntry(admin_pb2.CreateEntryRequest(entry=entry), timeout=t).entry
         _emit(args, out.entry_text(created), out.to_json(created))
     elif cmd == ("entry", "show"):
-        if args.id:
+        # `--id "$ID"` with $ID empty is asked of the server (an error), never the whole list.
+        if args.id is not None:
             entries = [stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)]
         else:
             query = admin_pb2.ListEntriesRequest(

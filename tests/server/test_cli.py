@@ -148,6 +148,8 @@ def _create(
         (["entry", "show", "--selector", "unix:uid:\udcff"], "--selector: not UTF-8 text"),
         (["task", "show", "t\udcff"], "task_id: not UTF-8 text"),
         (["entry", "delete", "--id", "nosuch"], "NOT_FOUND: entry nosuch not found"),
+        # `entry show --id "$ID"` with $ID empty listed every entry, exit 0.
+        (["entry", "show", "--id", ""], "INVALID_ARGUMENT: id"),
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
         (
