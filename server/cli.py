@@ -13,10 +13,11 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
@@ -54,11 +55,24 @@ RPC_TIMEOUT = 15.0
 
 # -- argument parsing ------------------------------------------------------------------------
 
+_POSTGRES_URL = re.compile(r"postgres(?:ql)?://[^\s'\"]+", re.IGNORECASE)
 
-def _common() -> argparse.ArgumentParser:
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its usage errors shown with every PostgreSQL password hidden: "unrecognized
+    arguments: ..." and "invalid choice: ..." quote the command line, and a --datastore URL
+    given to a command that takes none (`audit prune`) put its password on the terminal and in
+    the CI log that ran it."""
+
+    def error(self, message: str) -> NoReturn:
+        hidden = _POSTGRES_URL.sub(lambda url: redact_dsn(url.group(0)), message)
+        super().error(redact_dsn(hidden))  # and libpq's key=value form's password=
+
+
+def _common() -> _Parser:
     """Global flags; accepted before or after the subcommand."""
     default = argparse.SUPPRESS
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(add_help=False)
     parser.add_argument(
         "--admin-socket",
         type=Path,
@@ -185,9 +199,7 @@ def _filter_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
-        prog="svid-server", description="SPIFFE identity issuer", parents=[_common()]
-    )
+    parser = _Parser(prog="svid-server", description="SPIFFE identity issuer", parents=[_common()])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the server")

@@ -1,0 +1,29 @@
+"""A usage error quotes the command line: a PostgreSQL password in it is hidden, as in every
+other message of svid-server (a --datastore URL given to a command that takes none put its
+password on the terminal and in the CI log)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "prune", "--datastore", "postgresql://svid:hunter2@db.example/svid"],
+        ["run", "postgres://svid:hunter2@db/svid?sslmode=require"],
+        ["entry", "show", "--output", "postgresql://svid:hunter2@db/svid"],
+        ["audit", "prune", "host=db password=hunter2 dbname=svid"],
+    ],
+)
+def test_a_usage_error_hides_the_password(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    assert "***" in err
