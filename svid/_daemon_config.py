@@ -34,6 +34,10 @@ class FileWords:
     not_toml: str  # {reason}: where tomllib stopped, and why
 
 
+# Past any daemon's config (its longest lists: a few thousand relationships or issuers).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
 def read_table(path: Path, table: str, error: ErrorType, words: FileWords) -> dict[str, Any]:
     """The daemon's values in the TOML file at `path`: its [`table`] table, or the top level of a
     file without one.
@@ -43,10 +47,17 @@ def read_table(path: Path, table: str, error: ErrorType, words: FileWords) -> di
     that key's default without a word).
     """
     try:
+        with path.open("rb") as stream:
+            # Read to a bound: `--config /dev/zero` (or a pipe that never ends) read on until
+            # the machine's memory was gone.
+            body = stream.read(MAX_CONFIG_BYTES + 1)
+        if len(body) > MAX_CONFIG_BYTES:
+            reason = f"more than {MAX_CONFIG_BYTES} bytes: not a config file"
+            raise error(words.unreadable.format(path=path, reason=reason))
         # TOML is UTF-8, whatever the locale. A leading byte order mark (Windows editors write
         # one) is dropped: tomllib refused it as "Invalid statement (at line 1, column 1)", in a
         # file that looks right in every editor.
-        data = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
+        data = tomllib.loads(body.decode("utf-8").removeprefix("\ufeff"))
     except OSError as exc:  # absent, a directory, a file this user may not read
         said = words.missing if isinstance(exc, FileNotFoundError) else words.unreadable
         raise error(said.format(path=path, reason=exc.strerror or exc)) from None

@@ -20,6 +20,7 @@ from server.config import (
 )
 from server.errors import ConfigError
 from server.renewal import half_life
+from svid import _daemon_config
 from svid._spiffe_id import TrustDomain
 
 
@@ -433,3 +434,15 @@ def test_a_sync_heartbeat_interval_agents_cannot_keep_to_is_refused(seconds: flo
 def test_the_sync_heartbeat_bounds_are_the_ones_agents_take() -> None:
     assert MAX_SYNC_HEARTBEAT_INTERVAL == MAX_HEARTBEAT_INTERVAL
     assert MIN_SYNC_HEARTBEAT_INTERVAL == MIN_HEARTBEAT_INTERVAL
+
+
+def test_a_config_past_its_bound_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--config /dev/zero` read on until the machine's memory was gone.
+    monkeypatch.setattr(_daemon_config, "MAX_CONFIG_BYTES", 64)
+    big = tmp_path / "big.toml"
+    big.write_text('trust_domain = "example.org"\n' + "#" * 64 + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(big)
+    assert str(refused.value) == f"config file {big}: more than 64 bytes: not a config file"
