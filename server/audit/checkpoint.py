@@ -67,6 +67,7 @@ __all__ = [
     "KEY_DIR",
     "KEY_SLOT",
     "MAX_BYTES",
+    "MAX_PUBLIC_KEY_BYTES",
     "PRUNE",
     "PUBLIC_KEY_FILE",
     "Checkpoint",
@@ -97,12 +98,24 @@ def anchor_of(cp: Checkpoint) -> Anchor:
     return Anchor(cp.seq, cp.hash, cp.count, source=f"the checkpoint of {when}", signed=True)
 
 
+# A P-256 public key's PEM is 178 bytes; room for comments and line ends around it.
+MAX_PUBLIC_KEY_BYTES = 64 * 1024
+
+
 def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
     """(key id, key) from a PEM public key file, as published next to the checkpoints."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        with path.open("rb") as stream:
+            # Read to a bound: `audit verify --anchor-key /dev/zero` read until memory ran out.
+            pem = stream.read(MAX_PUBLIC_KEY_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(pem) > MAX_PUBLIC_KEY_BYTES:
+        raise CheckpointError(
+            f"{path} holds no PEM public key (more than {MAX_PUBLIC_KEY_BYTES} bytes)"
+        )
+    try:
+        key = serialization.load_pem_public_key(pem)
     except ValueError:
         raise CheckpointError(f"{path} holds no PEM public key") from None
     except UnsupportedAlgorithm:

@@ -18,6 +18,7 @@ from server.audit import AuditLog, Break, Head, SqliteAuditStore
 from server.audit.checkpoint import (
     CHECKPOINT_FILE,
     KEY_DIR,
+    MAX_PUBLIC_KEY_BYTES,
     PRUNE,
     PUBLIC_KEY_FILE,
     Checkpoint,
@@ -358,6 +359,22 @@ def test_a_pinned_key_file_on_an_unknown_curve_is_refused(
     )
     assert code == 1
     assert "holds no ECDSA P-256 public key" in out
+
+
+def test_a_pinned_key_file_past_any_key_is_refused_unread(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--anchor-key /dev/zero` read until memory ran out: a file past the bound is not read on.
+    setup.checkpointer.checkpoint()
+    pinned = tmp_path / "huge.pub.pem"
+    pinned.write_bytes(setup.pinned.read_bytes() + b"#" * MAX_PUBLIC_KEY_BYTES)
+    with pytest.raises(CheckpointError, match=f"more than {MAX_PUBLIC_KEY_BYTES} bytes"):
+        load_public_key(pinned)
+    code, out = verify(
+        setup, capsys, "--anchor", str(setup.checkpoints), "--anchor-key", str(pinned)
+    )
+    assert code == 1
+    assert f"{pinned} holds no PEM public key (more than" in out
 
 
 def test_a_bad_anchor_argument_is_named(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
