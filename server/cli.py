@@ -36,6 +36,7 @@ from server.config import (
 from server.datastore.lost import NEW_DATASTORE_FLAG
 from server.datastore.postgres_dsn import redact_dsn
 from server.errors import CliError, ConfigError, ServerError
+from server.input_text import shown
 from server.tasks import cli as task_cli
 from svid._cli_args import non_utf8_argument, timeout_problem
 from svid._clock import parse_utc
@@ -517,7 +518,7 @@ def _entry_batch(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub, t: fl
     _emit(args, summary, cli_entries.outcomes_json(outcomes))
     if problems:
         for line in problems:
-            print(f"svid-server: {out.shown(line)}", file=sys.stderr)
+            print(f"svid-server: {shown(line)}", file=sys.stderr)
         raise CliError(f"{len(problems)} of {len(outcomes)} entries refused (listed above)")
 
 
@@ -575,7 +576,7 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         (entry_id,) = args.id
         stub.DeleteEntry(admin_pb2.DeleteEntryRequest(id=entry_id), timeout=t)
         gone = out.to_json(admin_pb2.GetEntryRequest(id=entry_id))
-        _emit(args, f"Deleted entry {out.shown(entry_id)}", gone)
+        _emit(args, f"Deleted entry {shown(entry_id)}", gone)
     elif cmd == ("agent", "list"):
         agent_query = admin_pb2.ListAgentsRequest()
         _apply_filter_flags(agent_query, args)
@@ -594,14 +595,14 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         stub.EvictAgent(admin_pb2.EvictAgentRequest(spiffe_id=args.spiffe_id), timeout=t)
         _emit(
             args,
-            f"Evicted agent {out.shown(args.spiffe_id)}",
+            f"Evicted agent {shown(args.spiffe_id)}",
             out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
         )
     elif cmd == ("agent", "ban"):
         stub.BanAgent(admin_pb2.BanAgentRequest(spiffe_id=args.spiffe_id), timeout=t)
         _emit(
             args,
-            f"Banned agent {out.shown(args.spiffe_id)}",
+            f"Banned agent {shown(args.spiffe_id)}",
             out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
         )
     elif cmd in cli_federation.COMMANDS or (cmd == ("bundle", "show") and args.id):
@@ -775,10 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ServerError, SvidError) as exc:
         prefix = "config error" if isinstance(exc, ConfigError) else "error"
         # One line, escaped: a server's details and a CliError quote values others set.
-        logs.say(f"svid-server: {prefix}: {out.shown(exc)}")  # after the log of `run`, never held
+        logs.say(f"svid-server: {prefix}: {shown(str(exc))}")  # after the log of `run`, never held
         return 1
     except OSError as exc:
-        logs.say(f"svid-server: error: {out.shown(exc)}")
+        logs.say(f"svid-server: error: {shown(str(exc))}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -26,8 +26,8 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from server.cli_output import shown
 from server.errors import CliError
+from server.input_text import shown
 
 if TYPE_CHECKING:
     from server.ca.manager import CaManager, LostKey

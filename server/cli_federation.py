@@ -13,6 +13,7 @@ from server.cli_entries import add_page_size, all_pages, page_size
 from server.cli_files import read_at_most
 from server.errors import CliError
 from server.federation.fetch import MAX_BUNDLE_BYTES
+from server.input_text import shown
 from svid._bundle import SpiffeBundle
 from svid._daemon_config import expand_path
 from svid._errors import SvidError
@@ -96,7 +97,7 @@ def _relationship_text(rel: admin_pb2.FederationRelationship) -> str:
     if rel.ca_file:
         rows.append(("CA file", rel.ca_file))
     rows.append(("Static", "true (configuration file)" if rel.static else "false"))
-    return "\n".join(f"{name:<20}: {out.shown(value)}" for name, value in rows)
+    return "\n".join(f"{name:<20}: {shown(value)}" for name, value in rows)
 
 
 def _bundle_json(bundle: admin_pb2.FederatedBundle) -> str:
@@ -196,7 +197,7 @@ def run_command(
         )
         emit(
             args,
-            f"Deleted the relationship with {out.shown(args.trust_domain)}",
+            f"Deleted the relationship with {shown(args.trust_domain)}",
             json.dumps({"trust_domain": args.trust_domain}),
         )
     elif cmd == ("federation", "refresh"):
@@ -243,7 +244,7 @@ def run_command(
         )
         emit(
             args,
-            f"Deleted the bundle of {out.shown(args.id)}",
+            f"Deleted the bundle of {shown(args.id)}",
             json.dumps({"trust_domain": args.id}),
         )
     elif cmd == ("bundle", "show"):

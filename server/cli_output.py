@@ -3,10 +3,13 @@
 Text shows times as RFC 3339 UTC (svid._clock.format_utc, like every svidd CLI and log line);
 JSON keeps the messages' fields, with every time as a number of Unix seconds.
 
-Every value the text shows goes through `shown`: selectors, hints, task intents, relationship
+Every value the text of the svid-server CLI shows goes through server.input_text.shown (the
+one escaping of the server's logs and messages): selectors, hints, task intents, relationship
 fields and error details are set by agents, nodes, workloads and foreign servers, and a
-terminal obeys the control characters among them. JSON output is exact JSON, never escaped
-by it (json.dumps escapes control characters itself).
+terminal obeys the control characters among them (an ESC sequence in an agent's selector or an
+entry's hint cleared the screen or recoloured the lines above; a `\r` or U+202E made a value
+read as another one). JSON output is exact JSON, never escaped by it (json.dumps escapes
+control characters itself).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from server.input_text import shown
 from svid._bundle import SpiffeBundle
 from svid._clock import format_utc, unix_times_as_numbers
 from svid._der import certs_to_pem
@@ -43,18 +47,6 @@ def to_json(message: Message | Sequence[Message], key: str | None = None) -> str
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-def shown(value: object) -> str:
-    """`value` as text an operator's terminal can show as it is: each character that is not
-    printable (ESC and every control character, a carriage return or newline, a bidi override
-    such as U+202E, a zero-width space) written as its Python escape (`\\x1b`, `\\r`,
-    `\\u202e`). An ESC sequence in an agent's selector or an entry's hint cleared the screen or
-    recoloured the lines above; a `\\r` or U+202E made a value read as another one."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _when(ts: int) -> str:
     return format_utc(ts) if ts else "never"
 
@@ -64,7 +56,7 @@ def _ttl(seconds: int) -> str:
 
 
 def _row(label: str, value: object) -> str:
-    return f"{label:<17}: {shown(value)}"
+    return f"{label:<17}: {shown(str(value))}"
 
 
 def entry_text(entry: common_pb2.Entry) -> str:

@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 
 from server.audit.errors import AuditError
-from server.cli_output import shown
 from server.datastore.base import AuditStore
 from server.errors import CliError
+from server.input_text import shown
 from svid._clock import parse_utc
 
 TIMEOUT = 15.0

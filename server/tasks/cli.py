@@ -19,9 +19,9 @@ from google.protobuf import json_format
 
 from server import cli_entries
 from server.audit import cli as audit_cli
-from server.cli_output import shown
 from server.config import file_value, read_toml
 from server.errors import CliError
+from server.input_text import shown
 from svid._clock import SystemClock, format_utc, unix_times_as_numbers
 from svid._errors import SpiffeIdError
 from svid._proto import task_pb2, task_pb2_grpc
@@ -77,11 +77,11 @@ def _validate(args: argparse.Namespace) -> None:
     )
     if check.problems:
         for problem in check.problems:
-            print(shown(problem), file=sys.stderr)
+            print(shown(str(problem)), file=sys.stderr)
         raise CliError(f"policy directory {directory} is invalid ({len(check.problems)} problems)")
     # On stderr, as problems are: stdout stays the one answer (`--output json` parses it).
     for warning in check.warnings:
-        print(f"warning: {shown(warning)}", file=sys.stderr)
+        print(f"warning: {shown(str(warning))}", file=sys.stderr)
     if getattr(args, "output", "text") == "json":
         print(json.dumps({"policy_dir": str(directory), "valid": True}))
     else:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from server.cli import main
-from server.cli_output import agent_text, shown
+from server.cli_output import agent_text
+from server.input_text import shown
 from server.tasks.cli import _task_text
 from svid._proto import admin_pb2, common_pb2, task_pb2
 from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
