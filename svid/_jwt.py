@@ -57,15 +57,65 @@ def _check_compact(token: str) -> None:
         raise JwtSvidError(_SPARE_BITS)
 
 
-def _json_object(segment: str, what: str) -> dict[str, Any]:
-    raw = b64url_decode(segment)
+# base64url to standard base64 for a2b_base64; '+' and '/' (not base64url) become '.', which the
+# strict decoder refuses like any character outside the alphabet.
+_B64URL = bytes.maketrans(b"-_+/", b"+/..")
+_B64_PAD = (b"", b"===", b"==", b"=")
+_MAX_SAFE = 2**53
+_a2b = binascii.a2b_base64
+# The C scanner under json.loads, without its Python wrapper and whitespace regexes; whitespace
+# around the object (which json.loads allows) takes json.loads itself.
+_json_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _b64(segment: bytes) -> bytes:
+    """An unpadded base64url segment of a token ``_check_compact`` passed."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting is the sender's too
+        return _a2b(segment.translate(_B64URL) + _B64_PAD[len(segment) & 3], strict_mode=True)
+    except ValueError:
+        pass
+    b64url_decode(segment.decode("ascii"))  # raises, saying why
+    raise JwtSvidError("base64url text has characters outside the alphabet")  # pragma: no cover
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+        try:
+            obj, end = _json_scan(text, 0)
+        except StopIteration:  # no value at 0: maybe whitespace first
+            end = -1
+        if end != len(text):
+            obj = json.loads(text)  # whitespace around the object, or not JSON: it says which
+    except (ValueError, RecursionError):  # deep nesting is the sender's too; UnicodeError too
         raise JwtSvidError(f"token {what} is not valid JSON") from None
     if not isinstance(obj, dict):
         raise JwtSvidError(f"token {what} is not a JSON object")
     return obj
+
+
+_H = TypeVar("_H")
+
+
+def _split(
+    token: str, read_header: Callable[[bytes], _H]
+) -> tuple[_H, dict[str, Any], bytes, bytes]:
+    """(header as ``read_header`` makes it, claims, signing input, signature) of a compact JWS:
+    the one splitter under every reader of tokens here. JwtSvidError saying what is wrong."""
+    _check_compact(token)
+    if token.count(".") != 2:
+        raise JwtSvidError(
+            f"token must have 3 dot-separated parts (compact JWS), has {token.count('.') + 1}"
+        )
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError:
+        raise JwtSvidError("base64url text has non-ASCII characters") from None
+    header_b64, claims_b64, sig_b64 = raw.split(b".")
+    header = read_header(header_b64)
+    claims = _json_object(_b64(claims_b64), "claims")
+    signature = _b64(sig_b64)
+    return header, claims, raw[: len(header_b64) + 1 + len(claims_b64)], signature
 
 
 class ParsedToken(NamedTuple):
@@ -77,17 +127,13 @@ class ParsedToken(NamedTuple):
     signature: bytes
 
 
+def _header_object(segment: bytes) -> dict[str, Any]:
+    return _json_object(_b64(segment), "header")
+
+
 def split_token(token: str) -> ParsedToken:
     """Split and decode a compact JWS; checks only that it is one."""
-    _check_compact(token)
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise JwtSvidError(f"token must have 3 dot-separated parts (compact JWS), has {len(parts)}")
-    header_b64, claims_b64, sig_b64 = parts
-    header = _json_object(header_b64, "header")
-    claims = _json_object(claims_b64, "claims")
-    signature = b64url_decode(sig_b64)
-    return ParsedToken(header, claims, f"{header_b64}.{claims_b64}".encode("ascii"), signature)
+    return ParsedToken(*_split(token, _header_object))
 
 
 class SplitToken(NamedTuple):
@@ -100,63 +146,34 @@ class SplitToken(NamedTuple):
     signature: bytes
 
 
-def _checked_header(header_b64: str) -> tuple[str, str]:
-    return check_header(_json_object(header_b64, "header"))
+def _checked_header(segment: bytes) -> tuple[str, str]:
+    return check_header(_header_object(segment))
+
+
+def _checked_typed_header(segment: bytes) -> tuple[str, str, str]:
+    return check_typed_header(_header_object(segment))
 
 
 # One issuer signs with a handful of keys, so the same few header segments come back on every
 # token; decoding and checking one is pure, so memoize it (failures are never stored).
-_header_memo = functools.lru_cache(maxsize=256)(_checked_header)
+_svid_header = functools.lru_cache(maxsize=256)(_checked_header)
+_typed_header = functools.lru_cache(maxsize=256)(_checked_typed_header)
 
 
 def split_and_check_header(token: str) -> SplitToken:
-    """``split_token`` plus ``check_header``, the header part memoized: the verifier's fast path."""
-    (alg, kid), claims, signing_input, signature = _split_checked(token, _header_memo)
+    """``split_token`` plus ``check_header``, the header part memoized: the verifier's path."""
+    (alg, kid), claims, signing_input, signature = _split(token, _svid_header)
     return SplitToken(alg, kid, claims, signing_input, signature)
-
-
-def _checked_typed_header(header_b64: str) -> tuple[str, str, str]:
-    return check_typed_header(_json_object(header_b64, "header"))
-
-
-_typed_header_memo = functools.lru_cache(maxsize=256)(_checked_typed_header)
 
 
 def split_typed_token(token: str) -> tuple[str, SplitToken]:
     """(typ, the token split) of a JWT that must name its type (``check_typed_header``), such as
     an RFC 9068 access token or a Txn-Token; the header part memoized. The caller decides which
     ``typ`` it takes and what the claims must be."""
-    (alg, kid, typ), claims, signing_input, signature = _split_checked(token, _typed_header_memo)
+    (alg, kid, typ), claims, signing_input, signature = _split(token, _typed_header)
     return typ, SplitToken(alg, kid, claims, signing_input, signature)
 
 
-_H = TypeVar("_H")
-
-
-def _split_checked(
-    token: str, check: Callable[[str], _H]
-) -> tuple[_H, dict[str, Any], bytes, bytes]:
-    _check_compact(token)
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise JwtSvidError(f"token must have 3 dot-separated parts (compact JWS), has {len(parts)}")
-    header_b64, claims_b64, sig_b64 = parts
-    header = check(header_b64)
-    claims = _json_object(claims_b64, "claims")
-    signature = b64url_decode(sig_b64)
-    signing_input = token[: len(header_b64) + 1 + len(claims_b64)].encode("ascii")
-    return header, claims, signing_input, signature
-
-
-# base64url to standard base64 for a2b_base64; '+' and '/' (not base64url) become '.', which the
-# strict decoder refuses like any character outside the alphabet.
-_B64URL = bytes.maketrans(b"-_+/", b"+/..")
-_B64_PAD = (b"", b"===", b"==", b"=")
-_MAX_SAFE = 2**53
-_a2b = binascii.a2b_base64
-# The C scanner under json.loads, without its Python wrapper and whitespace regexes: json.loads
-# would also allow whitespace around the object, which falls back to the general path here.
-_json_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 FastToken = tuple[str, str, dict[str, Any], SpiffeId, tuple[str, ...], int, bytes, bytes]
 
 
@@ -164,23 +181,12 @@ def split_and_check_fast(token: str) -> FastToken | None:
     """``split_and_check_header`` and ``check_claims`` in one pass for a plain JWT-SVID, or None.
 
     (alg, kid, claims, sub, aud, exp, signing_input, signature), equal to what the two functions
-    give, whenever the token is unremarkable: unpadded base64url, integer times, ``aud`` a string or
-    a list of strings. For anything else, valid or not, None: the caller then runs those two
-    functions, which accept or say why not. Tests compare the two paths on valid and broken tokens.
+    give, whenever the token is unremarkable: integer times, ``aud`` a string or a list of
+    strings. For anything else, valid or not, None: the caller then runs those two functions,
+    which accept or say why not. Tests compare the two paths on valid and broken tokens.
     """
-    if len(token) > MAX_TOKEN_BYTES or "=" in token or (token and _spare_bits_set(token)):
-        return None  # the general path says why
     try:
-        raw = token.encode("ascii")
-        header_b64, claims_b64, sig_b64 = raw.split(b".")
-        alg, kid = _header_memo(header_b64.decode("ascii"))
-        text = _a2b(
-            claims_b64.translate(_B64URL) + _B64_PAD[len(claims_b64) & 3], strict_mode=True
-        ).decode("utf-8")
-        claims, stop = _json_scan(text, 0)
-        signature = _a2b(sig_b64.translate(_B64URL) + _B64_PAD[len(sig_b64) & 3], strict_mode=True)
-        if type(claims) is not dict or stop != len(text):
-            return None
+        (alg, kid), claims, signing_input, signature = _split(token, _svid_header)
         get = claims.get
         sub, aud, exp, nbf, iat = get("sub"), get("aud"), get("exp"), get("nbf"), get("iat")
         if type(sub) is not str or type(exp) is not int or not -_MAX_SAFE < exp < _MAX_SAFE:
@@ -207,14 +213,12 @@ def split_and_check_fast(token: str) -> FastToken | None:
         if type(jti) is not str and "jti" in claims:
             return None
         sid = _parse_id(sub)
-    except (ValueError, StopIteration, RecursionError, JwtSvidError, SpiffeIdError):
-        # Not three parts, non-ASCII, bad base64 or JSON (UnicodeError and binascii.Error are
-        # ValueErrors; the scanner raises StopIteration when no value starts at 0), a refused
-        # header or sub: the general path says which.
+    except (ValueError, JwtSvidError, SpiffeIdError):
+        # A token _split refuses, or a sub that is no SPIFFE ID (UnicodeError, a ValueError,
+        # for a lone surrogate): the general path says which.
         return None
     if not sid.path:
         return None
-    signing_input = raw[: len(header_b64) + 1 + len(claims_b64)]
     return alg, kid, claims, sid, audience, exp, signing_input, signature
 
 
