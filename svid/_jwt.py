@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, TypeGuard, TypeVar
 from svid._errors import JwtSvidError, SpiffeIdError
 from svid._jose import ALLOWED_ALGS, b64url_decode
 from svid._spiffe_id import SpiffeId
+from svid._verified_memo import VerifiedMemo
 
 # The same few subjects come back again and again; the parse is pure, so memoize it.
 _parse_id = functools.lru_cache(maxsize=4096)(SpiffeId.parse)
@@ -146,18 +147,33 @@ class SplitToken(NamedTuple):
     signature: bytes
 
 
-def _checked_header(segment: bytes) -> tuple[str, str]:
-    return check_header(_header_object(segment))
-
-
-def _checked_typed_header(segment: bytes) -> tuple[str, str, str]:
-    return check_typed_header(_header_object(segment))
-
-
 # One issuer signs with a handful of keys, so the same few header segments come back on every
-# token; decoding and checking one is pure, so memoize it (failures are never stored).
-_svid_header = functools.lru_cache(maxsize=256)(_checked_header)
-_typed_header = functools.lru_cache(maxsize=256)(_checked_typed_header)
+# token; decoding and checking one is pure, so memoize it. Filled only by the verifiers, with the
+# header of a token whose signature they checked (``header_verified``): a forged header's is not
+# kept, so forgeries cannot evict the headers honest tokens use.
+_HEADERS: VerifiedMemo[bytes, tuple[str, str]] = VerifiedMemo(256)
+_TYPED_HEADERS: VerifiedMemo[bytes, tuple[str, str, str]] = VerifiedMemo(256)
+
+
+def _svid_header(segment: bytes) -> tuple[str, str]:
+    known = _HEADERS.get(segment)
+    return known if known is not None else check_header(_header_object(segment))
+
+
+def _typed_header(segment: bytes) -> tuple[str, str, str]:
+    known = _TYPED_HEADERS.get(segment)
+    return known if known is not None else check_typed_header(_header_object(segment))
+
+
+def header_verified(signing_input: bytes, alg: str, kid: str) -> None:
+    """Memoize the header of a token split by ``split_and_check_header`` or
+    ``split_and_check_fast`` whose signature checked out."""
+    _HEADERS.remember(signing_input[: signing_input.index(b".")], (alg, kid))
+
+
+def typed_header_verified(signing_input: bytes, alg: str, kid: str, typ: str) -> None:
+    """``header_verified`` for a token split by ``split_typed_token``."""
+    _TYPED_HEADERS.remember(signing_input[: signing_input.index(b".")], (alg, kid, typ))
 
 
 def split_and_check_header(token: str) -> SplitToken:

@@ -27,7 +27,7 @@ from svid._errors import (
     VerificationError,
 )
 from svid._jose import SignatureCheck
-from svid._jwt import is_time, split_typed_token
+from svid._jwt import is_time, split_typed_token, typed_header_verified
 from svid._revocation import (
     MAX_VERIFIER_LEEWAY,
     RevocationSet,
@@ -274,6 +274,8 @@ class AccessTokenVerifier:
         check = self._signature_check(bundle, parsed.kid, parsed.alg)
         if check is None or not check(parsed.signing_input, parsed.signature):
             raise VerificationError(f"token signature is invalid (kid {parsed.kid!r})")
+        # Signed: its header may be memoized.
+        typed_header_verified(parsed.signing_input, parsed.alg, parsed.kid, typ)
         # Only signed claims are read from here on.
         claims = parsed.claims
         fields = _claims(claims, typ)

@@ -22,7 +22,7 @@ from svid._errors import (
     VerificationError,
 )
 from svid._jose import SignatureCheck, signature_check
-from svid._jwt import check_claims, split_and_check_fast, split_and_check_header
+from svid._jwt import check_claims, header_verified, split_and_check_fast, split_and_check_header
 from svid._revocation import (
     MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
@@ -244,6 +244,7 @@ class JwtVerifier:
             check = self._signature_check(td, bundle, kid, alg)
         if check is None or not check(signing_input, signature):
             raise VerificationError(f"token signature is invalid (kid {kid!r}, sub {sid})")
+        header_verified(signing_input, alg, kid)  # signed: its header may be memoized
         leeway = self._leeway
         if now > exp + leeway:
             raise ExpiredError(f"token for {sid} expired at {exp}")
