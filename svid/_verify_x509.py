@@ -63,6 +63,7 @@ from svid._x509 import (
     check_leaf_facts,
     check_signing_profile,
     extensions_of,
+    leaf_facts_verified,
     signature_hash_problem,
 )
 
@@ -701,6 +702,7 @@ class X509Verifier:
         except _MALFORMED as exc:
             raise VerificationError(f"a certificate in the chain is malformed: {exc}") from exc
         if leaf_sid is None:
+            leaf_facts_verified(leaf_facts)
             self._remember_template(ders[0], leaf_facts, fields[0].spiffe_id)
         return fields
 

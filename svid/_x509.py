@@ -15,6 +15,7 @@ from svid import _cert_der as der
 from svid._der import certs_to_pem, der_concat, load_pem_certs, parse_der_certs
 from svid._errors import SpiffeIdError, SvidParseError, X509SvidError
 from svid._spiffe_id import SpiffeId
+from svid._verified_memo import VerifiedMemo
 
 __all__ = [
     "X509Svid",
@@ -23,6 +24,7 @@ __all__ = [
     "check_leaf_profile",
     "check_signing_profile",
     "der_concat",
+    "leaf_facts_verified",
     "load_pem_certs",
     "parse_der_certs",
     "spiffe_id_from_cert",
@@ -175,14 +177,12 @@ def check_leaf_facts(facts: der.CertFacts, cert: x509.Certificate | None = None)
     exts = facts.extensions
     if cert is not None and (not exts.keys() <= der.FULLY_READ or not der.key_identifiers_ok(exts)):
         extensions_of(cert)  # raises X509SvidError for anything malformed
+    key = _leaf_key(facts)
+    known = _LEAF_RULES.get(key)
+    if known is not None:
+        return known
     try:
-        return _leaf_rules(
-            exts.get(der.OID_SAN),
-            exts.get(der.OID_BASIC_CONSTRAINTS),
-            exts.get(der.OID_KEY_USAGE),
-            exts.get(der.OID_EXT_KEY_USAGE),
-            facts.subject == der.EMPTY_NAME,
-        )
+        return _leaf_rules(*key)
     except X509SvidError as exc:
         raise X509SvidError(f"leaf serial {facts.serial:x} {exc}") from None
     except der.NonUriSanError:
@@ -193,7 +193,39 @@ def check_leaf_facts(facts: der.CertFacts, cert: x509.Certificate | None = None)
         return check_leaf_profile(cert)
 
 
-@functools.lru_cache(maxsize=1024)
+_LeafKey = tuple[
+    der.Extension | None, der.Extension | None, der.Extension | None, der.Extension | None, bool
+]
+# _leaf_rules is a pure function of the extension bytes, which every SVID of one workload shares
+# (keys and serials differ, these don't): memoized. It runs before any signature is checked (the
+# SPIFFE ID names the bundle), so the memo takes only leaves of chains a verifier accepted
+# (leaf_facts_verified): self-made leaves, each unique, evicted the honest ones otherwise.
+_LEAF_RULES: VerifiedMemo[_LeafKey, SpiffeId] = VerifiedMemo(1024)
+
+
+def _leaf_key(facts: der.CertFacts) -> _LeafKey:
+    exts = facts.extensions
+    return (
+        exts.get(der.OID_SAN),
+        exts.get(der.OID_BASIC_CONSTRAINTS),
+        exts.get(der.OID_KEY_USAGE),
+        exts.get(der.OID_EXT_KEY_USAGE),
+        facts.subject == der.EMPTY_NAME,
+    )
+
+
+def leaf_facts_verified(facts: der.CertFacts) -> None:
+    """Memoize ``check_leaf_facts`` for the leaf of a chain a verifier accepted."""
+    key = _leaf_key(facts)
+    if key in _LEAF_RULES:
+        return
+    try:
+        sid = _leaf_rules(*key)
+    except (X509SvidError, der.NonUriSanError):  # judged with the certificate: not memoized
+        return
+    _LEAF_RULES.remember(key, sid)
+
+
 def _leaf_rules(
     san: der.Extension | None,
     bc: der.Extension | None,
@@ -201,8 +233,6 @@ def _leaf_rules(
     eku: der.Extension | None,
     empty_subject: bool,
 ) -> SpiffeId:
-    # A pure function of the extension bytes, which every SVID of one workload shares (keys and
-    # serials differ, these don't): memoized like the SPIFFE ID parse. Failures are not stored.
     try:
         uris = der.san_uris(san.value) if san is not None else []
         if len(uris) != 1:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
+import svid._cert_der as der
 import svid._jwt as jwt_module
 from svid import (
     AccessTokenVerifier,
@@ -16,11 +19,13 @@ from svid import (
     SpiffeBundle,
     TrustDomain,
     VerificationError,
+    X509Verifier,
     b64url_encode,
+    der_concat,
 )
 from tests.svid import test_verify_access as access
 from tests.svid import test_verify_jwt as svid_jwt
-from tests.svid.certs import T0
+from tests.svid.certs import T0, ec_key, make_ca, make_leaf
 
 TD = TrustDomain("example.org")
 FLOOD = 600  # past every bound these memos have had
@@ -81,3 +86,45 @@ def test_forged_access_token_headers_do_not_evict_the_honest_ones(
     header_checks[0] = 0
     verifier.verify(honest)
     assert header_checks[0] == 0
+
+
+def test_forged_leaves_do_not_evict_the_honest_leaf_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = make_ca()
+    leaf = make_leaf(ca)
+    # One extension past what the DER reader checks alone: no template vouches for this leaf,
+    # so each verification runs the leaf rules (memoized).
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(leaf.key.public_key())
+        .serial_number(leaf.cert.serial_number)
+        .not_valid_before(leaf.cert.not_valid_before_utc)
+        .not_valid_after(leaf.cert.not_valid_after_utc)
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.7"), b"\x05\x00"),
+            critical=False,
+        )
+    )
+    for ext in leaf.cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    honest = der_concat([builder.sign(ca.key, hashes.SHA256())])
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (ca.cert,)))
+    verifier = X509Verifier(source.x509_bundle_for, clock=FakeClock(T0), cache_size=0)
+    verifier.verify_der(honest)
+    # The attacker's own CA (in no bundle), a leaf per SPIFFE ID of the trust domain.
+    theirs, their_key = make_ca(), ec_key()
+    for i in range(1100):
+        forged = make_leaf(theirs, key=their_key, uris=[f"spiffe://example.org/f{i}"])
+        with pytest.raises(VerificationError, match="does not lead to an authority"):
+            verifier.verify_der(der_concat([forged.cert]))
+    reads = [0]
+    real = der.san_uris
+
+    def counted(value: bytes) -> list[str]:
+        reads[0] += 1
+        return real(value)
+
+    monkeypatch.setattr(der, "san_uris", counted)
+    assert str(verifier.verify_der(honest).spiffe_id) == "spiffe://example.org/workload"
+    assert reads[0] == 0
