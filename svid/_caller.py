@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from svid._errors import VerificationError
+from svid._frozen_json import FrozenDict, FrozenList
 from svid._spiffe_id import SpiffeId
 from svid._task_claims import (
     _MAX_ACT_DEPTH,
@@ -66,10 +67,10 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> tuple[str, ...] | 
     # The other claims task_claims reads, in the plain shape it accepts: None for anything it
     # could refuse (or accept only by isinstance). One function with the above: per request.
     tctx = get("tctx", _EMPTY)
-    if type(tctx) is not dict:
+    if type(tctx) is not FrozenDict and type(tctx) is not dict:
         return None
     resources = tctx.get("resources", _NO_RESOURCES)
-    if type(resources) is not list:
+    if type(resources) is not FrozenList and type(resources) is not list:
         return None
     for resource in resources:
         if type(resource) is not str:
@@ -90,7 +91,7 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> tuple[str, ...] | 
     depth = 0
     while act is not None:
         depth += 1
-        if type(act) is not dict or depth > _MAX_ACT_DEPTH:
+        if (type(act) is not FrozenDict and type(act) is not dict) or depth > _MAX_ACT_DEPTH:
             return None
         actor = act.get("sub")
         if type(actor) is not str or not actor:

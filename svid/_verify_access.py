@@ -26,6 +26,7 @@ from svid._errors import (
     RevokedError,
     VerificationError,
 )
+from svid._frozen_json import freeze_nested
 from svid._jose import SignatureCheck
 from svid._jwt import is_time, split_typed_token, typed_header_verified
 from svid._revocation import (
@@ -310,7 +311,7 @@ class AccessTokenVerifier:
             issued_at=fields.issued_at,
             expires_at=fields.expires_at,
             kid=parsed.kid,
-            claims=MappingProxyType(claims),
+            claims=MappingProxyType(freeze_nested(claims)),  # cached: read-only at every depth
         )
         return _Entry(result, bundle, not_before, fields.expires_at + leeway)
 

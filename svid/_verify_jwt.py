@@ -21,6 +21,7 @@ from svid._errors import (
     RevokedError,
     VerificationError,
 )
+from svid._frozen_json import freeze_nested
 from svid._jose import SignatureCheck, signature_check
 from svid._jwt import check_claims, header_verified, split_and_check_fast, split_and_check_header
 from svid._revocation import (
@@ -270,7 +271,8 @@ class JwtVerifier:
         result: VerifiedJwt = _new_object(VerifiedJwt)
         set_sid, set_claims, set_audience, set_expires_at, set_kid = _SET_FIELDS
         set_sid(result, sid)
-        set_claims(result, MappingProxyType(claims))
+        # Cached and shared by every request with this token: read-only at every depth.
+        set_claims(result, MappingProxyType(freeze_nested(claims)))
         set_audience(result, audience)
         set_expires_at(result, exp)
         set_kid(result, kid)

@@ -101,25 +101,6 @@ _admitted: contextvars.ContextVar[tuple[str, Caller] | None] = contextvars.Conte
 )
 
 
-def _json_copy(value: Any) -> Any:
-    """A claim's own copy for a tool: its dicts and lists new, the rest (str, int, float,
-    bool, None: all JSON holds) shared, being immutable. The verifier caches a token's claims
-    for its later requests, so a tool editing the `act` it was handed changed what they saw.
-    A loop, not recursion: nesting as deep as the JSON reader took would pass the stack."""
-    if type(value) is not dict and type(value) is not list:
-        return value
-    top = value.copy()
-    todo = [top]
-    while todo:
-        node = todo.pop()
-        for key, item in node.items() if type(node) is dict else enumerate(node):
-            if type(item) is dict or type(item) is list:
-                mine = item.copy()
-                node[key] = mine  # a value replaced, no key added: safe while iterating
-                todo.append(mine)
-    return top
-
-
 class _UnprintedAccessToken(AccessToken):
     """The SDK's ``AccessToken`` without its bearer token in repr or str: the SDK's model
     shows every field, so a tool logging ``get_access_token()`` logged the token."""
@@ -168,14 +149,12 @@ class TaskAccessToken(_UnprintedAccessToken):
         sid = claims.get("sub")  # str(verified.spiffe_id), which was parsed from it exactly
         if type(sid) is not str:
             sid = str(verified.spiffe_id)
-        # The tool's own copy: the verifier's claims are shared with later requests. They are a
-        # read-only view of a dict: copying the dict skips the view.
+        # The tool's own top level: the verifier's claims are shared with later requests. They
+        # are a read-only view of a dict (copying the dict skips the view), and what they nest
+        # is read-only itself (svid._frozen_json), so it is shared, not copied per request.
         own = claims.copy() if type(claims) is MappingProxyType else None
         if type(own) is not dict:
             own = dict(claims)
-        for name, value in own.items():  # values replaced, no key added: safe while iterating
-            if type(value) is dict or type(value) is list:
-                own[name] = _json_copy(value)
         access = _new(cls)
         _set_dict(
             access,
@@ -729,7 +708,7 @@ class AccessTokenAuth(_ToolGrants):
             # `iss` binds MCP sessions to the issuer too (the SDK's principal_components).
             claims={
                 "iss": verified.issuer,
-                "act": _json_copy(verified.claims.get("act")),
+                "act": verified.claims.get("act"),  # read-only, like all it nests
                 "txn": verified.task_id,
             },
         )

@@ -4,6 +4,7 @@ streamable HTTP client carrying task tokens (svid.mcp.http_client)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import logging
@@ -298,9 +299,9 @@ def test_the_per_request_access_token_is_what_model_construct_makes(
 def test_a_tool_changing_its_token_s_nested_claims_changes_no_later_request(
     source: RevokingSource,
 ) -> None:
-    """The verifier caches a token's claims for its next requests: a tool that edits the
-    ``act`` (or any nested claim) of the token it was handed edits its own copy, not what
-    the next request with the same token is shown and typed from."""
+    """The verifier caches a token's claims for its next requests: the ``act`` (or any nested
+    claim) a tool is handed is read-only, so it cannot change what the next request with the
+    same token is shown and typed from; a copy of it is the tool's own to edit."""
     auth = svid.mcp.TaskAuth(source, audience=AUDIENCE)
     server = MCPServer("tickets", token_verifier=auth, auth=auth.settings)
 
@@ -308,8 +309,14 @@ def test_a_tool_changing_its_token_s_nested_claims_changes_no_later_request(
     def read_ticket(ticket_id: str) -> str:
         token = get_access_token()
         SEEN.append((dict(token.claims["act"]), list(token.claims["tctx"]["resources"])))
-        token.claims["act"]["sub"] = "spiffe://example.org/someone-else"
-        token.claims["tctx"]["resources"].append("https://elsewhere.example")
+        with pytest.raises(TypeError, match="read-only"):
+            token.claims["act"]["sub"] = "spiffe://example.org/someone-else"
+        with pytest.raises(TypeError, match="read-only"):
+            token.claims["tctx"]["resources"].append("https://elsewhere.example")
+        mine = copy.deepcopy(token.claims)
+        mine["act"]["sub"] = "spiffe://example.org/someone-else"
+        mine["tctx"]["resources"].append("https://elsewhere.example")
+        json.dumps(token.claims)
         return "ok"
 
     token = task_token()
@@ -326,7 +333,8 @@ def test_a_tool_changing_its_token_s_nested_claims_changes_no_later_request(
     exchanged = access_token()
     seen = asyncio.run(oauth.verify_token(exchanged))
     assert seen is not None
-    seen.claims["act"]["sub"] = "spiffe://example.org/someone-else"
+    with pytest.raises(TypeError, match="read-only"):
+        seen.claims["act"]["sub"] = "spiffe://example.org/someone-else"
     later = asyncio.run(oauth.verify_token(exchanged))
     assert later is not None
     assert later.claims["act"] == {"sub": f"{RUNTIME}/task/t1"}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import math
 import threading
@@ -373,3 +374,29 @@ def test_cache_bounded_and_thread_safe(source: MemoryBundleSource) -> None:
         t.join()
     assert errors == []
     assert len(v.cache) == 4
+
+
+def test_nested_claims_of_a_cached_answer_are_read_only(verifier: JwtVerifier) -> None:
+    # The verifier hands the same claims to every request with the token (svid.asgi puts them
+    # in the request's scope): editing what they nest changed what later requests saw.
+    tok = token(act={"sub": "spiffe://example.org/a", "act": {"sub": "spiffe://example.org/b"}})
+    first = verifier.verify(tok, "svc")
+    act = first.claims["act"]
+    with pytest.raises(TypeError, match="read-only"):
+        act["sub"] = "spiffe://example.org/evil"
+    with pytest.raises(TypeError, match="read-only"):
+        act["act"].update(sub="spiffe://example.org/evil")
+    with pytest.raises(TypeError, match="read-only"):
+        first.claims["aud"].append("other")
+    with pytest.raises(TypeError, match="read-only"):
+        first.claims["aud"] += ["other"]  # type: ignore[index]
+    later = verifier.verify(tok, "svc")
+    assert later.claims["act"]["act"]["sub"] == "spiffe://example.org/b"
+    assert later.claims["aud"] == ["svc"]
+    assert isinstance(later.claims["act"], dict)
+    assert json.loads(json.dumps(dict(later.claims))) == claims(
+        act={"sub": "spiffe://example.org/a", "act": {"sub": "spiffe://example.org/b"}}
+    )
+    mine = copy.deepcopy(dict(later.claims))  # a copy is the caller's own to edit
+    mine["act"]["sub"] = "spiffe://example.org/c"
+    assert verifier.verify(tok, "svc").claims["act"]["sub"] == "spiffe://example.org/a"
