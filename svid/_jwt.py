@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import binascii
-import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -16,8 +15,17 @@ from svid._jose import ALLOWED_ALGS, b64url_decode
 from svid._spiffe_id import SpiffeId
 from svid._verified_memo import VerifiedMemo
 
-# The same few subjects come back again and again; the parse is pure, so memoize it.
-_parse_id = functools.lru_cache(maxsize=4096)(SpiffeId.parse)
+# The same few subjects come back again and again; the parse is pure, so memoize it. Filled only
+# with the subjects of tokens whose signature checked out (token_verified): subjects of forged
+# tokens, each unique, evicted the honest ones otherwise.
+_SUBJECTS: VerifiedMemo[str, SpiffeId] = VerifiedMemo(4096)
+
+
+def _parse_id(sub: str) -> SpiffeId:
+    known = _SUBJECTS.get(sub)
+    return known if known is not None else SpiffeId.parse(sub)
+
+
 ALLOWED_TYP = frozenset({"JWT", "JOSE"})
 # A token is a bearer secret read from the network; bound its size before decoding anything.
 MAX_TOKEN_BYTES = 64 * 1024
@@ -165,10 +173,11 @@ def _typed_header(segment: bytes) -> tuple[str, str, str]:
     return known if known is not None else check_typed_header(_header_object(segment))
 
 
-def header_verified(signing_input: bytes, alg: str, kid: str) -> None:
-    """Memoize the header of a token split by ``split_and_check_header`` or
-    ``split_and_check_fast`` whose signature checked out."""
+def token_verified(signing_input: bytes, alg: str, kid: str, sub: str, sid: SpiffeId) -> None:
+    """Memoize the header and subject (``sub``, parsed as ``sid``) of a JWT-SVID split by
+    ``split_and_check_header`` or ``split_and_check_fast`` whose signature checked out."""
     _HEADERS.remember(signing_input[: signing_input.index(b".")], (alg, kid))
+    _SUBJECTS.remember(sub, sid)
 
 
 def typed_header_verified(signing_input: bytes, alg: str, kid: str, typ: str) -> None:

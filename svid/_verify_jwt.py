@@ -23,7 +23,7 @@ from svid._errors import (
 )
 from svid._frozen_json import freeze_nested
 from svid._jose import SignatureCheck, signature_check
-from svid._jwt import check_claims, header_verified, split_and_check_fast, split_and_check_header
+from svid._jwt import check_claims, split_and_check_fast, split_and_check_header, token_verified
 from svid._revocation import (
     MAX_CLOCK_SKEW,
     MAX_VERIFIER_LEEWAY,
@@ -245,7 +245,7 @@ class JwtVerifier:
             check = self._signature_check(td, bundle, kid, alg)
         if check is None or not check(signing_input, signature):
             raise VerificationError(f"token signature is invalid (kid {kid!r}, sub {sid})")
-        header_verified(signing_input, alg, kid)  # signed: its header may be memoized
+        token_verified(signing_input, alg, kid, claims["sub"], sid)  # signed: memoize its parse
         leeway = self._leeway
         if now > exp + leeway:
             raise ExpiredError(f"token for {sid} expired at {exp}")

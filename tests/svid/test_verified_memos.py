@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes
 
 import svid._cert_der as der
 import svid._jwt as jwt_module
+import svid._spiffe_id as spiffe_id_module
 from svid import (
     AccessTokenVerifier,
     FakeClock,
@@ -128,3 +129,27 @@ def test_forged_leaves_do_not_evict_the_honest_leaf_rules(monkeypatch: pytest.Mo
     monkeypatch.setattr(der, "san_uris", counted)
     assert str(verifier.verify_der(honest).spiffe_id) == "spiffe://example.org/workload"
     assert reads[0] == 0
+
+
+def test_forged_subjects_do_not_evict_the_honest_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = MemoryBundleSource.of(SpiffeBundle(TD, (), {"k1": svid_jwt.KEY.public_key()}))
+    verifier = JwtVerifier(source.jwt_bundle_for, clock=FakeClock(T0), cache_size=0)
+    verifier.verify(svid_jwt.token(), "svc")
+    header = b64url_encode(b'{"alg":"ES256","kid":"k1"}')
+    signature = b64url_encode(bytes(64))
+    for i in range(5000):  # past the subject memo's bound
+        claims = b64url_encode(
+            f'{{"sub":"spiffe://example.org/f{i}","aud":"svc","exp":{int(T0) + 60}}}'.encode()
+        )
+        with pytest.raises(VerificationError, match="signature is invalid"):
+            verifier.verify(f"{header}.{claims}.{signature}", "svc")
+    parses = [0]
+    real = spiffe_id_module._check_trust_domain
+
+    def counted(name: str, text: str) -> None:
+        parses[0] += 1
+        real(name, text)
+
+    monkeypatch.setattr(spiffe_id_module, "_check_trust_domain", counted)
+    verifier.verify(svid_jwt.token(jti="another token of the same subject"), "svc")
+    assert parses[0] == 0
