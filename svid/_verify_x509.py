@@ -463,6 +463,9 @@ class X509Verifier:
         # Opt-in: refuse everything while the revocation feed has been gone longer than this.
         self._max_staleness = check_max_staleness(max_revocation_staleness)
         self._cache: LruCache[bytes, _Entry] = LruCache(cache_size)
+        # Per verified path (its cache key): the cache key of the one chain holding it with
+        # certificates after it that is cached (see _keep_one_variant).
+        self._variants: dict[bytes, bytes] = {}
         self._max_depth = max_chain_depth
         # One decoded anchor index per trust domain (by name: TrustDomain hashes in Python), rebuilt
         # when its bundle object changes.
@@ -527,6 +530,8 @@ class X509Verifier:
             except SvidParseError as exc:
                 raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
             fields = self._verify_guarded(ders, None, now)
+            if cache.max_entries and len(fields[5]) < len(ders):
+                self._keep_one_variant(b"".join(ders[: len(fields[5])]), key)
         if max_staleness is not None:
             refuse_if_stale_crl(self._revocations, fields[5], now, max_staleness)
         if cache.max_entries:
@@ -549,6 +554,8 @@ class X509Verifier:
         if entry is None:
             ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
             entry = tuple.__new__(_Entry, self._verify_guarded(ders, list(chain), now))
+            if self._cache.max_entries and len(entry.keys) < len(ders):
+                self._keep_one_variant(b"".join(ders[: len(entry.keys)]), key)
             self._cache.put(key, entry)
         if max_staleness is not None:
             refuse_if_stale_crl(self._revocations, entry.keys, now, max_staleness)
@@ -565,6 +572,24 @@ class X509Verifier:
         and revocations that OpenSSL does not know. ``svid.tls`` does all of it in the handshake.
         """
         return self.verify_der(b"".join(peer_chain_der(conn)))
+
+    def _keep_one_variant(self, path_der: bytes, key: bytes) -> None:
+        """Before caching the chain of cache key ``key``, whose path (``path_der``) has
+        certificates after it: drop the entry of the last such chain of this path.
+
+        What follows a path is ignored (a peer may send its root, or anything), so each chain
+        of one leaf with other bytes after it verified alike, and was cached apart: the holder
+        of any SVID a service accepts filled its cache with copies of it, pushing out everyone
+        else's. One such chain per path is cached: a peer that sends the same extras each time
+        hits the cache as before."""
+        path_key = _cache_key(path_der)
+        variants = self._variants
+        old = variants.get(path_key)
+        if old is not None and old != key:
+            self._cache.discard(old)
+        elif old is None and len(variants) >= self._cache.max_entries:
+            variants.clear()  # entries of paths evicted since: a path per entry at most
+        variants[path_key] = key
 
     def _still_valid(self, entry: _Entry, now: float) -> bool:
         if not entry.not_before <= now <= entry.not_after:

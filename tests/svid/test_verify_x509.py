@@ -376,17 +376,44 @@ def test_cache_keeps_no_peer_chosen_bytes_beyond_a_bound(
     """A valid leaf with new junk certificates after it on each handshake: every entry held the
     whole chain as its key, ~1 GB for a full cache of 100 KB chains (TLS's default cap). Keys
     past MAX_CACHE_KEY_BYTES are digests; such chains still verify, and hit the cache."""
-    leaf = make_leaf(ca).cert
     for serial in range(1, 4):
-        chain = der_concat([leaf, junk_cert(serial, 50_000)])
+        chain = der_concat([make_leaf(ca).cert, junk_cert(serial, 50_000)])
         assert str(verifier.verify_der(chain).spiffe_id) == "spiffe://example.org/workload"
         verifier.verify_der(chain)
     # The parsed-certificate entry point keys its entries alike.
-    certs = [leaf, junk_cert(4, 50_000)]
+    certs = [make_leaf(ca).cert, junk_cert(4, 50_000)]
     verifier.verify(certs)
     verifier.verify(certs)
     assert (len(verifier.cache), verifier.cache.hits) == (4, 4)  # each second one a hit
     assert sum(len(key) for key in verifier.cache._data) <= 4 * MAX_CACHE_KEY_BYTES
+
+
+def test_one_leaf_with_ever_new_bytes_after_it_evicts_no_other_peer(
+    source: MemoryBundleSource, clock: FakeClock, ca: Issued
+) -> None:
+    """What follows a chain's path is ignored, so a peer holding one valid SVID sent it with new
+    junk after it on each handshake: each chain verified alike and was cached apart, pushing the
+    other peers' chains out. One such chain per path is cached; the same extras each time (a
+    peer sending its root) still hit."""
+    verifier = X509Verifier(source.x509_bundle_for, clock=clock, cache_size=8)
+    honest = [
+        der_concat([make_leaf(ca, uris=[f"spiffe://example.org/h{i}"]).cert]) for i in range(4)
+    ]
+    for chain in honest:
+        verifier.verify_der(chain)
+    theirs = make_leaf(ca, uris=["spiffe://example.org/noisy"]).cert
+    for serial in range(1, 21):
+        chain = der_concat([theirs, junk_cert(serial, 100)])
+        assert str(verifier.verify_der(chain).spiffe_id) == "spiffe://example.org/noisy"
+    certs = [theirs, junk_cert(21, 100)]  # the parsed-certificate entry point alike
+    verifier.verify(certs)
+    hits = verifier.cache.hits
+    for chain in honest:
+        verifier.verify_der(chain)
+    assert verifier.cache.hits == hits + len(honest)
+    assert len(verifier.cache) == len(honest) + 1
+    verifier.verify(certs)  # its last chain is still cached
+    assert verifier.cache.hits == hits + len(honest) + 1
 
 
 def test_concurrent_verification(verifier: X509Verifier, ca: Issued) -> None:
