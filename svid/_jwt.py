@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from svid._errors import JwtSvidError, SpiffeIdError
+from svid._frozen_json import freeze_nested
 from svid._jose import ALLOWED_ALGS, b64url_decode
 from svid._spiffe_id import SpiffeId
 from svid._verified_memo import VerifiedMemo
@@ -338,10 +339,11 @@ class JwtSvid:
         parsed = split_token(token)
         check_header(parsed.header)
         sid, audience, exp = check_claims(parsed.claims)
+        # Read-only at every depth: a JwtSvid is cached and handed out again (tasks, clients).
         return cls(
             token,
-            MappingProxyType(dict(parsed.header)),
-            MappingProxyType(dict(parsed.claims)),
+            MappingProxyType(freeze_nested(parsed.header)),
+            MappingProxyType(freeze_nested(parsed.claims)),
             sid,
             audience,
             exp,

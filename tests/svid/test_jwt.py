@@ -40,6 +40,17 @@ def test_parse_insecure_reads_fields() -> None:
     assert svid.token == tok
 
 
+def test_parse_insecure_claims_are_read_only_at_every_depth() -> None:
+    # A JwtSvid is cached and handed out again (a task's token, a client's): editing what its
+    # claims nest changed what every later holder of it read.
+    svid = JwtSvid.parse_insecure(_token(claims={**CLAIMS, "act": {"sub": "spiffe://x.org/a"}}))
+    with pytest.raises(TypeError, match="read-only"):
+        svid.claims["aud"].append("other")
+    with pytest.raises(TypeError, match="read-only"):
+        svid.claims["act"]["sub"] = "spiffe://x.org/evil"
+    assert json.loads(json.dumps(dict(svid.claims)))["act"] == {"sub": "spiffe://x.org/a"}
+
+
 def test_single_string_audience() -> None:
     assert JwtSvid.parse_insecure(_token(claims={**CLAIMS, "aud": "svc"})).audience == ("svc",)
 
