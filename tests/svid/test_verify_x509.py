@@ -549,6 +549,26 @@ def test_an_intermediate_with_a_huge_rsa_exponent_is_refused_before_its_signatur
         verifier.verify_der(der_concat([leaf.cert, inter.cert]))
 
 
+@pytest.mark.parametrize("curve", [ec.BrainpoolP512R1(), ec.SECP256K1()])
+def test_an_intermediate_on_a_curve_go_refuses_is_refused_before_its_signature_check(
+    verifier: X509Verifier, ca: Issued, curve: ec.EllipticCurve
+) -> None:
+    # The peer picks the intermediate: a check on brainpoolP512r1 costs ~15 P-256 ones, for each
+    # of up to max_depth of them; Go's crypto/x509 (go-spiffe, SPIRE) parses none of these.
+    inter = make_ca(parent=ca, key=ec.generate_private_key(curve))
+    with pytest.raises(VerificationError, match=rf"intermediate serial .* curve {curve.name}"):
+        verifier.verify_der(der_concat([make_leaf(inter).cert, inter.cert]))
+
+
+@pytest.mark.parametrize("curve", [ec.SECP384R1(), ec.SECP521R1()])
+def test_intermediates_on_the_other_nist_curves_verify(
+    verifier: X509Verifier, ca: Issued, curve: ec.EllipticCurve
+) -> None:
+    inter = make_ca(parent=ca, key=ec.generate_private_key(curve))
+    got = verifier.verify_der(der_concat([make_leaf(inter).cert, inter.cert]))
+    assert str(got.spiffe_id) == "spiffe://example.org/workload"
+
+
 def _rsa_1024() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(65537, 1024)
 
