@@ -111,8 +111,12 @@ def _split(
     token: str, read_header: Callable[[bytes], _H]
 ) -> tuple[_H, dict[str, Any], bytes, bytes]:
     """(header as ``read_header`` makes it, claims, signing input, signature) of a compact JWS:
-    the one splitter under every reader of tokens here. JwtSvidError saying what is wrong."""
-    _check_compact(token)
+    the one splitter under every reader of tokens here. JwtSvidError saying what is wrong.
+
+    Written for the common case, inline (it is most of a new token's work besides the
+    signature); anything unusual takes _check_compact, _b64 and _json_object, which say why."""
+    if len(token) > MAX_TOKEN_BYTES or "=" in token or (token and _spare_bits_set(token)):
+        _check_compact(token)  # raises
     if token.count(".") != 2:
         raise JwtSvidError(
             f"token must have 3 dot-separated parts (compact JWS), has {token.count('.') + 1}"
@@ -123,8 +127,17 @@ def _split(
         raise JwtSvidError("base64url text has non-ASCII characters") from None
     header_b64, claims_b64, sig_b64 = raw.split(b".")
     header = read_header(header_b64)
-    claims = _json_object(_b64(claims_b64), "claims")
-    signature = _b64(sig_b64)
+    try:
+        text = _a2b(
+            claims_b64.translate(_B64URL) + _B64_PAD[len(claims_b64) & 3], strict_mode=True
+        ).decode("utf-8")
+        claims, end = _json_scan(text, 0)
+        if end != len(text) or type(claims) is not dict:
+            raise ValueError
+        signature = _a2b(sig_b64.translate(_B64URL) + _B64_PAD[len(sig_b64) & 3], strict_mode=True)
+    except (ValueError, StopIteration, RecursionError):  # UnicodeError is a ValueError
+        claims = _json_object(_b64(claims_b64), "claims")
+        signature = _b64(sig_b64)
     return header, claims, raw[: len(header_b64) + 1 + len(claims_b64)], signature
 
 
