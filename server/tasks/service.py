@@ -326,13 +326,29 @@ class TaskService:
 
     def apply_tasks(self, loaded: Mapping[str, Task | None]) -> None:
         """Tasks as another server left them: begun ones become active here, ended ones not."""
+        now = self._now()
         with self._lock:
             begun, ended = follow_tasks(self._active, self._ended, loaded)
+            # Begun and ended elsewhere before this server read the row: never active here, so
+            # _drop did not count it, yet its end is listed all the same. Counted here too, or
+            # a runtime spreading its begins and ends over the servers of one datastore got
+            # ENDED_PER_ACTIVE times its cap listed on each.
+            for task in unseen_early_ends(self._active, self._ended, loaded, now):
+                self._ended[task.task_id] = task.expires_at  # counted once
+                if self.settings.max_active_per_runtime:
+                    heapq.heappush(
+                        self._listed.setdefault((task.agent_id, task.runtime_id), []),
+                        task.expires_at,
+                    )
             if not begun and not ended:
                 return
             tasks = dict(self._active)
             for task in ended:
                 self._drop(tasks, task)
+                if loaded.get(task.task_id) is not None:
+                    # Its row says it ended (not merely gone): read again, it is not counted
+                    # again (unseen_early_ends).
+                    self._ended[task.task_id] = task.expires_at
             for task in begun:
                 self._put(tasks, task)
             self._active = MappingProxyType(tasks)
@@ -1679,6 +1695,23 @@ def follow_tasks(
         elif held is not None:
             gone.append(held)
     return begun, gone
+
+
+def unseen_early_ends(
+    active: Mapping[str, Task], ended: Container[str], loaded: Mapping[str, Task | None], now: int
+) -> list[Task]:
+    """The rows of `loaded` ended before their expiry (not expired yet) by another server,
+    that this server neither holds active (keyed by SPIFFE ID) nor already knows ended."""
+    return [
+        task
+        for task_id, task in loaded.items()
+        if task is not None
+        and not task.active
+        and task.state is not TaskState.EXPIRED
+        and task.expires_at > now
+        and task_id not in ended
+        and task.spiffe_id not in active
+    ]
 
 
 def owned_by(task: Task, runtime_entry_ids: Sequence[str]) -> bool:

@@ -44,7 +44,12 @@ from server.datastore.records import (
 )
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
-from server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from server.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
 from server.events import ChangeNotifier
 from server.ids import ServerIds
 from server.issuance import Issuer, MeteredLedger
@@ -60,6 +65,7 @@ from server.tasks.removals import AgentRemovals
 from server.tasks.service import (
     BEGIN_CUT_SHORT,
     BEGIN_UNLOGGED,
+    ENDED_PER_ACTIVE,
     BeginRequest,
     TaskService,
     TaskSettings,
@@ -1703,7 +1709,7 @@ class _Killed(BaseException):
     """The server process died here: no handler of it runs (not an Exception)."""
 
 
-def _restarted(world: World, datastore: DataStore) -> World:
+def _restarted(world: World, datastore: DataStore, settings: TaskSettings | None = None) -> World:
     """A new server process on the same datastore: memory as load() finds it."""
     state = ServerState(datastore, world.clock, ChangeNotifier())
     state.load()
@@ -1718,6 +1724,7 @@ def _restarted(world: World, datastore: DataStore) -> World:
         ca=world.ca,
         server_id="spiffe://example.org/svid/server",
         clock=world.clock,
+        settings=settings,
     )
     service.load()
     return dataclasses.replace(world, service=service, state=state, audit=audit, store=store)
@@ -2560,6 +2567,33 @@ def test_a_fresh_crl_is_taken_by_a_relying_party_whose_clock_is_a_few_seconds_be
     behind = world.clock.now() - 5
     result = openssl_verify(world.tmp, leaf, [ca_cert], at=behind, crls=crls)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tasks_ended_early_through_another_server_count_here_though_never_seen_active(
+    tmp_path: Path, clock: FakeClock, datastore: SqliteDataStore, ca_manager: CaManager
+) -> None:
+    """Two servers on one datastore: a runtime beginning and ending each task at once through
+    one, and the other reading the rows only once ended (never active there), left the
+    other's count at 0: each server listed ten times the cap of ended tasks, so a runtime
+    spreading its begins over the servers multiplied the bound by their number."""
+    settings = TaskSettings(max_active_per_runtime=1)
+    world = make_world(tmp_path, clock, datastore, ca_manager, settings=settings)
+    other = _restarted(world, datastore, settings)
+    try:
+        ids = []
+        for _ in range(ENDED_PER_ACTIVE):
+            task = world.begin(ttl=60)
+            world.run(world.service.end(world.agent, task.task_id, [RUNTIME]))
+            ids.append(task.task_id)
+        other.service.apply_tasks(other.service.reload_tasks(ids))
+        other.service.apply_tasks(other.service.reload_tasks(ids))  # read again: once
+        world.service.apply_tasks(world.service.reload_tasks(ids))  # its own ends: once
+        assert other.service._ended_early(AGENT, RUNTIME) == ENDED_PER_ACTIVE
+        assert world.service._ended_early(AGENT, RUNTIME) == ENDED_PER_ACTIVE
+        with pytest.raises(RateLimitedError, match="before their expiry"):
+            other.begin(ttl=60)
+    finally:
+        world.close()
 
 
 def test_the_count_of_tasks_ended_early_forgets_them_once_they_expire(
