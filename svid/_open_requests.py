@@ -17,7 +17,7 @@ from typing import Protocol
 from svid._caller import Caller
 from svid._errors import SpiffeIdError
 from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, CertKey, cert_key
-from svid._source_state import RevocationEvent, task_id_of
+from svid._source_state import RevocationEvent, named_task, task_id_of
 from svid._spiffe_id import SpiffeId
 
 Key = tuple[str, str | CertKey]
@@ -48,10 +48,10 @@ def _parsed_task(value: object, task_id: str) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        parsed = SpiffeId.parse(value)
+        named = named_task(SpiffeId.parse(value), task_id)
     except SpiffeIdError:
         return None
-    return str(parsed) if task_id_of(parsed) == task_id else None
+    return None if named is None else str(named)
 
 
 def _token_task(caller: Caller, task_id: str) -> str | None:
@@ -93,11 +93,10 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
 def _ended_task_keys(event: RevocationEvent, task_id: str) -> tuple[Key, ...]:
     """What a task's end hits: requests of that task identity when the event names it (and
     those whose identity is unknown, by ID), else every request of the task ID."""
-    named = event.spiffe_id
-    identity = _parsed_task(str(named), task_id) if named is not None else None
+    identity = named_task(event.spiffe_id, task_id)
     if identity is None:
         return ((TXN, task_id), (TXN_ONLY, task_id))
-    return ((TXN, task_id), (TASK_IDENTITY, identity))
+    return ((TXN, task_id), (TASK_IDENTITY, str(identity)))
 
 
 def event_keys(event: RevocationEvent) -> tuple[Key, ...]:

@@ -56,6 +56,14 @@ def task_id_of(spiffe_id: SpiffeId | None) -> str | None:
     return None
 
 
+def named_task(spiffe_id: SpiffeId | None, task_id: str) -> SpiffeId | None:
+    """`spiffe_id` when it is a task identity of `task_id`, else None. A task's end names the
+    identity of the task that ended: a task ID is unique only within its runtime and trust
+    domain, and another's end with the same ID must not end this one. An end naming none (an
+    agent from before ends carried one) is matched on the task ID alone."""
+    return spiffe_id if task_id_of(spiffe_id) == task_id else None
+
+
 @dataclass(frozen=True, slots=True)
 class RevocationEvent:
     """A credential that has just joined the revocation set.
@@ -302,7 +310,7 @@ class SourceState:
         own = [(cert_key(s.spiffe_id.trust_domain.name, s.leaf), s.spiffe_id) for s in self.svids]
         for item in added:
             value = _key(item)[1]
-            spiffe_id = _said(item) or next((sid for k, sid in own if item.revokes(k)), None)
+            spiffe_id = said_id(item) or next((sid for k, sid in own if item.revokes(k)), None)
             event = RevocationEvent(item.kind, value, item.expires_at, spiffe_id, item.issuer)
             for callback in subscribers:
                 try:
@@ -322,7 +330,7 @@ class SourceState:
         log.error("an on_revoked callback returned a coroutine; only asyncio sources run those")
 
 
-def _said(item: Revoked) -> SpiffeId | None:
+def said_id(item: Revoked) -> SpiffeId | None:
     """The SPIFFE ID the agent sent with a revocation, if any and well formed."""
     if not item.spiffe_id:
         return None

@@ -20,9 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Generic, Protocol, TypeVar
 
-from svid._errors import SpiffeIdError
 from svid._revocation import KIND_JWT_ID, KIND_TASK, Revoked
-from svid._source_state import task_id_of
+from svid._source_state import named_task, said_id
 from svid._spiffe_id import SpiffeId
 from svid._task_model import Fetched, TaskInfo
 from svid._workload_calls import RevocationsUpdate
@@ -92,16 +91,8 @@ class LiveTasks(Generic[T]):
 
 def ended_by_id(item: Revoked) -> bool:
     """Whether `item` is a task's end to match on its task ID alone: one that names no task
-    identity of that ID (an agent from before ends carried one). A task ID is unique only
-    within its runtime and trust domain: an end naming a task's SPIFFE ID is that task's, and
-    another's with the same ID must not end it."""
-    if item.kind != KIND_TASK:
-        return False
-    try:
-        said = SpiffeId.parse(item.spiffe_id) if item.spiffe_id else None
-    except SpiffeIdError:
-        said = None
-    return said is None or task_id_of(said) != item.value
+    identity of that ID (named_task; an end naming one is matched on it, in `ids`)."""
+    return item.kind == KIND_TASK and named_task(said_id(item), item.value) is None
 
 
 def doubtful_jtis(task: Watched, update: RevocationsUpdate) -> frozenset[str] | None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from svid._cache import LruCache
 from svid._errors import StaleRevocationsError, VerificationError
 from svid._revocation import KIND_TASK, KIND_X509_SERIAL, CertKey, RevocationSet, cert_key
-from svid._source_state import RevocationEvent, task_id_of
+from svid._source_state import RevocationEvent, named_task, task_id_of
 from svid._spiffe_id import SpiffeId
 from svid._ssl_peer import peer_chain_der
 from svid._tls_authorize import Authorizer, refusal
@@ -145,18 +145,13 @@ class PeerPolicy:
 
 
 def ended_task(event: RevocationEvent, peer: SpiffeId | None) -> bool:
-    """Whether a task's end (KIND_TASK) is that of the task `peer` is. A task ID is unique
-    only within its runtime and trust domain: the end names the whole task identity
-    (`spiffe_id`), and a peer of another trust domain or runtime with the same task ID is not
-    the task that ended. An end that names no task identity of its ID (an agent from before
-    ends carried one) is matched on the ID alone: closing a connection too many beats leaving
-    an ended task's open."""
+    """Whether a task's end (KIND_TASK) is that of the task `peer` is: on its whole identity
+    when the end names one (named_task), else on the task ID alone (closing a connection too
+    many beats leaving an ended task's open)."""
     if peer is None or task_id_of(peer) != event.value:
         return False
-    said = event.spiffe_id
-    if said is None or task_id_of(said) != event.value:
-        return True
-    return said == peer
+    said = named_task(event.spiffe_id, event.value)
+    return said is None or said == peer
 
 
 class _Gate:
