@@ -19,6 +19,7 @@ from svid._errors import SpiffeIdError
 from svid._revocation import KIND_JWT_ID, KIND_TASK, KIND_X509_SERIAL, CertKey, cert_key
 from svid._source_state import RevocationEvent, named_task, task_id_of
 from svid._spiffe_id import SpiffeId
+from svid._task_claims import _MAX_ACT_DEPTH
 
 Key = tuple[str, str | CertKey]
 JWT, X509 = "jwt", "x509"  # what admitted a request or session (Admitted.admitted_by)
@@ -37,10 +38,10 @@ TASK_IDENTITY = "task_identity"
 TXN_ONLY = "txn_only"
 
 
-def _task_keys(task_id: str, identity: str | None) -> tuple[Key, ...]:
-    if identity is None:
+def _task_keys(task_id: str, identities: tuple[str, ...]) -> tuple[Key, ...]:
+    if not identities:
         return ((TXN, task_id),)
-    return ((TASK_IDENTITY, identity), (TXN_ONLY, task_id))
+    return (*((TASK_IDENTITY, i) for i in identities), (TXN_ONLY, task_id))
 
 
 def _parsed_task(value: object, task_id: str) -> str | None:
@@ -54,14 +55,23 @@ def _parsed_task(value: object, task_id: str) -> str | None:
     return None if named is None else str(named)
 
 
-def _token_task(caller: Caller, task_id: str) -> str | None:
-    """The SPIFFE ID of the task a task token is of: its `sub`, or for a token whose `sub`
-    is the principal (an exchange), the current actor (`act.sub`); None when neither is it."""
-    own = _parsed_task(str(caller.spiffe_id), task_id)
-    if own is not None:
-        return own
+def _token_tasks(caller: Caller, task_id: str) -> tuple[str, ...]:
+    """The task SPIFFE IDs of `task_id` a task token names: its `sub`, and each actor of its
+    `act` chain (an exchange's `sub` is the principal, the task an actor). All of them, not
+    the first found: a delegated token's current actor may itself be a task identity with
+    that ID (another trust domain's, whose IDs it picks), and keyed on it alone, the end of
+    the task the token was minted for (named by its own identity) left its requests open."""
+    found: list[str] = []
+    candidates: list[object] = [str(caller.spiffe_id)]
     act = caller.claims.get("act")
-    return _parsed_task(act.get("sub"), task_id) if isinstance(act, dict) else None
+    while isinstance(act, dict) and len(candidates) <= _MAX_ACT_DEPTH:
+        candidates.append(act.get("sub"))
+        act = act.get("act")
+    for value in candidates:
+        named = _parsed_task(value, task_id)
+        if named is not None and named not in found:
+            found.append(named)
+    return tuple(found)
 
 
 def caller_keys(caller: Caller) -> tuple[Key, ...]:
@@ -73,7 +83,7 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
         keys.append((KIND_JWT_ID, jti))
     task_id = caller.task_id
     if task_id is not None:
-        keys.extend(_task_keys(task_id, _token_task(caller, task_id)))
+        keys.extend(_task_keys(task_id, _token_tasks(caller, task_id)))
     peer = caller.x509
     if peer is not None:
         # A task's X.509-SVID cut to a CA's notAfter (a CA rotation within the task) expires
@@ -81,7 +91,7 @@ def caller_keys(caller: Caller) -> tuple[Key, ...]:
         # admitted.
         peer_task = task_id_of(peer.spiffe_id)
         if peer_task is not None:
-            keys.extend(k for k in _task_keys(peer_task, str(peer.spiffe_id)) if k not in keys)
+            keys.extend(k for k in _task_keys(peer_task, (str(peer.spiffe_id),)) if k not in keys)
         td = peer.spiffe_id.trust_domain.name
         for cert in peer.chain:
             issued = cert_key(td, cert)

@@ -206,3 +206,20 @@ def test_a_tasks_end_ends_the_requests_its_tokens_admitted_by_the_task_they_name
     assert ended == []
     requests.on_revoked(_event("task", "t1", TASK))
     assert sorted(ended) == ["exchanged", "task token"]
+
+
+def test_a_tasks_end_ends_a_delegated_tokens_requests_whose_actor_has_the_same_task_id() -> None:
+    """A token delegated from the task to another actor keeps the task's `txn`; its requests
+    were keyed on the current actor alone when that was a task identity with the same ID (a
+    task of another trust domain, which picks its IDs, and reads every token's `txn`): the
+    end of the task the token was minted for, naming that task, left them open."""
+    actor = SpiffeId.parse("spiffe://foreign.org/agents/bot/task/t1")
+    claims = {"txn": "t1", "jti": "j3", "act": {"sub": str(actor), "act": {"sub": str(TASK)}}}
+    ended: list[str] = []
+    requests = OpenRequests()
+    jwt: Any = SimpleNamespace(claims=claims)
+    requests.admit(Caller(actor, jwt=jwt), lambda: ended.append("delegated"))
+    requests.on_revoked(_event("task", "t1", SpiffeId.parse("spiffe://example.org/b/task/t1")))
+    assert ended == []
+    requests.on_revoked(_event("task", "t1", TASK))
+    assert ended == ["delegated"]
