@@ -6,11 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests import postgres
 
 # Loaded in every process of a run, the one that prints the summary included (pytest-xdist).
 pytest_plugins = ["tests.fuzz.summary"]
+
+# No per-example time limit (hypothesis's default is 200 ms): a property test says what holds,
+# and a loaded machine made an example of an X.509 path comparison take 257 ms. Speed is the
+# benches' to judge (bench/). The fuzz targets set their own profiles (tests/fuzz/_profile.py).
+settings.register_profile("svidd", deadline=None)
+settings.load_profile("svidd")
 
 # The logger trees the server's and the agent's `logs.configure` route to a stream of their own.
 CONFIGURED_LOGGERS = ("svid", "agent_attestor")
