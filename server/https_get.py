@@ -180,9 +180,10 @@ def _connect(
 ) -> socket.socket:
     """A TCP connection to the first of `host`'s addresses that answers, each attempt given
     only what is left of the GET's time; the socket's timeout then is what remains. With
-    `outward`, addresses that are `inward` are skipped: checked on the very address
-    connected to, so a name that resolves elsewhere the next time (DNS rebinding) gains
-    nothing."""
+    `outward`, addresses that are `inward` are skipped, and a connection found to lead to
+    this host itself (`_to_itself`) is dropped before anything is sent on it: checked on the
+    very address connected to, so a name that resolves elsewhere the next time (DNS
+    rebinding) gains nothing."""
     error: OSError | None = None
     for family, kind, proto, _, address in _resolve(host, port, ends, timeout, party):
         if outward and inward(str(address[0])):
@@ -201,6 +202,11 @@ def _connect(
             sock.close()
             error = exc
             continue
+        if outward and _to_itself(sock):
+            cutter.hold(None)
+            sock.close()  # nothing was sent on it
+            error = OSError(f"{host}: address {address[0]} is this host's own: refused")
+            continue
         # A cut that came as connect returned has shut this socket down: the request's first
         # send fails, and get() reports the deadline.
         sock.settimeout(max(ends - time.monotonic(), 0.001))
@@ -208,6 +214,18 @@ def _connect(
     if cutter.fired or time.monotonic() >= ends:
         raise _late(timeout)
     raise error if error is not None else OSError(f"{host}: no address to connect to")
+
+
+def _to_itself(sock: socket.socket) -> bool:
+    """Whether `sock` is connected to this very host by one of its own addresses that is not
+    loopback (its LAN or public address): `inward` cannot know those, yet they reach every
+    service here listening on all addresses (0.0.0.0, ::). The kernel routes such a connection
+    through the loopback device from the address itself, so its two ends share one address."""
+    try:
+        here, there = sock.getsockname()[0], sock.getpeername()[0]
+    except OSError:  # no longer connected: the request's send fails and says so
+        return False
+    return bool(here == there)
 
 
 def _resolve(host: str, port: int, ends: float, timeout: float, party: str) -> Sequence[_Address]:

@@ -303,3 +303,31 @@ def test_an_outward_get_connects_to_no_inward_address_whatever_the_name(scheme: 
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):  # nobody connected
             listener.accept()
+
+
+def _own_address() -> str | None:
+    """One of this host's IPv4 addresses that is not loopback: the source the kernel picks
+    towards another network (a UDP connect sends nothing), or None on a host without one."""
+    for far in ("192.0.2.1", "198.51.100.1", "10.255.255.1"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((far, 9))
+            except OSError:
+                continue
+            here = str(probe.getsockname()[0])
+        if not https_get.inward(here):
+            return here
+    return None
+
+
+def test_an_outward_get_reaches_no_service_of_this_host_by_its_own_address() -> None:
+    # The host's LAN (or public) address is no loopback nor link-local, so `inward` lets it
+    # through; yet it reaches every service here listening on all addresses (svidd's own,
+    # a database, a sidecar's admin port).
+    here = _own_address()
+    if here is None:
+        pytest.skip("this host has no address but loopback")
+    with socket.create_server(("0.0.0.0", 0)) as listener:
+        url = f"http://{here}:{listener.getsockname()[1]}/doc"
+        with pytest.raises(OSError, match="this host's own"):
+            https_get.get(url, context=None, limit=100, timeout=2, outward=True)
