@@ -50,9 +50,7 @@ def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:
     FederationError otherwise."""
     twice = member_twice(body)
     if twice is not None:
-        raise FederationError(
-            f"bundle of {trust_domain} refused: an object in it names {twice[:100]!r} twice"
-        )
+        raise FederationError(f"bundle of {trust_domain} refused: an object in it {twice}")
     try:
         bundle = SpiffeBundle.parse(trust_domain, body)
     except ValueError as exc:  # SvidError, or cryptography's on a name it reads lazily

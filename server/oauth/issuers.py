@@ -144,7 +144,7 @@ def _refuse_member_twice(issuer: TrustedIssuer, what: str, body: bytes) -> None:
     key, mean one thing here and another to the issuer's other relying parties."""
     twice = member_twice(body)
     if twice is not None:
-        raise IssuerError(f"{issuer.url}: an object of its {what} names {twice[:100]!r} twice")
+        raise IssuerError(f"{issuer.url}: an object of its {what} {twice}")
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

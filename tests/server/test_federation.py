@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -731,6 +732,52 @@ def test_a_bundle_naming_a_member_twice_is_refused(twice: Any, member: str) -> N
         endpoint.close()
     with pytest.raises(FederationError, match=f"names '{member}' twice"):
         check_bundle(HOME, served.encode())
+
+
+@pytest.mark.parametrize(
+    ("spelled", "member"),
+    [
+        # go-spiffe reads the top level with Go's encoding/json, which matches a member to
+        # its field ignoring case and keeps the last: a SPIRE server reads no authorities.
+        (lambda doc: doc.replace('{"keys":', '{"keys":[],"KEYS":', 1), "KEYS"),
+        (
+            lambda doc: doc.replace(
+                '"spiffe_sequence":2', '"spiffe_sequence":2,"SPIFFE_Sequence":9'
+            ),
+            "SPIFFE_Sequence",
+        ),
+        # The Kelvin sign, which Go folds to k as well.
+        (lambda doc: doc.replace('{"keys":', '{"keys":[],"\u212aeys":', 1), "\u212aeys"),
+        # An escape spells the very name it decodes to: a plain repeat.
+        (
+            lambda doc: doc.replace(
+                '"use":"x509-svid"', '"use":"jwt-svid","\\u0075se":"x509-svid"'
+            ),
+            "use",
+        ),
+    ],
+)
+def test_a_bundle_naming_a_member_twice_in_another_case_or_spelling_is_refused(
+    spelled: Any, member: str
+) -> None:
+    served = spelled(
+        SpiffeBundle(HOME, (_now_ca("example.org").cert,), sequence=2).to_json().decode()
+    )
+    with pytest.raises(FederationError, match=re.escape(repr(member))):
+        check_bundle(HOME, served.encode())
+
+
+def test_a_bundle_spelling_a_name_with_an_escape_once_is_read() -> None:
+    """Valid JSON an honest writer may produce (escaped names, SPIRE's numbers) is no repeat."""
+    served = (
+        SpiffeBundle(HOME, (_now_ca("example.org").cert,), sequence=2, refresh_hint=300)
+        .to_json()
+        .decode()
+        .replace('"use":', '"\\u0075se":')
+        .replace('{"keys":', '{"k\\u0065ys":', 1)
+    )
+    bundle = check_bundle(HOME, served.encode())
+    assert (len(bundle.x509_authorities), bundle.sequence, bundle.refresh_hint) == (1, 2, 300)
 
 
 def test_a_bundle_of_more_authorities_than_a_trust_domain_rotates_through_is_refused() -> None:

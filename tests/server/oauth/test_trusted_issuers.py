@@ -60,7 +60,7 @@ class Issuer:
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
     named_issuer: str | None = None  # None: its own URL
     jwks_uri: str | None = None  # None: its own /jwks
-    twice: str = ""  # a member its documents name twice: "issuer" or "kid"
+    twice: str = ""  # a member its documents name twice: "issuer" or "kid" ("Issuer": by case)
     status: int = 200
     max_age: int = 120
     fetches: dict[str, int] = field(default_factory=dict)
@@ -85,6 +85,8 @@ class Issuer:
             text = json.dumps(doc)
             if self.twice == "issuer":  # read first by others: another issuer's document
                 text = text.replace('{"issuer"', '{"issuer": "https://elsewhere.example", "issuer"')
+            if self.twice == "Issuer":  # read last by Go's encoding/json, as "issuer"
+                text = text.replace("}", ', "Issuer": "https://elsewhere.example"}')
             return 200, text.encode(), {}
         if path == "/jwks":
             jwks = [
@@ -343,6 +345,17 @@ def test_a_document_naming_a_member_twice_is_refused(issuer: Issuer, member: str
     issuer.add_key("p1")
     issuer.twice = member
     with pytest.raises(IssuerError, match=f"names '{member}' twice"):
+        _fetch(issuer)
+
+
+def test_a_discovery_document_naming_its_issuer_twice_in_two_cases_is_refused(
+    issuer: Issuer,
+) -> None:
+    # coreos/go-oidc reads the document with Go's encoding/json, which takes "Issuer" for
+    # "issuer" and keeps the last: another relying party would trust another issuer's tokens.
+    issuer.add_key("p1")
+    issuer.twice = "Issuer"
+    with pytest.raises(IssuerError, match="names 'issuer' and 'Issuer'"):
         _fetch(issuer)
 
 
