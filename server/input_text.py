@@ -5,6 +5,7 @@ that callers retry (and, in a shared commit, fails its neighbours too)."""
 from __future__ import annotations
 
 from server.errors import InvalidRequestError
+from svid._printable import shown as printable
 
 
 def refuse_nul(name: str, *values: str) -> None:
@@ -23,12 +24,9 @@ def refuse_unprintable(name: str, *values: str) -> None:
 
 
 def shown(text: str) -> str:
-    """`text` as one line of printable text: each character that is not printable (a NUL, a
-    newline, an escape sequence's ESC) written as its Python escape (`\\n`, `\\x1b`), as the
-    text log writes them (svid/_logs.py). For what another party put in a message (a foreign
-    endpoint's status line, a certificate's URI SAN): the message reaches an operator's
-    terminal, the logs, and the ledger, which on PostgreSQL takes no NUL (a refusal holding
-    one was not recorded at all)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """`text` as one line of printable text, escaped as the text log escapes it
+    (svid/_printable.py). For what another party put in a message (a foreign endpoint's
+    status line, a certificate's URI SAN): the message reaches an operator's terminal, the
+    logs, and the ledger, which on PostgreSQL takes no NUL (a refusal holding one was not
+    recorded at all)."""
+    return printable(text)

@@ -29,6 +29,7 @@ from collections import deque
 from typing import IO, Any, cast
 
 from svid._clock import format_utc
+from svid._printable import shown
 
 # What both daemons' log_format and log_level take.
 LOG_FORMATS = ("json", "text")
@@ -69,16 +70,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, separators=(",", ":"))
 
 
-def _one_line(text: str) -> str:
-    """`text` with each character that is not printable (a newline, a carriage return, an
-    escape) written as its Python escape (`\\n`, `\\x1b`): a message or field carries the
-    caller's words (an audience, a path, an error naming them), and a newline among them wrote a
-    line of the caller's own, a forged record, into the text log."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _field(value: object) -> str:
     """A field's value as it follows `key=`: bare where it is one word, else quoted as a JSON
     string, so a value with a space and `key=value` in it (an audience in a denial's reason)
@@ -103,10 +94,12 @@ class TextFormatter(logging.Formatter):
         )
         if extras:
             line = f"{line} {extras}"
-        line = _one_line(line)
+        # The caller's words (an audience, a path, an error naming them) made one line: a
+        # newline among them wrote a line of their own, a forged record, into the text log.
+        line = shown(line)
         if record.exc_info:
             trace = self.formatException(record.exc_info).split("\n")
-            line = "\n".join([line, *(f"  {_one_line(part)}" for part in trace)])
+            line = "\n".join([line, *(f"  {shown(part)}" for part in trace)])
         return line
 
 
