@@ -156,15 +156,18 @@ def inward(address: str) -> bool:
         or ip.is_unspecified
         or ip.is_multicast
         or ip.is_reserved
-        or ip in _METADATA
+        or any(ip in network for network in _METADATA)
     )
 
 
 # Cloud metadata services outside the link-local range: Alibaba Cloud's (in the shared
-# address space), AWS's IPv6 one (a unique local address). Private ranges as such are not
-# inward: an issuer's keys may be served by another host of the deployment.
-_METADATA = frozenset(
-    {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")}
+# address space), and the network AWS serves its instances' IPv6 link services on (a unique
+# local one): the instance metadata service at ::254, but also EKS Pod Identity's agent
+# (credentials) at ::23, the DNS resolver at ::253. Private ranges as such are not inward:
+# an issuer's keys may be served by another host of the deployment.
+_METADATA = (
+    ipaddress.ip_network("100.100.100.200/32"),
+    ipaddress.ip_network("fd00:ec2::/64"),
 )
 
 

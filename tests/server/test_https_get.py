@@ -282,6 +282,8 @@ def test_a_lookup_thread_that_cannot_start_fails_its_get_and_leaves_the_name_fre
         "240.0.0.1",
         "100.100.100.200",
         "fd00:ec2::254",
+        "fd00:ec2::23",  # EKS Pod Identity's agent, which hands out AWS credentials
+        "::ffff:100.100.100.200",
     ],
 )
 def test_addresses_of_this_host_or_its_link_are_inward(address: str) -> None:
