@@ -34,12 +34,15 @@ MAX_BUNDLE_BYTES = 1024 * 1024
 # The agents are sent a foreign bundle's sequence and refresh hint as int64 (common.Bundle): a
 # larger one, installed, failed every Sync that carried the bundle.
 MAX_BUNDLE_NUMBER = 2**63 - 1
-# At most this many X.509 authorities, and as many JWT keys, in a foreign bundle: a trust
-# domain rotating holds a few. A megabyte of them (some 2,000 CA certificates under one
-# subject name) made each of our workloads that accepts the trust domain try every one
-# against any chain claiming that issuer (a signature check each, for whoever connects),
-# and was sent to every agent federating with it at each change, once a minute.
-MAX_AUTHORITIES = 64
+# At most this many X.509 authorities, and as many JWT keys, in a foreign bundle. A megabyte
+# of them (some 2,000 CA certificates under one subject name) made each of our workloads that
+# accepts the trust domain try every one against any chain claiming that issuer (a signature
+# check each, for whoever connects), and was sent to every agent federating with it at each
+# change, once a minute. Yet an honest SPIRE trust domain holds more than a few: each server
+# makes a CA and a JWT key every half ca_ttl and keeps each in the bundle 24 h past its
+# expiry, so 2 + 48 h / ca_ttl of each per server: 50 at a ca_ttl of 1 h, 78 for three
+# servers at 2 h (64 refused those). Room for some five such servers.
+MAX_AUTHORITIES = 256
 
 
 def check_bundle(trust_domain: TrustDomain, body: bytes) -> SpiffeBundle:

@@ -31,7 +31,8 @@ def _large_bundle(trust_domain: str) -> bytes:
     # One key under as many long key ids as a bundle may hold: near the maximum size, cheap
     # to make.
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    keys = {f"k{n:06d}" + "x" * 14_000: key for n in range(MAX_AUTHORITIES)}
+    pad = "x" * (900_000 // MAX_AUTHORITIES - 200)  # ~900 KB in all, whatever the cap
+    keys = {f"k{n:06d}{pad}": key for n in range(MAX_AUTHORITIES)}
     body = SpiffeBundle(TrustDomain(trust_domain), (), keys, sequence=1).to_json()
     assert MAX_PAGE_BYTES // 3 < len(body) <= MAX_BUNDLE_BYTES
     return body

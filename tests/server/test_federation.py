@@ -795,7 +795,8 @@ def test_a_bundle_of_more_authorities_than_a_trust_domain_rotates_through_is_ref
             "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
         )
         with pytest.raises(
-            FederationError, match=f"65 X.509 authorities, at most {MAX_AUTHORITIES}"
+            FederationError,
+            match=f"{MAX_AUTHORITIES + 1} X.509 authorities, at most {MAX_AUTHORITIES}",
         ):
             fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
     finally:
@@ -808,8 +809,23 @@ def test_a_bundle_of_more_authorities_than_a_trust_domain_rotates_through_is_ref
     )
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
     jwt_keys = {f"k{i}": key for i in range(MAX_AUTHORITIES + 1)}
-    with pytest.raises(FederationError, match="65 JWT authorities"):
+    with pytest.raises(FederationError, match=f"{MAX_AUTHORITIES + 1} JWT authorities"):
         check_bundle(HOME, SpiffeBundle(HOME, (), jwt_keys).to_json())
+
+
+def test_a_spire_trust_domain_with_a_short_ca_ttl_is_not_refused_for_its_authorities() -> None:
+    """SPIRE makes a CA and a JWT key every half ca_ttl and keeps each in its bundle 24 h past
+    expiry: three HA servers at a ca_ttl of 2 h publish 3 * (2 + 48 / 2) = 78 of each, all
+    under one subject (ca_subject). An honest bundle, refused when the cap was 64."""
+    issued = time.time() - 60
+    cas = tuple(
+        make_ca("example.org", not_before=issued, not_after=issued + 7200).cert for _ in range(78)
+    )
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwt_keys = {f"server{i % 3}-{i}": key for i in range(78)}
+    body = SpiffeBundle(HOME, cas, jwt_keys, sequence=1234, refresh_hint=300).to_json()
+    bundle = check_bundle(HOME, body)
+    assert (len(bundle.x509_authorities), len(bundle.jwt_authorities)) == (78, 78)
 
 
 def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
