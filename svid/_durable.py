@@ -7,15 +7,27 @@ the old bundle) or no file at all. So each rename is followed by an fsync of its
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+# A filesystem that cannot fsync a directory says so with one of these (some FUSE and network
+# filesystems: EINVAL; a read-only descriptor refused: EBADF; no support at all: ENOTSUP). The
+# rename is done by then and the file's bytes are fsynced: what it cannot promise is more than
+# such a filesystem ever gave, and failing the write made the agent unable to start there (its
+# runtime file) or to save anything, where it used to. PostgreSQL and SQLite ignore them too.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP})
+
 
 def fsync_dir(directory: Path | str) -> None:
-    """Make the entries of `directory` (renames, creations, removals in it) durable."""
+    """Make the entries of `directory` (renames, creations, removals in it) durable, where its
+    filesystem can; one that cannot fsync a directory (_UNSUPPORTED) is let be."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise  # EIO, ENOSPC: the disk failed, and the caller is told
     finally:
         os.close(fd)
 

@@ -4,6 +4,7 @@ removed) or lose the new one, though the file's own bytes were fsynced."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -14,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent_attestor.agent_store import AgentStore, AgentSvid
+from agent_attestor.app import RuntimeInfo
 from server.ca.keys import KeyStore
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import LocalCa
@@ -105,3 +107,39 @@ def test_each_rename_is_followed_by_an_fsync_of_its_directory(
     write(tmp_path)
     assert any(kind == "rename" for kind, _ in disk.events)
     assert disk.unsynced_renames() == []
+
+
+def _refuse_dir_fsync(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """A filesystem (some FUSE and network ones) whose directories cannot be fsynced."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _runtime_file(tmp_path: Path) -> None:
+    RuntimeInfo(str(tmp_path / "api.sock"), "", os.getpid()).write(tmp_path / "agent.json")
+
+
+@pytest.mark.parametrize(
+    "write", [_bundle, _agent_svid, _agent_svid_save_finished_at_load, _server_key, _runtime_file]
+)
+def test_a_filesystem_that_cannot_fsync_a_directory_still_takes_the_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, write: Callable[[Path], None]
+) -> None:
+    # EINVAL made every one of these writes fail after its rename: the agent could not write
+    # its runtime file at start, nor save its SVID or bundle, on a data_dir it used to run on.
+    _refuse_dir_fsync(monkeypatch, errno.EINVAL)
+    write(tmp_path)
+
+
+def test_a_disk_failing_the_directory_fsync_is_still_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _refuse_dir_fsync(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        _bundle(tmp_path)
