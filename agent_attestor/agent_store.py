@@ -177,10 +177,25 @@ class AgentStore:
             current = _digest(self.bundle_path.read_bytes())
             if current in known and current not in ages:
                 ages[current] = known[current]
-        # Refused, the file's age is unknown (bundle_sequence: None), never a wrong one.
-        with contextlib.suppress(OSError):
+        try:
             _write_private(self.sequence_path, json.dumps(ages).encode())
+        except OSError:
+            self._forget_sequences(_digest(new), sequence)
         _write_private(self.bundle_path, new)
+
+    def _forget_sequences(self, new: str, sequence: int) -> None:
+        """The sequence file was not brought up to date: removed, so bundle.der's age is unknown
+        (bundle_sequence: None), never a wrong one. Left, it could name the new roots' digest with
+        the older sequence they were seen at before (a root added, then removed again): taken for
+        that age at a start, the state file's bundle between the two replaced them, bringing the
+        removed root back. Not removable and naming it so: OSError, bundle.der left as it is."""
+        try:
+            self.sequence_path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError:
+            if self._sequences().get(new, sequence) != sequence:
+                raise
 
     def _sequences(self) -> dict[str, int]:
         try:

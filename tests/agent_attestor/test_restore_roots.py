@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _app(
     *,
     sequence_kept: bool = True,
     svid_expired: bool = False,
+    then: Callable[[AgentStore], None] | None = None,
 ) -> AgentApp:
     """A data dir as a previous run left it: its identity, bundle.der and the state file."""
     config = AgentConfig(
@@ -59,6 +61,8 @@ def _app(
     store.save_bundle(on_disk.x509_authorities, on_disk.sequence)
     if not sequence_kept:  # as an agent before sequences were kept left it
         store.sequence_path.unlink()
+    if then is not None:  # the saves after it
+        then(store)
     StateStore(config.state_path).write(
         StateChange(SyncPosition(ME, 9, "ep"), shared=SyncState((), in_state))
     )
@@ -167,3 +171,56 @@ def test_a_damaged_sequence_file_leaves_the_bundle_files_age_unknown(
     assert store.bundle_sequence() is None  # unknown: bundle.der is kept at a start
     store.save_bundle(_bundle(2, new).x509_authorities, 2)  # and saves go on
     assert store.load_bundle() == [new.cert]
+
+
+def test_a_sequence_file_the_disk_refused_never_dates_the_bundle_file_by_an_older_save(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    kept, dropped = LocalCa(clock), LocalCa(clock)
+
+    def saves(store: AgentStore) -> None:
+        # A root added (sequence 6), then removed again (7: the roots of 5 once more), the
+        # sequence file refusing that last write (something at its temp file's name).
+        store.save_bundle(_bundle(6, kept, dropped).x509_authorities, 6)
+        Path(f"{store.sequence_path}.tmp").mkdir()
+        store.save_bundle(_bundle(7, kept).x509_authorities, 7)
+
+    # The state file, a second behind, holds sequence 6. The stale sequence file dated
+    # bundle.der's roots (sequence 7) by their first save, 5: older than the state's, which
+    # then verified the server, the removed root with them.
+    app = _app(tmp_path, on_disk=_bundle(5, kept), in_state=_bundle(6, kept, dropped), then=saves)
+    assert app.store.load_bundle() == [kept.cert]
+    assert app.store.bundle_sequence() in (None, 7)
+    assert app.syncer._root_pem() == _pem(kept)
+
+
+def test_a_sequence_file_neither_written_nor_removed_leaves_the_bundle_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(start=time.time())
+    kept, dropped = LocalCa(clock), LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store.save_bundle(_bundle(5, kept).x509_authorities, 5)
+    store.save_bundle(_bundle(6, kept, dropped).x509_authorities, 6)
+    write = agent_store._write_private
+
+    def refused(path: Path, data: bytes) -> None:
+        if path == store.sequence_path:
+            raise OSError(errno.EIO, "Input/output error")
+        write(path, data)
+
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == store.sequence_path:
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(agent_store, "_write_private", refused)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(OSError, match="Read-only"):
+        store.save_bundle(_bundle(7, kept).x509_authorities, 7)
+    # Written, bundle.der would have been dated 5 by the file left: it keeps sequence 6's.
+    assert store.load_bundle() == [kept.cert, dropped.cert]
+    assert store.bundle_sequence() == 6
