@@ -71,6 +71,10 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
     replace_durably(tmp, path)
 
 
+# In bundle.der.sequence beside the digests (sequence_floor); no digest is named so.
+_FLOOR = "floor"
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -166,22 +170,39 @@ class AgentStore:
         """Beside bundle.der (kept in the plain DER form): which bundle sequence it holds."""
         return self.bundle_path.with_name(self.bundle_path.name + ".sequence")
 
-    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0) -> None:
+    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0, seen: int = 0) -> None:
         """The roots of bundle `sequence` for the next start. The sequence file is written
         first and names both the file on disk and the new one (by digest), so whichever of the
-        two a crash or a refusal leaves, bundle_sequence tells its age."""
+        two a crash or a refusal leaves, bundle_sequence tells its age. `seen`: the highest
+        sequence the agent has held (the state file's bundle's too): a `sequence` below it, or
+        below the file's, is another lineage's (sequence_floor)."""
         new = b"".join(authorities)
         known = self._sequences()
-        ages = {_digest(new): sequence}
+        ages: dict[str, int] = {_digest(new): sequence}
         with contextlib.suppress(OSError):  # unreadable: bundle_sequence says so in turn
             current = _digest(self.bundle_path.read_bytes())
             if current in known and current not in ages:
                 ages[current] = known[current]
+        high = max([seen, *known.values(), self.sequence_floor() or 0])
+        if sequence < high:
+            ages[_FLOOR] = high
         try:
             _write_private(self.sequence_path, json.dumps(ages).encode())
         except OSError:
             self._forget_sequences(_digest(new), sequence)
         _write_private(self.bundle_path, new)
+
+    def sequence_floor(self) -> int | None:
+        """The highest sequence of the bundles held before the server's went back (a datastore
+        restored from a backup, or another one: a rebuilt server), while bundle.der's is still
+        below it; None when it did not go back. A state file's bundle up to it may be of the
+        lineage before, its sequence no measure of its age beside bundle.der's."""
+        try:
+            doc = json.loads(self.sequence_path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None
+        floor = doc.get(_FLOOR) if isinstance(doc, dict) else None
+        return floor if isinstance(floor, int) and not isinstance(floor, bool) else None
 
     def _forget_sequences(self, new: str, sequence: int) -> None:
         """The sequence file was not brought up to date: removed, so bundle.der's age is unknown
@@ -204,7 +225,11 @@ class AgentStore:
             return {}
         if not isinstance(doc, dict):
             return {}
-        return {k: v for k, v in doc.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return {
+            k: v
+            for k, v in doc.items()
+            if k != _FLOOR and isinstance(v, int) and not isinstance(v, bool)
+        }
 
     def bundle_sequence(self) -> int | None:
         """The bundle sequence of the roots in bundle.der; None when unknown (no file, or one

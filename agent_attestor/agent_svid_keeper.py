@@ -94,6 +94,9 @@ class AgentSvidKeeper:
         self._unsaved: AgentSvid | None = None
         self._unsaved_roots: tuple[bytes, ...] = ()
         self._unsaved_sequence = 0  # their bundle's sequence, saved beside them
+        # The highest bundle sequence held (the state file's too): a save below it marks the
+        # server's sequence gone back (AgentStore.sequence_floor).
+        self._highest_sequence = 0
         self._unsaved_how = ""  # how the agent SVID waiting came ("attested", "renewed")
         # The agent SVID on disk, as far as this run knows (loaded or saved by it).
         self._on_disk: AgentSvid | None = None
@@ -180,8 +183,7 @@ class AgentSvidKeeper:
         self._unsaved, self._unsaved_how = svid, how
         if bundle.x509_authorities:
             # None: roots a Sync message brought and the disk refused still wait (save_roots).
-            self._unsaved_roots = bundle.x509_authorities
-            self._unsaved_sequence = bundle.sequence
+            self._held_roots(bundle)
         # A new SVID refused is news: said at once, not an interval after an older one's line.
         self._svid_save_log = LogThrottle(self._log_interval, self._clock)
         await self._save()
@@ -191,9 +193,14 @@ class AgentSvidKeeper:
         from now they are the roots waiting to be saved, so a save by save_loop or a renewal
         after this one writes these, never older ones. A refusal is said, not raised."""
         if bundle.x509_authorities:
-            self._unsaved_roots = bundle.x509_authorities
-            self._unsaved_sequence = bundle.sequence
+            self._held_roots(bundle)
             await self._save()
+
+    def _held_roots(self, bundle: TrustBundle) -> None:
+        """`bundle`'s roots are the ones to save (and verify the server with) from now."""
+        self._unsaved_roots = bundle.x509_authorities
+        self._unsaved_sequence = bundle.sequence
+        self._highest_sequence = max(self._highest_sequence, bundle.sequence)
 
     def restore_roots(self, bundle: TrustBundle) -> bool:
         """At start, before any connection: `bundle` (the saved state's) is what the server is
@@ -206,6 +213,8 @@ class AgentSvidKeeper:
         of an unknown one (an agent before sequences were kept), is kept. True: `bundle` used."""
         if not bundle.x509_authorities:
             return False
+        # Held, used or not: a save below it (a restored or rebuilt datastore) marks a floor.
+        self._highest_sequence = max(self._highest_sequence, bundle.sequence)
         try:
             # Rows are taken as written (state_store.py): a damaged one must not become the
             # roots every connect parses, and fails on, for good.
@@ -220,10 +229,16 @@ class AgentSvidKeeper:
             file_sequence = self._store.bundle_sequence()
             if file_sequence is None or file_sequence >= bundle.sequence:
                 return False
+            # The server's sequence went back (a restored or rebuilt datastore) since bundles
+            # up to the floor: the state's may be of the lineage before (a rebuilt server's
+            # x509pop agent killed, or its state file refused, in the second after it attested
+            # anew), its higher sequence no newer, its roots the replaced CA's.
+            floor = self._store.sequence_floor()
+            if floor is not None and bundle.sequence <= floor:
+                return False
         else:
             file_sequence = None
-        self._unsaved_roots = bundle.x509_authorities
-        self._unsaved_sequence = bundle.sequence
+        self._held_roots(bundle)
         self._save_wanted.set()  # save_loop writes them (the disk may still refuse)
         log.warning(
             "the trust bundle file holds older roots than the saved agent state; verifying the "
@@ -304,7 +319,8 @@ class AgentSvidKeeper:
                 self._store.forget_spending()
             roots, sequence = self._unsaved_roots, self._unsaved_sequence
             if roots:
-                await run_held(None, self._store.save_bundle, roots, sequence)
+                seen = self._highest_sequence
+                await run_held(None, self._store.save_bundle, roots, sequence, seen)
                 if self._unsaved_roots is roots:
                     self._unsaved_roots = ()
                     self._bundle_saved()  # whichever save it was, a refused bundle is mended

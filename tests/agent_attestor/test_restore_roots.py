@@ -224,3 +224,38 @@ def test_a_sequence_file_neither_written_nor_removed_leaves_the_bundle_file_as_i
     # Written, bundle.der would have been dated 5 by the file left: it keeps sequence 6's.
     assert store.load_bundle() == [kept.cert, dropped.cert]
     assert store.bundle_sequence() == 6
+
+
+def test_a_state_of_the_replaced_servers_lineage_never_outranks_the_rebuilt_servers_bundle(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    replaced, rebuilt = LocalCa(clock), LocalCa(clock)
+    # The server rebuilt (a new datastore: its sequences start again) with a new CA, as the
+    # README says to when its CA is replaced outright; its x509pop agent, given the new
+    # bundle, attests anew under the same agent ID and saves the new roots, sequence 1.
+    app = _app(tmp_path, on_disk=_bundle(12, replaced), in_state=_bundle(12, replaced))
+    own = app.store.load_svid()
+    assert own is not None
+    asyncio.run(app.syncer._keeper.persist(own, _bundle(1, rebuilt), "attested"))
+    # Killed in the second before the state writer's save (or the state file refused): the
+    # state still holds the replaced server's bundle, sequence 12 > 1. Taken for the newer,
+    # its roots, the replaced CA's alone, verified the server at every start from then on.
+    again = AgentApp(app.config, FakeClock(start=time.time()))
+    assert again.syncer._root_pem() == _pem(rebuilt)
+
+
+def test_the_sequence_floor_lasts_until_the_new_lineage_passes_it(tmp_path: Path) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store.save_bundle(_bundle(12, old).x509_authorities, 12)
+    store.save_bundle(_bundle(13, old, new).x509_authorities, 13)
+    assert store.sequence_floor() is None  # sequences going up: no floor
+    store.save_bundle(_bundle(1, new).x509_authorities, 1)  # a restored datastore's
+    assert store.sequence_floor() == 13
+    store.save_bundle(_bundle(2, old, new).x509_authorities, 2, seen=13)
+    assert store.sequence_floor() == 13
+    store.save_bundle(_bundle(14, old).x509_authorities, 14, seen=13)
+    assert store.sequence_floor() is None
+    assert store.bundle_sequence() == 14

@@ -45,9 +45,9 @@ class _GatedStore(AgentStore):
         self._gate()
         super().save_svid(svid)
 
-    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0) -> None:
+    def save_bundle(self, authorities: tuple[bytes, ...], sequence: int = 0, seen: int = 0) -> None:
         self._gate()
-        super().save_bundle(authorities, sequence)
+        super().save_bundle(authorities, sequence, seen)
 
 
 def _gated(tmp_path: Path) -> _GatedStore:
