@@ -32,7 +32,7 @@ from agent_attestor.peer import CallerRegistry
 from agent_attestor.private_dir import release, resolve_private_dir
 from agent_attestor.relay import RelaySettings
 from agent_attestor.rotation import Rotator
-from agent_attestor.state_store import StateStore
+from agent_attestor.state_store import StateStore, trust_domain_of
 from agent_attestor.state_writer import StateWriter
 from agent_attestor.stream_budget import StreamBudget
 from agent_attestor.sync import Syncer, SyncSettings
@@ -82,10 +82,6 @@ def bootstrap_roots(config: AgentConfig) -> bytes:
         # Demo only, so one server is enough: every server presents the same trust domain's CA.
         return insecure_fetch_server_root(config.server_attest_addresses[0])
     return b""
-
-
-def _trust_domain_of(spiffe_id: str) -> str:
-    return spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -252,7 +248,7 @@ class AgentApp:
     def _restore_roots(self, bundle: TrustBundle | None, agent_id: str) -> None:
         """The newer of the state's roots and bundle.der's verify the server: a bundle the disk
         refused may be in the state file alone. Only our trust domain's bundle."""
-        if bundle is not None and bundle.trust_domain == _trust_domain_of(agent_id):
+        if bundle is not None and bundle.trust_domain == trust_domain_of(agent_id):
             self.syncer.restore_roots(bundle)
 
     @property

@@ -95,7 +95,8 @@ class UnusableStateError(Exception):
     """The file cannot be used for this agent (why, for the log)."""
 
 
-def _trust_domain(spiffe_id: str) -> str:
+def trust_domain_of(spiffe_id: str) -> str:
+    """The trust domain of an agent ID (checked by the server that issued it)."""
     return spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
 
 
@@ -310,8 +311,8 @@ class StateStore:
         saved_id = meta.get("agent_id")
         if not agent_id or saved_id != agent_id:
             raise UnusableStateError(f"saved by agent {saved_id!r}, this agent is {agent_id!r}")
-        if trust_domain and _trust_domain(agent_id) != trust_domain:
-            raise UnusableStateError(f"trust domain {_trust_domain(agent_id)!r}, not ours")
+        if trust_domain and trust_domain_of(agent_id) != trust_domain:
+            raise UnusableStateError(f"trust domain {trust_domain_of(agent_id)!r}, not ours")
         blob = meta.get("shared")
         if not isinstance(blob, bytes):
             raise UnusableStateError("no trust bundle saved")
