@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -73,6 +74,10 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
 
 # In bundle.der.sequence beside the digests (sequence_floor); no digest is named so.
 _FLOOR = "floor"
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _digest(data: bytes) -> str:
@@ -179,8 +184,9 @@ class AgentStore:
         new = b"".join(authorities)
         known = self._sequences()
         ages: dict[str, int] = {_digest(new): sequence}
-        with contextlib.suppress(OSError):  # unreadable: bundle_sequence says so in turn
-            current = _digest(self.bundle_path.read_bytes())
+        on_disk = self._bundle_bytes()
+        if on_disk is not None:  # unreadable: bundle_sequence says so in turn
+            current = _digest(on_disk)
             if current in known and current not in ages:
                 ages[current] = known[current]
         high = max([seen, *known.values(), self.sequence_floor() or 0])
@@ -197,12 +203,8 @@ class AgentStore:
         restored from a backup, or another one: a rebuilt server), while bundle.der's is still
         below it; None when it did not go back. A state file's bundle up to it may be of the
         lineage before, its sequence no measure of its age beside bundle.der's."""
-        try:
-            doc = json.loads(self.sequence_path.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return None
-        floor = doc.get(_FLOOR) if isinstance(doc, dict) else None
-        return floor if isinstance(floor, int) and not isinstance(floor, bool) else None
+        floor = self._sequence_doc().get(_FLOOR)
+        return floor if _is_int(floor) else None
 
     def _forget_sequences(self, new: str, sequence: int) -> None:
         """The sequence file was not brought up to date: removed, so bundle.der's age is unknown
@@ -218,27 +220,32 @@ class AgentStore:
             if self._sequences().get(new, sequence) != sequence:
                 raise
 
-    def _sequences(self) -> dict[str, int]:
+    def _sequence_doc(self) -> dict[str, object]:
+        """bundle.der.sequence as saved; {} when it cannot be read or is damaged (the ages are
+        unknown). Read only if a regular file: a FIFO at its name hung the start for good."""
         try:
-            doc = json.loads(self.sequence_path.read_bytes())
-        except (OSError, ValueError, RecursionError):  # damaged: the file's age is unknown
+            raw = read_data_file(self.sequence_path, "bundle sequence file")
+            doc = json.loads(raw) if raw is not None else {}
+        except (OSError, ValueError, RecursionError):
             return {}
-        if not isinstance(doc, dict):
-            return {}
-        return {
-            k: v
-            for k, v in doc.items()
-            if k != _FLOOR and isinstance(v, int) and not isinstance(v, bool)
-        }
+        return doc if isinstance(doc, dict) else {}
+
+    def _sequences(self) -> dict[str, int]:
+        return {k: v for k, v in self._sequence_doc().items() if k != _FLOOR and _is_int(v)}
+
+    def _bundle_bytes(self) -> bytes | None:
+        """bundle.der's bytes; None when there is none or it cannot be read (a FIFO at its
+        name is refused, not read: that hung)."""
+        try:
+            return read_data_file(self.bundle_path, "trust bundle file")
+        except OSError:
+            return None
 
     def bundle_sequence(self) -> int | None:
         """The bundle sequence of the roots in bundle.der; None when unknown (no file, or one
         an agent saved before sequences were kept beside it)."""
-        try:
-            der = self.bundle_path.read_bytes()
-        except OSError:
-            return None
-        return self._sequences().get(_digest(der))
+        der = self._bundle_bytes()
+        return None if der is None else self._sequences().get(_digest(der))
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         """The saved roots; None when there are none (or none parse: the server is then

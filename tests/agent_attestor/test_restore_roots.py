@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -259,3 +261,25 @@ def test_the_sequence_floor_lasts_until_the_new_lineage_passes_it(tmp_path: Path
     store.save_bundle(_bundle(14, old).x509_authorities, 14, seen=13)
     assert store.sequence_floor() is None
     assert store.bundle_sequence() == 14
+
+
+def test_a_fifo_at_the_sequence_files_name_leaves_the_age_unknown_not_the_start_hung(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    old, new = LocalCa(clock), LocalCa(clock)
+    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store.save_bundle(_bundle(1, old).x509_authorities, 1)
+    store.sequence_path.unlink()
+    os.mkfifo(store.sequence_path)
+    ages: list[int | None] = []
+    reader = threading.Thread(target=lambda: ages.append(store.bundle_sequence()), daemon=True)
+    reader.start()
+    reader.join(timeout=2)
+    if reader.is_alive():  # opening it waited for a writer, as the start did, for good
+        os.close(os.open(store.sequence_path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+        pytest.fail("reading bundle.der.sequence hung on a FIFO")
+    assert ages == [None]  # unknown: bundle.der is kept at a start
+    store.save_bundle(_bundle(2, new).x509_authorities, 2)  # and saves go on
+    assert store.load_bundle() == [new.cert]
