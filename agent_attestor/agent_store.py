@@ -60,6 +60,12 @@ def _write_private(path: Path, data: bytes) -> None:
 def write_file(path: Path, data: bytes, mode: int) -> None:
     """`data` in a fresh file of `mode`, fsynced and renamed over `path`: a crash never leaves
     it half written, and a file or symlink planted at the name never receives it."""
+    replace_durably(_written_aside(path, data, mode), path)
+
+
+def _written_aside(path: Path, data: bytes, mode: int) -> Path:
+    """`data` in a fresh file of `mode` beside `path` (its `.tmp`), fsynced: the caller renames
+    it over `path`."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -69,11 +75,20 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    replace_durably(tmp, path)
+    return tmp
 
 
-# In bundle.der.sequence beside the digests (sequence_floor); no digest is named so.
+def _identity(path: Path) -> list[int]:
+    """Which file is at `path` (a rename keeps all three; another writer's file, even of the
+    same bytes, differs in its mtime at least)."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+# In bundle.der.sequence beside the digests (sequence_floor, and the files they were saved
+# in: bundle_sequence); no digest is named so.
 _FLOOR = "floor"
+_FILES = "files"
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -183,20 +198,28 @@ class AgentStore:
         below the file's, is another lineage's (sequence_floor)."""
         new = b"".join(authorities)
         known = self._sequences()
-        ages: dict[str, int] = {_digest(new): sequence}
+        ages: dict[str, object] = {_digest(new): sequence}
+        files: dict[str, list[int]] = {}
+        current_age = self.bundle_sequence()  # None: unknown, and not carried
         on_disk = self._bundle_bytes()
-        if on_disk is not None:  # unreadable: bundle_sequence says so in turn
-            current = _digest(on_disk)
-            if current in known and current not in ages:
-                ages[current] = known[current]
+        if current_age is not None and on_disk is not None and _digest(on_disk) not in ages:
+            with contextlib.suppress(OSError):
+                files[_digest(on_disk)] = _identity(self.bundle_path)
+                ages[_digest(on_disk)] = current_age
         high = max([seen, *known.values(), self.sequence_floor() or 0])
         if sequence < high:
             ages[_FLOOR] = high
+        tmp = _written_aside(self.bundle_path, new, 0o600)
         try:
-            _write_private(self.sequence_path, json.dumps(ages).encode())
-        except OSError:
-            self._forget_sequences(_digest(new), sequence)
-        _write_private(self.bundle_path, new)
+            files[_digest(new)] = _identity(tmp)  # as it will be at bundle.der's name
+            try:
+                _write_private(self.sequence_path, json.dumps({**ages, _FILES: files}).encode())
+            except OSError:
+                self._forget_sequences(_digest(new), sequence)
+            replace_durably(tmp, self.bundle_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def sequence_floor(self) -> int | None:
         """The highest sequence of the bundles held before the server's went back (a datastore
@@ -243,9 +266,21 @@ class AgentStore:
 
     def bundle_sequence(self) -> int | None:
         """The bundle sequence of the roots in bundle.der; None when unknown (no file, or one
-        an agent saved before sequences were kept beside it)."""
+        an agent saved before sequences were kept beside it, or one another writer put there
+        since: an older agent, run again, rewrites bundle.der and leaves this file, whose
+        digests may name the same roots seen at an older sequence)."""
         der = self._bundle_bytes()
-        return None if der is None else self._sequences().get(_digest(der))
+        if der is None:
+            return None
+        digest = _digest(der)
+        files = self._sequence_doc().get(_FILES)
+        if isinstance(files, dict) and digest in files:
+            try:
+                if files[digest] != _identity(self.bundle_path):
+                    return None
+            except OSError:
+                return None
+        return self._sequences().get(digest)
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         """The saved roots; None when there are none (or none parse: the server is then

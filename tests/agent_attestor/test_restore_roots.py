@@ -26,6 +26,7 @@ from agent_attestor.model import TrustBundle
 from agent_attestor.state_store import StateChange, StateStore
 from svid._clock import FakeClock
 from svid._der import certs_to_pem, parse_der_certs
+from svid._durable import replace_durably
 from tests.agent_attestor.pki import LocalCa
 
 ME = "spiffe://example.org/svid/agent/join_token/me"
@@ -115,21 +116,20 @@ def test_the_bundle_sequence_survives_a_refused_bundle_write(
     old, new = LocalCa(clock), LocalCa(clock)
     store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
     store.save_bundle(_bundle(1, old).x509_authorities, 1)
-    write = agent_store._write_private
 
-    def full_disk(path: Path, data: bytes) -> None:
-        if path == store.bundle_path:
+    def full_disk(source: Path, target: Path) -> None:
+        if target == store.bundle_path:  # bundle.der's rename refused (or the agent killed)
             raise OSError(errno.ENOSPC, "No space left on device")
-        write(path, data)
+        replace_durably(source, target)
 
-    monkeypatch.setattr(agent_store, "_write_private", full_disk)
+    monkeypatch.setattr(agent_store, "replace_durably", full_disk)
     with pytest.raises(OSError, match="No space"):
         store.save_bundle(_bundle(2, new).x509_authorities, 2)
     # The sequence file, written first, names the old file too: still known as sequence 1,
     # never taken for the new one's.
     assert store.load_bundle() == [old.cert]
     assert store.bundle_sequence() == 1
-    monkeypatch.setattr(agent_store, "_write_private", write)
+    monkeypatch.setattr(agent_store, "replace_durably", replace_durably)
     store.save_bundle(_bundle(2, new).x509_authorities, 2)
     assert store.bundle_sequence() == 2
 
@@ -283,3 +283,22 @@ def test_a_fifo_at_the_sequence_files_name_leaves_the_age_unknown_not_the_start_
     assert ages == [None]  # unknown: bundle.der is kept at a start
     store.save_bundle(_bundle(2, new).x509_authorities, 2)  # and saves go on
     assert store.load_bundle() == [new.cert]
+
+
+def test_a_bundle_file_an_older_agent_rewrote_is_of_unknown_age(tmp_path: Path) -> None:
+    clock = FakeClock(start=time.time())
+    kept, dropped = LocalCa(clock), LocalCa(clock)
+
+    def saves(store: AgentStore) -> None:
+        store.save_bundle(_bundle(6, kept, dropped).x509_authorities, 6)
+        time.sleep(0.02)  # later, past the clock's tick the file times are taken from
+        # Downgraded, an agent before sequences were kept saves sequence 7 (the root removed
+        # again: sequence 5's roots once more) as it always did, leaving the sequence file.
+        agent_store.write_file(store.bundle_path, _bundle(7, kept).x509_authorities[0], 0o600)
+
+    # Upgraded again, killed in the state writer's second: the state holds sequence 6. The
+    # file left dated bundle.der's roots by their first save, 5, older than the state's, whose
+    # roots then verified the server, the removed root with them.
+    app = _app(tmp_path, on_disk=_bundle(5, kept), in_state=_bundle(6, kept, dropped), then=saves)
+    assert app.store.bundle_sequence() is None
+    assert app.syncer._root_pem() == _pem(kept)
