@@ -163,4 +163,8 @@ def secure_dir(
             continue
         _check(key, nxt, st, uid, who, shared=shared and not todo, private=private and not todo)
         current = nxt
+    if private:
+        # Where the walk ended, checked once more: a link ending in ".." (to "/tmp/x/..")
+        # ends it on a directory checked only as one on the way, not as `path`.
+        _check(key, current, os.lstat(current), uid, who, private=True)
     return current

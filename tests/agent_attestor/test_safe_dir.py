@@ -209,3 +209,19 @@ def test_a_shared_socket_directory_another_user_owns_is_refused(root: Path) -> N
     os.chown(theirs, NOBODY, NOBODY)
     with pytest.raises(ConfigError, match=rf"socket_path: directory {theirs} is owned by uid"):
         secure_dir(theirs, "socket_path", 0o755, shared=True)
+
+
+@pytest.mark.parametrize("target", ["{sticky}/x/..", ".."])
+def test_a_private_directory_reached_by_a_link_ending_in_dot_dot_is_checked_as_itself(
+    root: Path, target: str
+) -> None:
+    """A data_dir others may add files to (sticky, as /tmp) is refused however its path ends:
+    a link to "/tmp/x/.." (or to ".." from /tmp/x) ended the walk on /tmp, checked only as a
+    directory on the way."""
+    sticky = root / "sticky"
+    (sticky / "x").mkdir(parents=True)
+    os.chmod(sticky, 0o1777)
+    link = sticky / "x" / "link" if target == ".." else root / "link"
+    link.symlink_to(target.format(sticky=sticky))
+    with pytest.raises(ConfigError, match="mode 1777: others may add files to it"):
+        secure_dir(link, "data_dir", 0o700, private=True)
