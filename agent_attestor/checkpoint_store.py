@@ -250,8 +250,8 @@ class CheckpointStore:
                 extra={"dropped": dropped, "kept": len(keep), "cap": self._max_lines},
             )
             records = keep
+        # Its directory fsynced after the rename too (replace_durably).
         _write_private(self.path, "".join(r.to_line() + "\n" for r in records).encode("utf-8"))
-        fsync_dir(self.path.parent)
         # What the file now holds but `record`, which _note adds.
         self._count_none()
         for r in records:
