@@ -60,6 +60,8 @@ _V = TypeVar("_V")
 _P = ParamSpec("_P")
 # Rows read per step: a page of reloads stays a few milliseconds of datastore work.
 FEED_PAGE = 1000
+# Policy announcements remembered, to tell a restored feed's from one written since.
+POLICY_ANNOUNCEMENTS_KEPT = 1024
 # A row this server was writing while the follower reloaded it is read again this soon.
 RETRY_DELAY = 0.05
 
@@ -150,6 +152,24 @@ def pruned_past(cursor: int, head: int, items: Sequence[FeedItem]) -> bool:
     if items:
         return items[0].revision != cursor + 1 or items[-1].revision != cursor + len(items)
     return head > cursor
+
+
+def from_the_backup(
+    announced: PolicyAnnouncement | None, read_from: int, read: Mapping[int, str]
+) -> bool:
+    """Whether `announced`, the newest announcement of a feed that went back behind the
+    cursor, is one the follower read before (the backup's, older maybe than the fleet's last),
+    not one written on the restored datastore since: a `policy reload` made there before the
+    follower looked is the fleet's set now, and announcing the old one over it left this
+    server serving that old set with nothing diverged. `read`: the announcements read, by
+    revision, which the follower read every row after `read_from` to find; one at or before
+    `read_from` predates them and is taken for the backup's. Written since the restore, it
+    holds a revision the follower read another row at."""
+    return (
+        announced is None
+        or announced.revision <= read_from
+        or read.get(announced.revision) == announced.policy_set_hash
+    )
 
 
 def diff_rows(
@@ -254,6 +274,9 @@ class FeedFollower:
         # and Sync snapshots included. Only the newest hash waits; one reload runs at a time.
         self._policy_next: PolicyAnnouncement | None = None
         self._policy_reload: asyncio.Task[None] | None = None
+        # The announcements read since the cursor was `_policy_read_from` (from_the_backup).
+        self._policy_read: dict[int, str] = {}
+        self._policy_read_from = cursor
         # For tests and metrics: rows read, full reloads done.
         self.rows_read = 0
         self.full_reloads = 0
@@ -393,6 +416,7 @@ class FeedFollower:
             if pruned_past(cursor, head, items):
                 await self.reload_everything(went_back=head < cursor)
                 return read
+            self._read_announcements(items)
             work = plan(items) | self._pending
             if work:
                 await self._apply(work)
@@ -403,6 +427,15 @@ class FeedFollower:
             if len(items) < FEED_PAGE:
                 self.view.caught_up(as_of)
                 return read
+
+    def _read_announcements(self, items: Sequence[FeedItem]) -> None:
+        self._policy_read.update((i.revision, i.key) for i in items if i.kind == FEED_POLICY)
+        # Bounded (announcements are rare, but the datastore's rows are no promise): the
+        # oldest forgotten are taken for a backup's, as those before the first read are.
+        while len(self._policy_read) > POLICY_ANNOUNCEMENTS_KEPT:
+            oldest = min(self._policy_read)
+            del self._policy_read[oldest]
+            self._policy_read_from = oldest
 
     def _page(self, cursor: int) -> tuple[int, list[FeedItem]]:
         head = self._ds.feed_head()
@@ -548,7 +581,16 @@ class FeedFollower:
         await self._audit_records_stored(records)
         # The cursor jumps to the head: an announcement among the rows kept after the pruned
         # ones would be skipped, and this server would serve its old set without a word.
-        if went_back and self._on_feed_restored is not None:
+        restored = went_back and from_the_backup(
+            announced, self._policy_read_from, self._policy_read
+        )
+        if went_back:
+            # Another history from here on: what was read of the old one says nothing of it.
+            self._policy_read.clear()
+            self._policy_read_from = head
+        elif announced is not None:
+            self._policy_read[announced.revision] = announced.policy_set_hash
+        if restored and self._on_feed_restored is not None:
             # Older, maybe, than the fleet's last reload (lost with the rows after the copy).
             await self._feed_restored(self._on_feed_restored, announced)
         elif announced is not None:

@@ -285,3 +285,52 @@ def test_a_datastore_restored_under_a_running_server_gets_the_fleets_set_announc
         assert newest.policy_set_hash == later.hash
     finally:
         side.store.close()
+
+
+# Only "write": a third set.
+WRITE_ONLY = POLICY.replace('[Action::"read", Action::"write"]', '[Action::"write"]')
+
+
+def test_a_reload_made_on_the_restored_datastore_is_followed_not_announced_over(
+    tmp_path: Path,
+) -> None:
+    """The datastore was restored under a running server, and an operator reloaded another
+    server with a new set before this one's follower saw the feed go back. The follower took
+    that announcement for the backup's and announced the set it had followed before the
+    restore over it: this server never reloaded (its directory held the new set) and served
+    the old one with nothing diverged, and every other server was told the old set again."""
+    clock = FakeClock(1_800_000_000.0)
+    side = Side(tmp_path / "db", clock)
+    host = Host(tmp_path / "a", side.store, clock, text=READ_ONLY)
+    side.follower._on_policy_announced = host.fleet.on_announced
+    side.follower._on_feed_restored = host.fleet.restored
+
+    async def follow() -> None:
+        await side.follower.catch_up()
+        await side.follower.policy_settled()
+
+    try:
+        with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                live.backup(copy)
+            # Reloads on another server, followed here, lost with the restore.
+            gone = Host(tmp_path / "gone", side.store, clock, text=READ_ONLY)
+            for _ in range(3):
+                gone.fleet.reload_here()
+            asyncio.run(follow())
+            assert host.fleet.announced == host.engine.policy_set_hash
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                copy.backup(live)  # the restore
+        # The operator, on another server, deploys a new set to every host and reloads it.
+        host.write(WRITE_ONLY)
+        other = Host(tmp_path / "b", side.store, clock, text=WRITE_ONLY)
+        fresh = other.fleet.reload_here()
+        asyncio.run(follow())
+        assert side.follower.full_reloads == 1
+        assert host.engine.policy_set_hash == fresh.hash
+        assert host.fleet.diverged is None
+        newest = side.store.announced_policy()
+        assert newest is not None
+        assert newest.policy_set_hash == fresh.hash
+    finally:
+        side.store.close()

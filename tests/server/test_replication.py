@@ -42,6 +42,7 @@ from server.replication import (
     FollowedFederation,
     FollowSettings,
     diff_rows,
+    from_the_backup,
     plan,
     pruned_past,
 )
@@ -149,6 +150,16 @@ def test_a_feed_that_went_back_behind_the_cursor_is_read_again_whole() -> None:
     assert pruned_past(10, 4, [])
     assert pruned_past(10, 9, [FeedItem(11, NOW, "entry", "e")])
     assert not pruned_past(10, 10, [])
+
+
+def test_a_restored_feeds_announcement_is_the_backups_only_when_it_was_read_before() -> None:
+    read = {7: "h7", 9: "h9"}  # read by the follower, every row after revision 5
+    assert from_the_backup(None, 5, read)  # the backup holds none
+    assert from_the_backup(PolicyAnnouncement(3, "h3"), 5, read)  # older than what was read
+    assert from_the_backup(PolicyAnnouncement(7, "h7"), 5, read)
+    # Written on the restored datastore since: at a revision another row was read at.
+    assert not from_the_backup(PolicyAnnouncement(8, "h8"), 5, read)
+    assert not from_the_backup(PolicyAnnouncement(9, "hY"), 5, read)
 
 
 def test_diff_rows_puts_what_differs_and_removes_what_is_gone() -> None:
