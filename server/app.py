@@ -381,7 +381,7 @@ class Server:
         announced = self.datastore.announced_policy()
         if rollback is not None and self._restored_datastore:
             # Its announcements after the copy are lost: this server's set is announced again.
-            self.tasks.fleet.restored(announced)
+            self.tasks.fleet.restored(announced, backup_before=rollback.checkpoint.time)
         else:
             self.tasks.fleet.started(announced)
         # With a KEK the checkpoint key is the trust domain's, like the CA's: every server

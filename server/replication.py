@@ -127,7 +127,7 @@ def plan(items: Sequence[FeedItem]) -> FeedWork:
         if item.kind in keys:
             keys[item.kind].add(item.key)
         elif item.kind == FEED_POLICY:
-            policy = PolicyAnnouncement(item.revision, item.key)  # only the newest counts
+            policy = PolicyAnnouncement(item.revision, item.key, item.at)  # the newest counts
     return FeedWork(
         entries=frozenset(keys[FEED_ENTRY]),
         agents=frozenset(keys[FEED_AGENT]),

@@ -1067,7 +1067,9 @@ class PostgresDataStore(
 
     def announced_policy(self) -> PolicyAnnouncement | None:
         rows = self._tuples("read the change feed", q.NEWEST_POLICY_ANNOUNCEMENT, {})
-        return PolicyAnnouncement(int(rows[0][0]), str(rows[0][1])) if rows else None
+        if not rows:
+            return None
+        return PolicyAnnouncement(int(rows[0][0]), str(rows[0][1]), int(rows[0][2]))
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         # LISTEN first, then look: a commit between the look and the wait is still heard.

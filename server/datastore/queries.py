@@ -249,7 +249,8 @@ NEWEST_FEED_AT = "SELECT MAX(at) AS at FROM feed"
 # A search of migration 23's partial index (feed_policy), which holds the announcements only:
 # the kind is named as the index's literal (a bound parameter is not matched to it).
 NEWEST_POLICY_ANNOUNCEMENT = (
-    f"SELECT revision, key FROM feed WHERE kind = '{FEED_POLICY}' ORDER BY revision DESC LIMIT 1"
+    f"SELECT revision, key, at FROM feed WHERE kind = '{FEED_POLICY}' "
+    "ORDER BY revision DESC LIMIT 1"
 )
 
 # One statement, so two servers on one database cannot both accept a jti: the row is inserted,

@@ -346,6 +346,9 @@ class PolicyAnnouncement(NamedTuple):
 
     revision: int
     policy_set_hash: str
+    # Unix seconds, by the announcer's clock: a restored datastore's announcements from the
+    # backup are older than the checkpoints signed before the restore, one made since newer.
+    at: int
 
 
 class FeedItem(NamedTuple):

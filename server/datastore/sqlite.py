@@ -946,7 +946,10 @@ class SqliteDataStore(
 
     def announced_policy(self) -> PolicyAnnouncement | None:
         rows = self._rows(q.NEWEST_POLICY_ANNOUNCEMENT, {})
-        return PolicyAnnouncement(int(rows[0]["revision"]), str(rows[0]["key"])) if rows else None
+        if not rows:
+            return None
+        row = rows[0]
+        return PolicyAnnouncement(int(row["revision"]), str(row["key"]), int(row["at"]))
 
     def feed_reading(
         self, on_connected: Callable[[], None] | None = None

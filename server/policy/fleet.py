@@ -78,23 +78,38 @@ class PolicyFleet:
         """At start, with the newest announcement the feed holds: the set just loaded from
         this server's policy_dir is compared, not reloaded."""
         with self._lock:
-            if announced is None:
-                return
-            self._announced = announced.policy_set_hash
-            if announced.policy_set_hash != self._engine.policy_set_hash:
-                self._set_diverged(
-                    self._differs(self._engine.policy_set_hash, announced.policy_set_hash)
-                )
+            self._started(announced)
 
-    def restored(self, newest: PolicyAnnouncement | None) -> None:
+    def _started(self, announced: PolicyAnnouncement | None) -> None:
+        if announced is None:
+            return
+        self._announced = announced.policy_set_hash
+        if announced.policy_set_hash != self._engine.policy_set_hash:
+            self._set_diverged(
+                self._differs(self._engine.policy_set_hash, announced.policy_set_hash)
+            )
+
+    def restored(
+        self, newest: PolicyAnnouncement | None, backup_before: float | None = None
+    ) -> None:
         """The datastore was restored from a backup (this start was told so, or the feed went
         back under the follower): the announcements written after the copy are lost, and its
         newest (`newest`) may name a set no server serves any more. Compared with it, every
         server reported its set diverged, "loaded by another server", until someone ran a
         `policy reload`. The fleet's set as this server knows it is announced again instead:
         the one it last followed, or at a start the one its directory loads. A server whose
-        set differs from that still says so (its follower judges the announcement)."""
+        set differs from that still says so (its follower judges the announcement).
+
+        `backup_before` (at a start): when the checkpoint the restored datastore lacks was
+        signed, before the restore. An announcement made after it was made on the restored
+        datastore: another server's start announced its set again, or an operator reloaded
+        one. Announcing this server's directory over it left the last server started the
+        fleet's, a host with a stale directory included: it served its old set with nothing
+        diverged, and every other server reported the difference. It is compared instead."""
         with self._lock:
+            if backup_before is not None and newest is not None and newest.at > backup_before:
+                self._started(newest)
+                return
             known = self._announced
             if known is None and newest is None:
                 return  # nothing was announced, before the restore or since this start

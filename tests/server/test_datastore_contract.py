@@ -1596,7 +1596,7 @@ def test_a_policy_announcement_is_a_feed_row_and_the_newest_is_read_back(
         ("policy", "h2"),
     ]
     # With its revision: one hash may be announced again, and the rows told apart.
-    assert store.announced_policy() == PolicyAnnouncement(3, "h2")
+    assert store.announced_policy() == PolicyAnnouncement(3, "h2", NOW)
 
 
 def test_prune_feed_by_age_keeps_the_head(open_store: Opener) -> None:
@@ -1621,7 +1621,7 @@ def test_prune_feed_keeps_the_newest_policy_announcement(store: DataStore) -> No
     store.put_task(task("t0"))
     assert store.prune_feed(NOW + 1) == 2
     assert [(i.kind, i.key) for i in store.feed_since(0, 10)] == [("policy", "h2")]
-    assert store.announced_policy() == PolicyAnnouncement(2, "h2")
+    assert store.announced_policy() == PolicyAnnouncement(2, "h2", NOW)
     store.announce_policy("h3")
     assert store.prune_feed(NOW + 1) == 1  # h2: no longer the newest
     assert [(i.kind, i.key) for i in store.feed_since(0, 10)] == [("policy", "h3")]

@@ -532,9 +532,9 @@ def test_a_datastore_of_migration_22_reads_its_policy_announcement_by_the_new_in
     store = PostgresDataStore(postgres_dsn, clock)
     try:
         assert store.schema_versions() == [m.version for m in MIGRATIONS]
-        assert store.announced_policy() == PolicyAnnouncement(1, "h1")
+        assert store.announced_policy() == PolicyAnnouncement(1, "h1", 5)
         store.announce_policy("h2")
-        assert store.announced_policy() == PolicyAnnouncement(3, "h2")
+        assert store.announced_policy() == PolicyAnnouncement(3, "h2", int(clock.now()))
     finally:
         store.close()
     with psycopg.connect(postgres_dsn) as conn:

@@ -54,7 +54,7 @@ def test_an_announcement_read_during_a_local_reload_is_not_cleared_by_it(
         info = fleet.reload_here()
         follower[0].join()
         assert fleet.announced == "other"
-        assert store.announced_policy() == (2, "other")
+        assert store.announced_policy() == (2, "other", int(clock.now()))
         assert fleet.diverged is not None
         assert "other" in fleet.diverged
         assert info.hash in fleet.diverged
@@ -76,7 +76,7 @@ def test_a_reload_the_fleet_asked_for_says_so_in_the_audit_log(tmp_path: Path) -
     try:
         (tmp_path / "policies" / "work.cedar").write_text(POLICY + "\n")
         store.announce_policy("other")
-        fleet.on_announced(PolicyAnnouncement(1, "other"))
+        fleet.on_announced(PolicyAnnouncement(1, "other", int(clock.now())))
         fleet.reload_here()
         rows = [r for r in store.audit_rows() if r["kind"] == "policy_reload"]
         assert [json.loads(r["extra"]).get("announced_hash") for r in rows] == ["other", None]
@@ -122,10 +122,18 @@ class Host:
         return [e["announced_hash"] for e in extras if "announced_hash" in e]
 
 
+@pytest.fixture
+def store_clock() -> FakeClock:
+    """The clock `shared` stamps its feed rows with."""
+    return FakeClock(1_800_000_000.0)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DataStore]:
+def shared(
+    request: pytest.FixtureRequest, tmp_path: Path, store_clock: FakeClock
+) -> Iterator[DataStore]:
     """One datastore of either backend (the servers below share it)."""
-    clock = FakeClock(1_800_000_000.0)
+    clock = store_clock
     if request.param == "sqlite":
         store: DataStore = SqliteDataStore(tmp_path / "db", clock)
     else:
@@ -289,6 +297,31 @@ def test_a_datastore_restored_under_a_running_server_gets_the_fleets_set_announc
 
 # Only "write": a third set.
 WRITE_ONLY = POLICY.replace('[Action::"read", Action::"write"]', '[Action::"write"]')
+
+
+def test_a_start_on_a_restored_datastore_does_not_announce_over_a_set_announced_since(
+    shared: DataStore, store_clock: FakeClock, tmp_path: Path
+) -> None:
+    """Every server of the fleet starts on a restored datastore told so (each data_dir holds
+    the checkpoint it lacks), each announcing its own directory's set over the newest: the
+    last one started won. A host whose directory was left stale, started last, made its old
+    set the fleet's: it served it with nothing diverged, and every other server reported
+    the difference. An announcement made since the restore is compared with instead."""
+    clock = FakeClock(1_800_000_000.0)
+    Host(tmp_path / "old", shared, clock).fleet.reload_here()  # in the backup
+    signed = store_clock.now() + 10  # the checkpoint the backup lacks
+    store_clock.advance(600)  # the restore
+    first = Host(tmp_path / "a", shared, clock, text=READ_ONLY)
+    first.fleet.restored(shared.announced_policy(), backup_before=signed)
+    store_clock.advance(5)
+    stale = Host(tmp_path / "c", shared, clock, text=WRITE_ONLY)
+    stale.fleet.restored(shared.announced_policy(), backup_before=signed)
+    newest = shared.announced_policy()
+    assert newest is not None
+    assert newest.policy_set_hash == first.engine.policy_set_hash
+    assert stale.fleet.diverged is not None
+    # The backup's own announcement is still announced over, as before.
+    assert first.fleet.diverged is None
 
 
 def test_a_reload_made_on_the_restored_datastore_is_followed_not_announced_over(

@@ -108,10 +108,10 @@ def test_plan_hands_over_stored_audit_records() -> None:
 def test_plan_hands_over_the_newest_policy_announcement_only() -> None:
     """Two reloads read in one page: the fleet converges on the later one, not on each."""
     work = plan([FeedItem(1, NOW, "policy", "h1"), FeedItem(2, NOW, "policy", "h2")])
-    assert work == FeedWork(policy=PolicyAnnouncement(2, "h2"))
+    assert work == FeedWork(policy=PolicyAnnouncement(2, "h2", NOW))
     assert work
-    assert (work | FeedWork(policy=PolicyAnnouncement(0, "h0"))).policy == (2, "h2")
-    assert (FeedWork() | work).policy == (2, "h2")
+    assert (work | FeedWork(policy=PolicyAnnouncement(0, "h0", NOW))).policy == (2, "h2", NOW)
+    assert (FeedWork() | work).policy == (2, "h2", NOW)
 
 
 @pytest.mark.parametrize(
@@ -155,11 +155,11 @@ def test_a_feed_that_went_back_behind_the_cursor_is_read_again_whole() -> None:
 def test_a_restored_feeds_announcement_is_the_backups_only_when_it_was_read_before() -> None:
     read = {7: "h7", 9: "h9"}  # read by the follower, every row after revision 5
     assert from_the_backup(None, 5, read)  # the backup holds none
-    assert from_the_backup(PolicyAnnouncement(3, "h3"), 5, read)  # older than what was read
-    assert from_the_backup(PolicyAnnouncement(7, "h7"), 5, read)
+    assert from_the_backup(PolicyAnnouncement(3, "h3", NOW), 5, read)  # older than what was read
+    assert from_the_backup(PolicyAnnouncement(7, "h7", NOW), 5, read)
     # Written on the restored datastore since: at a revision another row was read at.
-    assert not from_the_backup(PolicyAnnouncement(8, "h8"), 5, read)
-    assert not from_the_backup(PolicyAnnouncement(9, "hY"), 5, read)
+    assert not from_the_backup(PolicyAnnouncement(8, "h8", NOW), 5, read)
+    assert not from_the_backup(PolicyAnnouncement(9, "hY", NOW), 5, read)
 
 
 def test_diff_rows_puts_what_differs_and_removes_what_is_gone() -> None:
