@@ -272,7 +272,9 @@ class FeedFollower:
         # The policy reload an announcement asks for runs beside the feed, not in it: a slow
         # Cedar parse (or a policy_dir on a hung mount) held every later row back, revocations
         # and Sync snapshots included. Only the newest hash waits; one reload runs at a time.
-        self._policy_next: PolicyAnnouncement | None = None
+        # A restore's turn (on_feed_restored) waits the same way: it takes the fleet's lock,
+        # which a hung reload holds.
+        self._policy_next: Callable[[], None] | None = None
         self._policy_reload: asyncio.Task[None] | None = None
         # The announcements read since the cursor was `_policy_read_from` (from_the_backup).
         self._policy_read: dict[int, str] = {}
@@ -467,7 +469,7 @@ class FeedFollower:
         if loaded.audit_records is not None:
             await self._audit_records_stored(loaded.audit_records)
         if work.policy is not None:
-            await self._policy_announced(work.policy)
+            self._policy_announced(work.policy)
         await self._state.refresh_revision(self._read)
 
     def _apply_federation(self, stored: Stored | None, mark: int) -> bool:
@@ -496,31 +498,23 @@ class FeedFollower:
         except Exception:
             _log.exception("taking in audit checkpoints stored by another server failed")
 
-    async def _policy_announced(self, announced: PolicyAnnouncement) -> None:
-        self._policy_next = announced
+    def _policy_announced(self, announced: PolicyAnnouncement) -> None:
+        self._policy_turn(lambda: self._on_policy_announced(announced))
+
+    def _policy_turn(self, job: Callable[[], None]) -> None:
+        self._policy_next = job
         if self._policy_reload is None or self._policy_reload.done():
             self._policy_reload = asyncio.ensure_future(self._reload_policy())
 
     async def _reload_policy(self) -> None:
-        while (announced := self._policy_next) is not None:
+        while (job := self._policy_next) is not None:
             self._policy_next = None
             # As for key slots: a failure (this server's policy_dir, its ledger) is logged and
             # reported by the hook; the next announcement tries again.
             try:
-                await asyncio.to_thread(self._on_policy_announced, announced)
+                await asyncio.to_thread(job)
             except Exception:
-                _log.exception("reloading the policy set another server announced failed")
-
-    async def _feed_restored(
-        self,
-        hook: Callable[[PolicyAnnouncement | None], None],
-        newest: PolicyAnnouncement | None,
-    ) -> None:
-        # As for key slots: a failure is logged; the restored announcement stays the newest.
-        try:
-            await asyncio.to_thread(hook, newest)
-        except Exception:
-            _log.exception("announcing the policy set again on a restored datastore failed")
+                _log.exception("following the policy set another server announced failed")
 
     async def policy_settled(self) -> None:
         """For tests: wait until the announcements read so far were handed over."""
@@ -590,11 +584,11 @@ class FeedFollower:
             self._policy_read_from = head
         elif announced is not None:
             self._policy_read[announced.revision] = announced.policy_set_hash
-        if restored and self._on_feed_restored is not None:
+        if restored and (on_restored := self._on_feed_restored) is not None:
             # Older, maybe, than the fleet's last reload (lost with the rows after the copy).
-            await self._feed_restored(self._on_feed_restored, announced)
+            self._policy_turn(lambda: on_restored(announced))
         elif announced is not None:
-            await self._policy_announced(announced)
+            self._policy_announced(announced)
         await self._state.refresh_revision(self._read)
         self._cursor = head
         self.view.caught_up(as_of)

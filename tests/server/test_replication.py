@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -514,6 +515,55 @@ def test_a_slow_policy_reload_holds_no_later_row_back(
         parsed.set()
         await b.follower.policy_settled()
         assert b.announced == ["h1", "h3"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        parsed.set()
+
+
+def test_a_hung_policy_reload_holds_no_restored_feed_back(
+    sides: tuple[Side, Side], tmp_path: Path
+) -> None:
+    """A feed gone back (the datastore restored) while an announcement's reload hung (this
+    server's policy_dir on a hung mount): the full reload waited for the fleet's lock, which
+    the hung reload held, inside the catch-up, and no entry, revocation or Sync snapshot
+    followed. What the restore asks of the fleet waits beside the feed, as a reload does."""
+    a, b = sides
+    fleet = threading.Lock()  # PolicyFleet's: each hook runs under it
+    parsing = threading.Event()
+    parsed = threading.Event()
+    restored: list[PolicyAnnouncement | None] = []
+
+    def hung(announced: PolicyAnnouncement) -> None:
+        with fleet:
+            parsing.set()
+            parsed.wait(30)
+
+    def on_restored(newest: PolicyAnnouncement | None) -> None:
+        with fleet:
+            restored.append(newest)
+
+    b.follower._on_policy_announced = hung
+    b.follower._on_feed_restored = on_restored
+
+    async def scenario() -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                live.backup(copy)
+            await a.state.create_entry(entry("/lost"))
+            a.store.announce_policy("h1")
+            await asyncio.wait_for(b.follower.catch_up(), 10)
+            await asyncio.to_thread(parsing.wait, 10)
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                copy.backup(live)  # the restore
+        # A hang guard, not a speed bound: the catch-up hung for as long as the reload did.
+        await asyncio.wait_for(b.follower.catch_up(), 10)
+        assert b.follower.full_reloads == 1
+        assert not [e for e in b.state.entries.by_id.values() if e.spiffe_id.endswith("/lost")]
+        parsed.set()
+        await b.follower.policy_settled()
+        assert restored == [None]
 
     try:
         asyncio.run(scenario())
