@@ -154,6 +154,20 @@ def pruned_past(cursor: int, head: int, items: Sequence[FeedItem]) -> bool:
     return head > cursor
 
 
+def rewritten(cursor_row: FeedItem | None, rows: Sequence[FeedItem]) -> bool:
+    """Whether the feed holds another row at the cursor than the one read there (`rows`:
+    read from the cursor's revision on): the datastore was restored, and written to past the
+    cursor before the follower looked, so the head is not behind it (pruned_past). Read from
+    after the cursor, the new history's rows up to it were never read, and this server served
+    without them. A row at the cursor that is gone was pruned, not rewritten."""
+    return (
+        cursor_row is not None
+        and bool(rows)
+        and rows[0].revision == cursor_row.revision
+        and rows[0] != cursor_row
+    )
+
+
 def from_the_backup(
     announced: PolicyAnnouncement | None, read_from: int, read: Mapping[int, str]
 ) -> bool:
@@ -276,6 +290,8 @@ class FeedFollower:
         # which a hung reload holds.
         self._policy_next: Callable[[], None] | None = None
         self._policy_reload: asyncio.Task[None] | None = None
+        # The row read at the cursor (None: not read, as after a full reload): rewritten.
+        self._cursor_row: FeedItem | None = None
         # The announcements read since the cursor was `_policy_read_from` (from_the_backup).
         self._policy_read: dict[int, str] = {}
         self._policy_read_from = cursor
@@ -414,9 +430,12 @@ class FeedFollower:
         while True:
             cursor = self._cursor
             # The view holds what committed before this read began, once it is applied.
-            as_of, (head, items) = await self._read_dated(self._page, cursor)
-            if pruned_past(cursor, head, items):
-                await self.reload_everything(went_back=head < cursor)
+            cursor_row = self._cursor_row
+            as_of, (head, rows) = await self._read_dated(self._page, cursor)
+            items = [row for row in rows if row.revision > cursor][:FEED_PAGE]
+            went_back = head < cursor or rewritten(cursor_row, rows)
+            if went_back or pruned_past(cursor, head, items):
+                await self.reload_everything(went_back=went_back)
                 return read
             self._read_announcements(items)
             work = plan(items) | self._pending
@@ -424,6 +443,7 @@ class FeedFollower:
                 await self._apply(work)
             if items:
                 self._cursor = items[-1].revision
+                self._cursor_row = items[-1]
                 read += len(items)
                 self.rows_read += len(items)
             if len(items) < FEED_PAGE:
@@ -441,7 +461,9 @@ class FeedFollower:
 
     def _page(self, cursor: int) -> tuple[int, list[FeedItem]]:
         head = self._ds.feed_head()
-        return head, self._ds.feed_since(cursor, FEED_PAGE)
+        # With the row at the cursor, when one was read there (rewritten).
+        after = cursor if self._cursor_row is None else cursor - 1
+        return head, self._ds.feed_since(after, FEED_PAGE + cursor - after)
 
     async def _apply(self, work: FeedWork) -> None:
         self._state.follow_mark()
@@ -591,6 +613,7 @@ class FeedFollower:
             self._policy_announced(announced)
         await self._state.refresh_revision(self._read)
         self._cursor = head
+        self._cursor_row = None
         self.view.caught_up(as_of)
 
     def _load_all(

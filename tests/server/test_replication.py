@@ -46,6 +46,7 @@ from server.replication import (
     from_the_backup,
     plan,
     pruned_past,
+    rewritten,
 )
 from server.state import ServerState
 from server.tasks.model import Task, TaskState
@@ -151,6 +152,15 @@ def test_a_feed_that_went_back_behind_the_cursor_is_read_again_whole() -> None:
     assert pruned_past(10, 4, [])
     assert pruned_past(10, 9, [FeedItem(11, NOW, "entry", "e")])
     assert not pruned_past(10, 10, [])
+
+
+def test_a_feed_holding_another_row_at_the_cursor_was_rewritten() -> None:
+    read = FeedItem(5, NOW, "entry", "e")
+    assert not rewritten(read, [read, FeedItem(6, NOW, "entry", "f")])
+    assert rewritten(read, [FeedItem(5, NOW + 3, "policy", "h"), FeedItem(6, NOW, "entry", "f")])
+    assert not rewritten(read, [FeedItem(6, NOW, "entry", "f")])  # pruned, not rewritten
+    assert not rewritten(None, [FeedItem(5, NOW + 3, "policy", "h")])  # none read there
+    assert not rewritten(read, [])
 
 
 def test_a_restored_feeds_announcement_is_the_backups_only_when_it_was_read_before() -> None:
@@ -569,6 +579,60 @@ def test_a_hung_policy_reload_holds_no_restored_feed_back(
         asyncio.run(scenario())
     finally:
         parsed.set()
+
+
+def test_a_restored_feed_written_past_the_cursor_before_it_was_read_reloads_everything(
+    sides: tuple[Side, Side], tmp_path: Path
+) -> None:
+    """The datastore restored, and written to by another server before this one's follower
+    looked, past its cursor: the rows after the cursor were read as if nothing happened, and
+    those of the new history at or before it never were (an entry, a revocation, a policy
+    reload: this server served without them, silently). The row at the cursor is another:
+    the feed is read again whole, as one that went back."""
+    a, b = sides
+    announced: list[PolicyAnnouncement | None] = []
+    b.follower._on_feed_restored = announced.append
+
+    async def scenario() -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                live.backup(copy)
+            await a.state.create_entry(entry("/lost"))
+            await b.follower.catch_up()
+            with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
+                copy.backup(live)  # the restore
+        a.store.announce_policy("since")  # at the revision /lost was at
+        made = await a.state.create_entry(entry("/since"))
+        await b.follower.catch_up()
+        await b.follower.policy_settled()
+        assert b.follower.full_reloads == 1
+        assert made.id in b.state.entries.by_id
+        assert not [e for e in b.state.entries.by_id.values() if e.spiffe_id.endswith("/lost")]
+        assert b.announced == ["since"]
+        # An ordinary feed is not taken for a restored one: its rows are read as ever.
+        await a.state.create_entry(entry("/later"))
+        await b.follower.catch_up()
+        assert b.follower.full_reloads == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_pruned_row_at_the_cursor_is_not_taken_for_a_restore(
+    sides: tuple[Side, Side], clock: FakeClock
+) -> None:
+    a, b = sides
+
+    async def scenario() -> None:
+        await a.state.create_entry(entry("/old"))
+        await b.follower.catch_up()
+        clock.advance(61)
+        assert await a.follower.prune() == 1  # the row at b's cursor
+        made = await a.state.create_entry(entry("/new"))
+        await b.follower.catch_up()
+        assert b.follower.full_reloads == 0
+        assert made.id in b.state.entries.by_id
+
+    asyncio.run(scenario())
 
 
 def test_a_row_pruned_between_kept_rows_reloads_everything(tmp_path: Path) -> None:
