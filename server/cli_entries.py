@@ -221,11 +221,23 @@ def page_size(args: argparse.Namespace) -> int:
 
 
 def all_pages(fetch: Callable[[str], tuple[Sequence[_M], str]]) -> list[_M]:
-    """Follow next_page_token from the first page to the last."""
+    """Follow next_page_token from the first page to the last.
+
+    A CliError when the listing stops advancing: a server that hands back a token it gave
+    before, or an empty page with a token (svidd's never does: a page holds at least one item
+    when a later one exists), would have this loop ask forever, gathering the same items."""
     items: list[_M] = []
     token = ""
+    seen: set[str] = set()
     while True:
         page, token = fetch(token)
         items.extend(page)
         if not token:
             return items
+        if token in seen or not page:
+            raise CliError(
+                f"the server's listing does not advance (after {len(items)} items, "
+                + ("a page token it gave before" if token in seen else "an empty page")
+                + "): stopped rather than ask forever"
+            )
+        seen.add(token)
