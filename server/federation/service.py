@@ -182,6 +182,17 @@ def _check_authority(url: str) -> None:
         raise InvalidRequestError(f"bundle_endpoint_url: {url!r} has a port not in 1-65535")
 
 
+def as_read_here(rel: FederationRelationship) -> FederationRelationship:
+    """A stored relationship as this server reads it: a relative ca_file (stored by a server
+    from before the admin API refused one) made absolute from this server's working directory,
+    the file each fetch read. Kept relative, the relationship could not be updated (`federation
+    update` sends back what it shows, and a relative ca_file is now refused) and was shown as a
+    path whose directory no one could tell."""
+    if rel.ca_file and not Path(rel.ca_file).is_absolute():
+        return replace(rel, ca_file=str(Path(rel.ca_file).absolute()))
+    return rel
+
+
 def parse_static(text: str, own: TrustDomain) -> FederationRelationship:
     """A relationship of the configuration: "<td> <profile> <url> [<endpoint ID | CA file>]"."""
     parts = text.split()
@@ -296,7 +307,7 @@ class FederationService:
 
     def load(self) -> None:
         """Read relationships and bundles from the datastore (start-up; synchronous)."""
-        stored = {r.trust_domain: r for r in self._datastore.list_relationships()}
+        stored = {r.trust_domain: as_read_here(r) for r in self._datastore.list_relationships()}
         self._relationships = {**stored, **self._static}
         for row in self._datastore.list_foreign_bundles():
             try:
@@ -629,7 +640,8 @@ class FederationService:
     def read_stored(self) -> Stored:
         """The stored relationships and bundles (blocking; the follower's thread)."""
         return Stored(
-            {r.trust_domain: r for r in self._datastore.list_relationships()},
+            # As load() reads them, or a relative ca_file differed from memory at each read.
+            {r.trust_domain: as_read_here(r) for r in self._datastore.list_relationships()},
             {b.trust_domain: b for b in self._datastore.list_foreign_bundles()},
         )
 
