@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from server.config import (
     read_toml,
 )
 from server.datastore.lost import NEW_DATASTORE_FLAG
-from server.datastore.postgres_dsn import redact_dsn
+from server.datastore.postgres_dsn import hide_given, redact_dsn
 from server.errors import CliError, ConfigError, ServerError
 from server.input_text import shown
 from server.tasks import cli as task_cli
@@ -56,8 +55,6 @@ RPC_TIMEOUT = 15.0
 
 # -- argument parsing ------------------------------------------------------------------------
 
-_POSTGRES_URL = re.compile(r"postgres(?:ql)?://[^\s'\"]+", re.IGNORECASE)
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, its usage errors shown with every PostgreSQL password hidden: "unrecognized
@@ -65,9 +62,17 @@ class _Parser(argparse.ArgumentParser):
     given to a command that takes none (`audit prune`) put its password on the terminal and in
     the CI log that ran it."""
 
+    _given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for error(): the arguments are where each password starts and ends.
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        hidden = _POSTGRES_URL.sub(lambda url: redact_dsn(url.group(0)), message)
-        super().error(redact_dsn(hidden))  # and libpq's key=value form's password=
+        super().error(hide_given(message, self._given))
 
 
 def _common() -> _Parser:

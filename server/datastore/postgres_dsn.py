@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from server.datastore.base import DataStore
 from server.errors import ConfigError
@@ -110,6 +110,32 @@ def scrub(text: str, dsn: str) -> str:
     for secret in _url_secrets(dsn):
         text = text.replace(secret, _HIDDEN)
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", text)
+
+
+def hide_given(text: str, given: Iterable[str]) -> str:
+    """`text` (a usage error quoting the command line) with the secrets of each PostgreSQL URL
+    in `given` (the arguments, a `--datastore=URL` one included) taken out, as each was given
+    and as repr() quotes it; then what `scrub` finds of a URL or `password=` in the text itself.
+    By the arguments, not by a pattern: a password holding a quote or a space ended a pattern's
+    match early, and the rest of it was shown."""
+    for arg in given:
+        start = arg.lower().find("postgres")
+        while start >= 0:
+            if is_postgres_dsn(arg[start:]):
+                dsn = arg[start:]
+                text = scrub(scrub(text, dsn), repr(dsn)[1:-1])
+                break
+            start = arg.lower().find("postgres", start + 1)
+    return _hide_urls(text)
+
+
+# A URL DSN in free text, to the first space or quote (when its argument is not known).
+_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"]+", re.IGNORECASE)
+
+
+def _hide_urls(text: str) -> str:
+    hidden = _URL_IN_TEXT.sub(lambda url: redact_dsn(url.group(0)), text)
+    return _KEYWORD_PASSWORD.sub(rf"\g<1>{_HIDDEN}", hidden)  # libpq's key=value form
 
 
 def check_dsn(what: str, dsn: str) -> None:

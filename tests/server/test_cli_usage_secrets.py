@@ -27,3 +27,26 @@ def test_a_usage_error_hides_the_password(
     err = capsys.readouterr().err
     assert "hunter2" not in err
     assert "***" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # A quote or a space in the password ended the pattern's match: the rest was shown.
+        ["audit", "prune", "--datastore", "postgresql://svid:it's-hunter2@db/svid"],
+        ["audit", "prune", "--datastore", 'postgresql://svid:a"hunter2@db/svid'],
+        ["audit", "prune", "--datastore", "postgresql://svid:a hunter2@db/svid"],
+        ["audit", "prune", "--datastore=POSTGRES://svid:x'hunter2@db/svid"],
+        ["postgresql://svid:x'y\"hunter2@db/svid"],  # repr() escapes it: "invalid choice"
+        ["entry", "show", "--output", "postgresql://svid:it's hunter2@db/svid"],
+    ],
+)
+def test_a_password_with_quotes_or_spaces_is_hidden_whole(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    assert "svid:***@db/svid" in err
