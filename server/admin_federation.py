@@ -93,15 +93,19 @@ class FederationAdmin:
         request: admin_pb2.ListFederationRelationshipsRequest,
         context: grpc.aio.ServicerContext,
     ) -> admin_pb2.ListFederationRelationshipsResponse:
-        limit = listing.page_size(request.page_size)
+        relationships = self._service().relationships()
+        # No page_size: as many as fit the page's byte bound (some 10,000), not the 500 of the
+        # other listings. A client from before paging sends none and reads one reply, never
+        # next_page_token: the first 500 alone, it showed them as every relationship there is.
+        limit = (
+            listing.page_size(request.page_size) if request.page_size else len(relationships) or 1
+        )
         query = ["federation_relationships"]
         after = listing.decode_token(request.page_token, query)
         # Paged by trust domain name: all of them in one reply could outgrow gRPC's 4 MiB.
         page, last = listing.take_page(
             (  # relationships() is in trust domain order
-                (r.trust_domain, (r, s))
-                for r, s in self._service().relationships()
-                if r.trust_domain > after
+                (r.trust_domain, (r, s)) for r, s in relationships if r.trust_domain > after
             ),
             limit,
             lambda item: _relationship_to_proto(*item),

@@ -200,13 +200,13 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
     )
 
 
-def add_page_size(parser: argparse.ArgumentParser) -> None:
+def add_page_size(parser: argparse.ArgumentParser, default: str = str(DEFAULT_PAGE_SIZE)) -> None:
     parser.add_argument(
         "--page-size",
         type=int,
         default=None,
         metavar="N",
-        help=f"items per page asked of the server (default {DEFAULT_PAGE_SIZE}, at most "
+        help=f"items per page asked of the server (default {default}, at most "
         f"{MAX_PAGE_SIZE}); every page is read",
     )
 

@@ -63,7 +63,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         fed.add_parser("create", parents=[common], help="federate with"), update=False
     )
     _relationship_flags(fed.add_parser("update", parents=[common], help="change one"), update=True)
-    add_page_size(fed.add_parser("list", parents=[common], help="list relationships"))
+    add_page_size(
+        fed.add_parser("list", parents=[common], help="list relationships"), "as many as fit 2 MiB"
+    )
     for name, text in (
         ("show", "show a relationship"),
         ("delete", "end a relationship (its last bundle stays: `bundle delete`)"),

@@ -64,3 +64,16 @@ def test_the_cli_reads_every_page(capsys: pytest.CaptureFixture[str], srv: Runni
     code = main(["bundle", "list", "--page-size", "0", *socket])
     assert code == 1
     assert "--page-size: 0 must be between 1" in capsys.readouterr().err
+
+
+def test_a_client_from_before_paging_gets_every_relationship(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sends no field (its request's bytes are these) and reads one reply, never the token:
+    cut at the other listings' default page size, it showed the first page as all there is."""
+    monkeypatch.setattr("server.listing.DEFAULT_PAGE_SIZE", 2)  # fewer than PARTNERS
+    request = admin_pb2.ListFederationRelationshipsRequest()
+    assert request.SerializeToString() == b""  # what the old, field-less request sends
+    reply = srv.admin().ListFederationRelationships(request, timeout=10)
+    assert [r.trust_domain for r in reply.relationships] == PARTNERS
+    assert reply.next_page_token == ""
