@@ -19,6 +19,8 @@ def read_at_most(flag: str, path: str | Path, limit: int, what: str) -> bytes:
     name = "stdin" if str(path) == "-" else str(path)
     try:
         if str(path) == "-":
+            if sys.stdin is None:  # started with `<&-`: an AttributeError's traceback
+                raise CliError(f"{flag}: stdin is closed: nothing to read")
             body = sys.stdin.buffer.read(limit + 1)
         else:
             with Path(path).open("rb") as stream:

@@ -69,3 +69,24 @@ def test_an_entry_file_past_its_bound_is_refused_unread(
     code, out, err = _run(capsys, srv, "entry", "create", "--file", str(big))
     assert (code, out) == (1, "")
     assert f"--file: {big} holds more than 1000 bytes (split it into several files)" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("bundle", "set", "--id", "spiffe://o.org", "--path", "-"),
+        ("entry", "create", "--file", "-"),
+    ],
+)
+def test_reading_a_closed_stdin_is_refused_in_a_line(
+    capsys: pytest.CaptureFixture[str],
+    srv: RunningServer,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: tuple[str, ...],
+) -> None:
+    """Started with `<&-`, Python's stdin is None: `--path -` ended in an AttributeError's
+    traceback."""
+    monkeypatch.setattr(sys, "stdin", None)
+    code, out, err = _run(capsys, srv, *argv)
+    assert (code, out) == (1, "")
+    assert f"{argv[-2]}: stdin is closed" in err
