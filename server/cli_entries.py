@@ -30,9 +30,11 @@ from svid._proto import admin_pb2, common_pb2
 # a chunk stops at whichever it reaches first, with room to spare.
 BATCH_ITEMS = MAX_BATCH
 BATCH_BYTES = 3 * 1024 * 1024
-# An entry file is read whole and parsed in memory (some 20 times its size as Python objects):
-# 64 MiB holds some 200,000 entries.
-MAX_FILE_BYTES = 64 * 1024 * 1024
+# An entry file is read whole and parsed in memory (some 7 times its size at the peak). The
+# bound is for what is no entry file (/dev/zero, a stream that never ends): `entry show
+# --output json` prints some 650 bytes an entry, and 64 MiB refused the export of 100,000 of
+# them fed back. 256 MiB holds some 400,000.
+MAX_FILE_BYTES = 256 * 1024 * 1024
 
 _M = TypeVar("_M", bound=Message)
 _CODE_NAMES: dict[int, str] = {int(c.value[0]): c.name for c in grpc.StatusCode}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server import cli_entries
+from server import cli_entries, cli_output
 from server.cli import main
 from server.federation.fetch import MAX_BUNDLE_BYTES
+from svid._proto import common_pb2
 from tests.server.fixtures import RunningServer, running_server
 
 
@@ -90,3 +91,21 @@ def test_reading_a_closed_stdin_is_refused_in_a_line(
     code, out, err = _run(capsys, srv, *argv)
     assert (code, out) == (1, "")
     assert f"{argv[-2]}: stdin is closed" in err
+
+
+def test_an_entry_file_bound_holds_a_large_listing_fed_back() -> None:
+    """`entry show --output json > f; entry create --file f` for 200,000 entries (what the bound
+    was said to hold): at some 650 bytes an entry as the listing prints it, 64 MiB held only
+    100,000, and a larger deployment's export was refused."""
+    entry = common_pb2.Entry(
+        id="0f8e6a1c-3b7d-4e2a-9c1f-5d6e7f8a9b0c",
+        spiffe_id="spiffe://example.org/ns/production/sa/payments-api",
+        parent_id="spiffe://example.org/spire/agent/k8s_psat/prod-cluster/node-1234",
+        selectors=[
+            common_pb2.Selector(type="k8s", value="ns:production"),
+            common_pb2.Selector(type="k8s", value="sa:payments-api"),
+        ],
+        dns_names=["payments.example.org"],
+    )
+    per_entry = len(cli_output.to_json([entry] * 100, key="entries")) / 100
+    assert 200_000 * per_entry <= cli_entries.MAX_FILE_BYTES
