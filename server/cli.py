@@ -471,9 +471,18 @@ _MATCH = {
 }
 
 
+def _refuse_empty(args: argparse.Namespace, *names: str) -> None:
+    """A filter flag given empty is refused: on the wire "" means no filter, and a script's
+    `--spiffe-id "$ID"` with $ID empty got every entry (or agent), exit 0."""
+    for name in names:
+        if getattr(args, name, None) == "":
+            raise CliError(f"--{name.replace('_', '-')}: empty (leave the flag out to list all)")
+
+
 def _apply_filter_flags(
     query: admin_pb2.ListEntriesRequest | admin_pb2.ListAgentsRequest, args: argparse.Namespace
 ) -> None:
+    _refuse_empty(args, "spiffe_id_prefix")
     query.page_size = cli_entries.page_size(args)
     query.spiffe_id_prefix = args.spiffe_id_prefix or ""
     query.selectors.extend(_selector(s) for s in args.selector or ())
@@ -552,6 +561,7 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         if args.id is not None:
             entries = [stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)]
         else:
+            _refuse_empty(args, "spiffe_id", "parent_id")
             query = admin_pb2.ListEntriesRequest(
                 spiffe_id=args.spiffe_id or "", parent_id=args.parent_id or ""
             )
@@ -610,7 +620,8 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
             f"Banned agent {shown(args.spiffe_id)}",
             out.to_json(admin_pb2.GetAgentRequest(spiffe_id=args.spiffe_id)),
         )
-    elif cmd in cli_federation.COMMANDS or (cmd == ("bundle", "show") and args.id):
+    # `--id "$TD"` with $TD empty is asked of the server (an error), never our own bundle.
+    elif cmd in cli_federation.COMMANDS or (cmd == ("bundle", "show") and args.id is not None):
         cli_federation.run_command(args, stub, t, _emit)
     elif cmd == ("bundle", "show"):
         bundle = stub.GetBundle(admin_pb2.GetBundleRequest(), timeout=t)

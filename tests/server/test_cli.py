@@ -150,6 +150,12 @@ def _create(
         (["entry", "delete", "--id", "nosuch"], "NOT_FOUND: entry nosuch not found"),
         # `entry show --id "$ID"` with $ID empty listed every entry, exit 0.
         (["entry", "show", "--id", ""], "INVALID_ARGUMENT: id"),
+        # The same with a filter given empty, and `bundle show --id ""` printed our own bundle.
+        (["entry", "show", "--spiffe-id", ""], "--spiffe-id: empty"),
+        (["entry", "show", "--parent-id", ""], "--parent-id: empty"),
+        (["entry", "show", "--spiffe-id-prefix", ""], "--spiffe-id-prefix: empty"),
+        (["agent", "list", "--spiffe-id-prefix", ""], "--spiffe-id-prefix: empty"),
+        (["bundle", "show", "--id", ""], "INVALID_ARGUMENT: trust_domain"),
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
         (
