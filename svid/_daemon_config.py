@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from svid._bounded_read import read_bounded
+
 ErrorType = Callable[[str], Exception]
 
 MAX_PORT = 65535
@@ -47,11 +49,8 @@ def read_table(path: Path, table: str, error: ErrorType, words: FileWords) -> di
     that key's default without a word).
     """
     try:
-        with path.open("rb") as stream:
-            # Read to a bound: `--config /dev/zero` (or a pipe that never ends) read on until
-            # the machine's memory was gone.
-            body = stream.read(MAX_CONFIG_BYTES + 1)
-        if len(body) > MAX_CONFIG_BYTES:
+        body = read_bounded(path, MAX_CONFIG_BYTES)
+        if body is None:
             reason = f"more than {MAX_CONFIG_BYTES} bytes: not a config file"
             raise error(words.unreadable.format(path=path, reason=reason))
         # TOML is UTF-8, whatever the locale. A leading byte order mark (Windows editors write

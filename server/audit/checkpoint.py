@@ -42,6 +42,7 @@ from server.datastore.base import AuditCheckpointStore
 from server.datastore.records import SealedAuditKey
 from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, signed_bytes
+from svid._bounded_read import read_bounded
 from svid._clock import format_utc
 from svid._durable import fsync_dir, replace_durably
 
@@ -105,12 +106,11 @@ MAX_PUBLIC_KEY_BYTES = 64 * 1024
 def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
     """(key id, key) from a PEM public key file, as published next to the checkpoints."""
     try:
-        with path.open("rb") as stream:
-            # Read to a bound: `audit verify --anchor-key /dev/zero` read until memory ran out.
-            pem = stream.read(MAX_PUBLIC_KEY_BYTES + 1)
+        # Read to a bound: `audit verify --anchor-key /dev/zero` read until memory ran out.
+        pem = read_bounded(path, MAX_PUBLIC_KEY_BYTES)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(pem) > MAX_PUBLIC_KEY_BYTES:
+    if pem is None:
         raise CheckpointError(
             f"{path} holds no PEM public key (more than {MAX_PUBLIC_KEY_BYTES} bytes)"
         )
