@@ -446,3 +446,24 @@ def test_a_config_past_its_bound_is_refused_unread(
     with pytest.raises(ConfigError) as refused:
         load_config(big)
     assert str(refused.value) == f"config file {big}: more than 64 bytes: not a config file"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        " postgresql://svid:hunter2@db/svid",  # a space before it (a TOML or shell slip)
+        "'postgres://svid:hunter2@db/svid'",  # quoted twice
+        "postgresql:/svid:hunter2@db/svid",  # a slash short
+        "\tPOSTGRES://svid:hunter2@db/svid",
+    ],
+)
+def test_a_mistyped_postgres_url_is_refused_unshown(dsn: str) -> None:
+    """Taken as a SQLite file name, the URL was named whole (its password too) in the error
+    that the file could not be opened: `No such file or directory: ' postgresql:/svid:...'`."""
+    with pytest.raises(ConfigError) as refused:
+        build_config({"trust_domain": "example.org", "datastore": dsn})
+    assert str(refused.value).startswith("datastore: looks like a PostgreSQL URL")
+    assert "hunter2" not in str(refused.value)
+    # A SQLite file that merely begins with the word stays one.
+    named = build_config({"trust_domain": "example.org", "datastore": "/srv/postgres.db"})
+    assert named.datastore_path == Path("/srv/postgres.db")
