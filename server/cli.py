@@ -471,18 +471,10 @@ _MATCH = {
 }
 
 
-def _refuse_empty(args: argparse.Namespace, *names: str) -> None:
-    """A filter flag given empty is refused: on the wire "" means no filter, and a script's
-    `--spiffe-id "$ID"` with $ID empty got every entry (or agent), exit 0."""
-    for name in names:
-        if getattr(args, name, None) == "":
-            raise CliError(f"--{name.replace('_', '-')}: empty (leave the flag out to list all)")
-
-
 def _apply_filter_flags(
     query: admin_pb2.ListEntriesRequest | admin_pb2.ListAgentsRequest, args: argparse.Namespace
 ) -> None:
-    _refuse_empty(args, "spiffe_id_prefix")
+    cli_entries.refuse_empty(args, "spiffe_id_prefix")
     query.page_size = cli_entries.page_size(args)
     query.spiffe_id_prefix = args.spiffe_id_prefix or ""
     query.selectors.extend(_selector(s) for s in args.selector or ())
@@ -561,7 +553,7 @@ def _admin_command(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         if args.id is not None:
             entries = [stub.GetEntry(admin_pb2.GetEntryRequest(id=args.id), timeout=t)]
         else:
-            _refuse_empty(args, "spiffe_id", "parent_id")
+            cli_entries.refuse_empty(args, "spiffe_id", "parent_id")
             query = admin_pb2.ListEntriesRequest(
                 spiffe_id=args.spiffe_id or "", parent_id=args.parent_id or ""
             )

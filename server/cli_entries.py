@@ -213,6 +213,14 @@ def add_page_size(parser: argparse.ArgumentParser, default: str = str(DEFAULT_PA
     )
 
 
+def refuse_empty(args: argparse.Namespace, *names: str) -> None:
+    """A listing's filter flag given empty is refused: on the wire "" means no filter, and a
+    script's `--spiffe-id "$ID"` with $ID empty got every entry (agent, task), exit 0."""
+    for name in names:
+        if getattr(args, name, None) == "":
+            raise CliError(f"--{name.replace('_', '-')}: empty (leave the flag out to list all)")
+
+
 def page_size(args: argparse.Namespace) -> int:
     """--page-size checked (0 when not given: the server's default)."""
     if args.page_size is None:

@@ -36,9 +36,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="action", required=True, metavar="ACTION"
     )
     tlist = task.add_parser("list", parents=[common], help="list tasks, oldest first")
-    tlist.add_argument("--agent-id", default="", help="only this node agent's tasks")
+    tlist.add_argument("--agent-id", default=None, help="only this node agent's tasks")
     tlist.add_argument(
-        "--runtime-id", default="", help="only the tasks of this runtime (workload SPIFFE ID)"
+        "--runtime-id", default=None, help="only the tasks of this runtime (workload SPIFFE ID)"
     )
     tlist.add_argument("--state", default="", choices=("", "active", "ended", "revoked", "expired"))
     cli_entries.add_page_size(tlist)
@@ -140,9 +140,10 @@ def _admin(args: argparse.Namespace, channel: grpc.Channel, timeout: float) -> N
     as_json = getattr(args, "output", "text") == "json"
     cmd = (args.command, args.action)
     if cmd == ("task", "list"):
+        cli_entries.refuse_empty(args, "agent_id", "runtime_id")
         query = task_pb2.AdminListTasksRequest(
-            agent_id=args.agent_id,
-            runtime_id=args.runtime_id,
+            agent_id=args.agent_id or "",
+            runtime_id=args.runtime_id or "",
             state=args.state,
             page_size=cli_entries.page_size(args),
         )

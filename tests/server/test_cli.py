@@ -155,6 +155,8 @@ def _create(
         (["entry", "show", "--parent-id", ""], "--parent-id: empty"),
         (["entry", "show", "--spiffe-id-prefix", ""], "--spiffe-id-prefix: empty"),
         (["agent", "list", "--spiffe-id-prefix", ""], "--spiffe-id-prefix: empty"),
+        (["task", "list", "--runtime-id", ""], "--runtime-id: empty"),
+        (["task", "list", "--agent-id", ""], "--agent-id: empty"),
         (["bundle", "show", "--id", ""], "INVALID_ARGUMENT: trust_domain"),
         (["agent", "show", "--spiffe-id", f"{TD}/svid/agent/x/y"], "NOT_FOUND"),
         (["agent", "evict", "--spiffe-id", "nonsense"], "INVALID_ARGUMENT: spiffe_id"),
