@@ -74,13 +74,18 @@ def rsa_key_problem(key: rsa.RSAPublicKey) -> str | None:
     return None
 
 
+# The curves Go's crypto/x509 parses certificates on (and so go-spiffe and SPIRE verify chains
+# with): the JWS ones and P-224, which CA tooling such as Vault's PKI issues on (key_bits 224).
+_X509_EC_CURVES = frozenset({"secp224r1", *_CURVE_ALG})
+
+
 def ec_key_problem(key: ec.EllipticCurvePublicKey) -> str | None:
-    """Why ``key`` is refused as a foreign EC key, or None: a curve other than P-256, P-384 and
-    P-521, the ones JWS names (RFC 7518 section 3.4) and Go's crypto/x509, and so go-spiffe and
-    SPIRE, parses certificates on. A check on brainpoolP512r1 costs ~15 times one on P-256."""
-    if key.curve.name in _CURVE_ALG:
+    """Why ``key`` is refused as a foreign certificate's EC key, or None: a curve other than
+    P-224, P-256, P-384 and P-521, the ones Go's crypto/x509 parses certificates on. A check on
+    brainpoolP512r1 costs ~15 times one on P-256 (one on P-224 costs no more than on P-256)."""
+    if key.curve.name in _X509_EC_CURVES:
         return None
-    return f"EC curve {key.curve.name} is not accepted (P-256, P-384 or P-521)"
+    return f"EC curve {key.curve.name} is not accepted (P-224, P-256, P-384 or P-521)"
 
 
 def b64url_encode(data: bytes) -> str:

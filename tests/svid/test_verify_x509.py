@@ -560,7 +560,9 @@ def test_an_intermediate_on_a_curve_go_refuses_is_refused_before_its_signature_c
         verifier.verify_der(der_concat([make_leaf(inter).cert, inter.cert]))
 
 
-@pytest.mark.parametrize("curve", [ec.SECP384R1(), ec.SECP521R1()])
+# P-224 too: Go's crypto/x509 (go-spiffe, SPIRE) verifies it, CA tooling such as Vault's PKI
+# issues on it (key_bits 224), and a check on it costs no more than one on P-256.
+@pytest.mark.parametrize("curve", [ec.SECP224R1(), ec.SECP384R1(), ec.SECP521R1()])
 def test_intermediates_on_the_other_nist_curves_verify(
     verifier: X509Verifier, ca: Issued, curve: ec.EllipticCurve
 ) -> None:
