@@ -186,6 +186,9 @@ class CaManager:
         self._jwt_signer: JwtSigner | None = None
         self._bundle: SpiffeBundle | None = None
         self._published: tuple[tuple[bytes, ...], tuple[tuple[str, bytes], ...]] = ((), ())
+        # The slots the published bundle was made of: kept when the journal is read half way
+        # through a holder's plan (see _complete).
+        self._published_slots: dict[str, list[KeySlot]] = {X509_KIND: [], JWT_KIND: []}
         self._subscribers: list[Callable[[], None]] = []
 
     @property
@@ -228,14 +231,22 @@ class CaManager:
             self._check_key_files()
             self._check_kek(self._kek)
             owner = self._wait_for_keys()
-            if owner:
-                try:
-                    self._apply_schedule()
-                except LeaseLostError:
-                    self._lost_lease()
-                    owner = False
-            if not owner:
+            while True:
+                if owner:
+                    try:
+                        self._apply_schedule()
+                    except LeaseLostError:
+                        self._lost_lease()
+                        owner = False
+                if owner:
+                    break
                 self._read_slots()
+                if self._complete():
+                    break
+                # Lost the lease half way through the first keys: the journal holds no key
+                # of some kind yet, and published, that bundle failed every verification
+                # until the next holder's tick. Wait for (or take over) the holder's keys.
+                owner = self._wait_for_keys()
             self._publish(self._ds.next_bundle_sequence() if owner else self._ds.bundle_sequence())
 
     def rotate(self) -> bool:
@@ -487,6 +498,18 @@ class CaManager:
         bundle; any other server takes the number the owner stored, so every server
         publishes the same bundle under the same sequence."""
         assert self._bundle is not None
+        if not self._complete():
+            # Read between a holder's drop of the last keys and its making of the next (or
+            # the holder lost its lease between the two): published, a bundle with no X.509
+            # authority or no JWT key failed every workload's verification until the next
+            # tick. Keep the bundle and the signers as they are.
+            _log.warning(
+                "key journal without a key of each kind (a rotation under way): the bundle "
+                "stays as published",
+                extra={"x509": len(self._slots[X509_KIND]), "jwt": len(self._slots[JWT_KIND])},
+            )
+            self._slots = {kind: list(slots) for kind, slots in self._published_slots.items()}
+            return False
         if owner:
             # Compared with what was last *published*, so a tick that failed half-way (slots
             # journaled, sequence not bumped) is published by the next one.
@@ -941,9 +964,18 @@ class CaManager:
         jwt_part = tuple(sorted((s.kid, s.public_der) for s in self._slots[JWT_KIND]))
         return x509_part, jwt_part
 
+    def _complete(self) -> bool:
+        """Whether `_slots` make a bundle agents can verify with: at least one X.509
+        authority (the upstream root, under one) and one JWT key."""
+        x509_ok = self._upstream is not None or bool(self._slots[X509_KIND])
+        return x509_ok and bool(self._slots[JWT_KIND])
+
     def _publish(self, sequence: int) -> None:
+        if not self._complete():
+            raise CaUnavailableError("no X.509 authority or no JWT key in the key journal")
         self._refresh_signers()
         self._published = self._fingerprint()
+        self._published_slots = {kind: list(slots) for kind, slots in self._slots.items()}
         self._bundle = SpiffeBundle(
             trust_domain=self._config.trust_domain,
             x509_authorities=self._authorities(),

@@ -556,3 +556,65 @@ def test_a_tampered_key_is_never_signed_with_and_its_slot_is_named(
         b.manager.reload()
     for node in (a, b):
         assert node.manager.x509_signer().ca_certificate == old_ca
+
+
+# -- never a bundle without keys -----------------------------------------------------------------
+
+
+def test_a_server_reading_the_journal_mid_plan_never_publishes_a_bundle_without_keys(
+    nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster was down past every key's life: the holder drops the expired keys, then
+    makes new ones. b, told of the drop by the change feed, read a journal with no key of a
+    kind and published that bundle: every workload's verification failed until the next
+    tick. b keeps its bundle until the journal holds a key of each kind again."""
+    a, b = nodes["a"], nodes["b"]
+    clock.advance(max(CA_TTL, JWT_TTL) + 1)
+    delete = a.store.delete_key_slot
+    seen: list[tuple[int, int]] = []
+
+    def delete_then_reload(slot_id: str, **kw: Any) -> None:
+        delete(slot_id, **kw)
+        b.manager.reload()  # the change feed's call, between the holder's writes
+        bundle = b.manager.bundle()
+        seen.append((len(bundle.x509_authorities), len(bundle.jwt_authorities)))
+
+    monkeypatch.setattr(a.store, "delete_key_slot", delete_then_reload)
+    a.manager.rotate()
+    assert seen
+    assert all(x509 >= 1 and jwt >= 1 for x509, jwt in seen), seen
+    b.manager.reload()
+    _same_bundle(a.manager, b.manager)
+    _cross_verify(a.manager, b.manager, clock, nodes._tmp)
+
+
+def test_a_server_losing_the_lease_amid_its_first_keys_never_publishes_half_a_bundle(
+    tmp_path: Path, clock: FakeClock, kek_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh datastore: a journals the first CA, then pauses past its lease before its JWT
+    key. Its JWT write is refused (the lease lapsed), and its start failed on the journal it
+    read back, a CA and no JWT key. It waits for the holder's keys, here taking the lease back
+    and making them, and starts with a whole bundle."""
+    cluster = Cluster(tmp_path, clock, kek_file)
+    save = FaultInjectingDataStore.save_key_slot
+    saved: list[str] = []
+
+    def pause_after_the_ca(store: FaultInjectingDataStore, slot: KeySlot, **kw: Any) -> None:
+        save(store, slot, **kw)
+        saved.append(slot.kind)
+        if saved == [X509_KIND]:
+            clock.advance(LEASE_TTL + 1)  # a stalled VM: the lease lapses
+
+    monkeypatch.setattr(FaultInjectingDataStore, "save_key_slot", pause_after_the_ca)
+    try:
+        a = cluster.new("a")
+        bundle = a.manager.bundle()
+        assert len(bundle.x509_authorities) == 1
+        assert len(bundle.jwt_authorities) == 1
+        assert a.manager.holds_rotation_lease
+        assert [s.kind for s in a.raw.list_key_slots(JWT_KIND)] == [JWT_KIND]
+        b = cluster.new("b")
+        _same_bundle(a.manager, b.manager)
+        _cross_verify(a.manager, b.manager, clock, tmp_path)
+    finally:
+        cluster.close()
