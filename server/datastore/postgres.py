@@ -668,11 +668,16 @@ class PostgresDataStore(
 
     # -- join tokens ----------------------------------------------------------------------------
 
+    # A join token's expiry is counted on the database's clock (as a lease's): written by
+    # the server that made it and checked by whichever server an agent reaches, it lived
+    # for its ttl plus the skew between the two (a token spent past its expiry on a server
+    # whose clock ran behind), and one server's prune deleted it early for the others.
+
     def create_join_token(self, token: JoinToken) -> None:
         params = {
             "token_id": token.token_id,
             "secret_hash": token.secret_hash,
-            "expires_at": token.expires_at,
+            "expires_at": self._lease_time.of(token.expires_at),
         }
 
         def work(cur: Cursor) -> None:
@@ -682,18 +687,23 @@ class PostgresDataStore(
         self._write("create the join token", work)
 
     def check_join_token(self, token_id: str, secret_hash: bytes, now: int) -> bool:
+        return self._check_join_token(token_id, secret_hash, self._lease_time.of(now))
+
+    def _check_join_token(self, token_id: str, secret_hash: bytes, database_now: int) -> bool:
         # A read: a wrong guess locks nothing and changes nothing.
         rows = self._rows("read the join token", q.SELECT_JOIN_TOKEN, {"token_id": token_id})
         return (
             bool(rows)
             and hmac.compare_digest(bytes(rows[0]["secret_hash"]), secret_hash)
-            and int(rows[0]["expires_at"]) > now
+            and int(rows[0]["expires_at"]) > database_now
         )
 
     def prune_join_tokens(self, now: int) -> int:
         return self._write(
             "prune join tokens",
-            lambda cur: int(cur.execute(pg(q.PRUNE_JOIN_TOKENS), {"now": now}).rowcount),
+            lambda cur: int(
+                cur.execute(pg(q.PRUNE_JOIN_TOKENS), {"now": self._lease_time.of(now)}).rowcount
+            ),
             bulk=True,
         )
 
@@ -730,9 +740,10 @@ class PostgresDataStore(
         now: int,
         replacing: AttestedAgent | None = None,
     ) -> bool:
-        spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": now}
+        database_now = self._lease_time.of(now)
+        spend = {"token_id": token.token_id, "secret_hash": token.secret_hash, "now": database_now}
         # The comparison is a read first: a wrong hash takes no lock.
-        if not self.check_join_token(token.token_id, token.secret_hash, now):
+        if not self._check_join_token(token.token_id, token.secret_hash, database_now):
             return False
 
         def work(cur: Cursor) -> bool:

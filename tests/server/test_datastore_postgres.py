@@ -1134,6 +1134,38 @@ def test_a_lease_is_not_taken_by_a_server_whose_clock_runs_ahead_of_the_holders(
         b_store.close()
 
 
+def test_a_join_token_expires_at_one_moment_for_every_server_whatever_its_clock(
+    postgres_dsn: str,
+) -> None:
+    """A made the token with a minute to live; B, its clock 40 s behind A's, checked the
+    expiry by its own clock and admitted an agent with it 20 s after it expired (and C,
+    40 s ahead, pruned it 40 s early). Counted on the database's clock, the token lives its
+    minute on every server, and is spent once."""
+    a_clock, b_clock, c_clock = FakeClock(NOW), FakeClock(NOW - SKEW), FakeClock(NOW + SKEW)
+    a, b, c = (PostgresDataStore(postgres_dsn, k) for k in (a_clock, b_clock, c_clock))
+    clocks = (a_clock, b_clock, c_clock)
+    try:
+        for name in ("spent", "expired"):
+            a.create_join_token(JoinToken(name, HASH, NOW + 60))
+        for moved in clocks:
+            moved.advance(30)
+        assert c.prune_join_tokens(int(c_clock.now())) == 0, "C pruned a live token"
+        agent = AttestedAgent(AGENT, "join_token", "1", NOW + 3600)
+        assert b.admit_agent(agent, TokenUse("spent", HASH), int(b_clock.now()))
+        second = replace(agent, spiffe_id=f"{AGENT}-2")
+        assert not a.admit_agent(second, TokenUse("spent", HASH), int(a_clock.now()))
+        for moved in clocks:
+            moved.advance(31)  # a second past the token's expiry
+        assert not b.check_join_token("expired", HASH, int(b_clock.now()))
+        late = replace(agent, spiffe_id=f"{AGENT}-3")
+        assert not b.admit_agent(late, TokenUse("expired", HASH), int(b_clock.now()))
+        assert [x.spiffe_id for x in a.list_agents()] == [AGENT]
+        assert c.prune_join_tokens(int(c_clock.now())) == 1
+    finally:
+        for store in (a, b, c):
+            store.close()
+
+
 def test_a_removal_claim_is_not_taken_by_a_server_whose_clock_runs_ahead(
     postgres_dsn: str,
 ) -> None:
