@@ -317,8 +317,9 @@ class CaManager:
 
     def x509_crl_signers(self) -> tuple[X509Signer, ...]:
         """A signer for each X.509 CA whose leaves may still be live and whose key this server
-        holds: the active CA and a retired one until it expires (a leaf's NotAfter is capped at
-        its CA's). A CRL revokes only its issuer's certificates, so each CA signs its own."""
+        holds: the active CA, a retired one until it expires (a leaf's NotAfter is capped at
+        its CA's) and, shared, the prepared one (see _refresh_crl_signers). A CRL revokes
+        only its issuer's certificates, so each CA signs its own."""
         with self._lock:
             signers = tuple(self._crl_signers.values())
         if not signers:
@@ -911,13 +912,17 @@ class CaManager:
             _log.info("JWT key active", extra={"slot_id": jwt_slot.slot_id, "kid": jwt_slot.kid})
 
     def _refresh_crl_signers(self) -> None:
-        """One signer per X.509 slot that may have issued a live leaf (not a prepared one: it
-        has issued nothing), reusing those already built. A key that cannot be loaded costs
-        only its own CA's CRL, never the active CA's."""
+        """One signer per X.509 slot that may have issued a live leaf, reusing those already
+        built. A lone server's prepared slot has issued nothing; a shared one may be issuing
+        already, activated by the holder before this server adopted it: its revoked leaves
+        were then in none of this server's CRLs, and adopting the activation changed no
+        bundle, so no new CRL reached this server's agents until the refresh half a CRL's
+        life on. A key that cannot be loaded costs only its own CA's CRL, never the active
+        CA's."""
         active = self._x509_signer
         signers: dict[str, X509Signer] = {}
         for slot in self._slots[X509_KIND]:
-            if slot.status == PREPARED:
+            if slot.status == PREPARED and not self.shared:
                 continue
             known = self._crl_signers.get(slot.slot_id)
             if known is not None:

@@ -17,18 +17,29 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.ca.errors import CaConfigError, SealedKeyError
 from server.ca.keys import KeyStore
 from server.ca.manager import ROTATION_LEASE, CaConfig, CaManager
-from server.ca.rotation import prepare_at
+from server.ca.rotation import activate_at, prepare_at
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
-from server.datastore.records import ACTIVE, JWT_KIND, PREPARED, RETIRED, X509_KIND, KeySlot
+from server.datastore.records import (
+    ACTIVE,
+    JWT_KIND,
+    PREPARED,
+    RETIRED,
+    REVOKED_X509_SERIAL,
+    X509_KIND,
+    KeySlot,
+    Revocation,
+)
 from server.datastore.sqlite import SqliteDataStore
 from server.datastore.testing import FaultInjectingDataStore
+from server.tasks.crl import build_crls, key_id
 from svid._clock import FakeClock
 from svid._spiffe_id import SpiffeId
 from tests.server.conftest import TRUST_DOMAIN, openssl_verify
@@ -618,3 +629,44 @@ def test_a_server_losing_the_lease_amid_its_first_keys_never_publishes_half_a_bu
         _cross_verify(a.manager, b.manager, clock, tmp_path)
     finally:
         cluster.close()
+
+
+def test_a_server_yet_to_adopt_the_holders_new_ca_lists_its_revoked_leaves_in_its_crls(
+    nodes: Cluster, clock: FakeClock
+) -> None:
+    """a activates the prepared CA and signs with it; b, which has not ticked since (a change
+    feed behind, a reload that failed), still sees it prepared. A leaf of the new CA revoked
+    then reached b's agents in no CRL: b signed CRLs only for the CAs it saw issue, and its
+    later adoption of the activation changed no bundle, so its agents took the revoked SVID
+    until the CRL refresh half an hour on. The CA another server may be issuing with is one
+    b signs CRLs for already."""
+    a, b = nodes["a"], nodes["b"]
+    first = a.manager.key_slots(X509_KIND)[0]
+    clock.set(math.ceil(prepare_at(first.not_before, first.not_after)))
+    a.manager.rotate()
+    b.manager.rotate()
+    clock.set(math.ceil(activate_at(first.not_before, first.not_after)))
+    a.manager.rotate()
+    issuing = a.manager.x509_signer()
+    assert issuing.ca_certificate != b.manager.x509_signer().ca_certificate
+    leaf = issuing.sign_svid(ec.generate_private_key(ec.SECP256R1()).public_key(), WORKLOAD, 60)[0]
+    revoked = Revocation(
+        REVOKED_X509_SERIAL,
+        format(leaf.serial_number, "x"),
+        str(WORKLOAD),
+        int(leaf.not_valid_after_utc.timestamp()),
+        "revoked by an operator",
+        int(clock.now()),
+        key_id(issuing.ca_certificate),
+    )
+    listed = [
+        x509.load_der_x509_crl(der)
+        for signer in b.manager.x509_crl_signers()
+        for der in build_crls(signer.ca_certificate, signer.sign_crl, [revoked], clock.now(), 1)
+    ]
+    assert any(
+        crl.issuer == issuing.ca_certificate.subject
+        and crl.is_signature_valid(issuing.ca_certificate.public_key())  # type: ignore[arg-type]
+        and crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+        for crl in listed
+    )
