@@ -235,19 +235,19 @@ class CaManager:
                 if owner:
                     try:
                         self._apply_schedule()
+                        sequence = self._ds.next_bundle_sequence(fence=self._fence())
+                        break
                     except LeaseLostError:
                         self._lost_lease()
-                        owner = False
-                if owner:
-                    break
                 self._read_slots()
                 if self._complete():
+                    sequence = self._ds.bundle_sequence()
                     break
                 # Lost the lease half way through the first keys: the journal holds no key
                 # of some kind yet, and published, that bundle failed every verification
                 # until the next holder's tick. Wait for (or take over) the holder's keys.
                 owner = self._wait_for_keys()
-            self._publish(self._ds.next_bundle_sequence() if owner else self._ds.bundle_sequence())
+            self._publish(sequence)
 
     def rotate(self) -> bool:
         """Bring both key kinds in line with the schedule; True when the bundle changed.
@@ -515,7 +515,10 @@ class CaManager:
             # Compared with what was last *published*, so a tick that failed half-way (slots
             # journaled, sequence not bumped) is published by the next one.
             if force or self._fingerprint() != self._published:
-                self._publish(self._ds.next_bundle_sequence())
+                # Fenced as the journal's writes are: a holder paused past its lease between
+                # its plan and this numbered its old slots above the new holder's bundle, and
+                # agents took the stale bundle as the newest.
+                self._publish(self._ds.next_bundle_sequence(fence=self._fence()))
                 return True
         else:
             sequence = self._ds.bundle_sequence()

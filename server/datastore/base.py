@@ -268,8 +268,9 @@ class RegistrationStore(Protocol):
 
     # -- bundle ---------------------------------------------------------------------------------
 
-    def next_bundle_sequence(self) -> int:
-        """Durably increment and return the bundle's spiffe_sequence (monotonic across restarts)."""
+    def next_bundle_sequence(self, *, fence: LeaseFence | None = None) -> int:
+        """Durably increment and return the bundle's spiffe_sequence (monotonic across restarts).
+        `fence`: only while that lease is held (LeaseLostError otherwise)."""
         ...
 
     def bundle_sequence(self) -> int:

@@ -956,8 +956,11 @@ class PostgresDataStore(
 
     # -- bundle ---------------------------------------------------------------------------------
 
-    def next_bundle_sequence(self) -> int:
+    def next_bundle_sequence(self, *, fence: LeaseFence | None = None) -> int:
+        held = self._fence_params(fence)
+
         def work(cur: Cursor) -> int:
+            _check_fence(cur, held)
             sequence = self._bump(cur, _BUNDLE_SEQUENCE)
             self._bump(cur, _REVISION)  # then the feed, last, as in every write
             self._append_feed(cur, FEED_KEY_SLOT, (FEED_BUNDLE_SEQUENCE,))

@@ -853,8 +853,9 @@ class SqliteDataStore(
 
     # -- bundle ---------------------------------------------------------------------------------
 
-    def next_bundle_sequence(self) -> int:
+    def next_bundle_sequence(self, *, fence: LeaseFence | None = None) -> int:
         with self._transaction() as db:
+            _check_fence(db, fence)
             self._bump(db, _REVISION)
             sequence = self._bump(db, _BUNDLE_SEQUENCE)
             self._append_feed(db, FEED_KEY_SLOT, (FEED_BUNDLE_SEQUENCE,))

@@ -216,9 +216,9 @@ class FaultInjectingDataStore:
         self._enter("release_lease")
         self.inner.release_lease(name, holder)
 
-    def next_bundle_sequence(self) -> int:
+    def next_bundle_sequence(self, *, fence: LeaseFence | None = None) -> int:
         self._enter("next_bundle_sequence")
-        return self.inner.next_bundle_sequence()
+        return self.inner.next_bundle_sequence(fence=fence)
 
     def bundle_sequence(self) -> int:
         self._enter("bundle_sequence")

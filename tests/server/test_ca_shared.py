@@ -670,3 +670,32 @@ def test_a_server_yet_to_adopt_the_holders_new_ca_lists_its_revoked_leaves_in_it
         and crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
         for crl in listed
     )
+
+
+def test_a_holder_paused_before_numbering_its_bundle_does_not_number_stale_slots(
+    nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a journals the next CA, then pauses (SIGSTOP) for longer than its first CA lives
+    before numbering the bundle; b takes over meanwhile, drops the expired CA and prepares
+    another. a resumed and numbered its old slots above b's bundle: two bundles under one
+    sequence, the stale one from a. Its numbering is refused; it adopts b's."""
+    a, b = nodes["a"], nodes["b"]
+    first = a.manager.key_slots(X509_KIND)[0]
+    clock.set(math.ceil(prepare_at(first.not_before, first.not_after)))
+    number = a.store.next_bundle_sequence
+    paused: list[int] = []
+
+    def pause_then_number(**kw: Any) -> int:
+        if not paused:
+            paused.append(1)
+            clock.set(first.not_after + 1)
+            assert b.manager.rotate()
+            assert b.manager.holds_rotation_lease
+        return number(**kw)
+
+    monkeypatch.setattr(a.store, "next_bundle_sequence", pause_then_number)
+    a.manager.rotate()
+    assert paused
+    assert not a.manager.holds_rotation_lease
+    assert first.slot_id not in {s.slot_id for s in a.manager.key_slots(X509_KIND)}
+    _same_bundle(a.manager, b.manager)

@@ -854,8 +854,13 @@ def test_a_key_slot_write_by_a_holder_that_lost_its_lease_is_refused(open_store:
         a.delete_key_slot("b1", fence=fence("a", NOW + 32))
     with pytest.raises(LeaseLostError):
         a.delete_key_slots(["a1", "b1"], fence=fence("a", NOW + 32))
+    sequence = b.bundle_sequence()
+    with pytest.raises(LeaseLostError):  # numbering its stale slots above b's bundle
+        a.next_bundle_sequence(fence=fence("a", NOW + 32))
     assert [s.slot_id for s in b.list_key_slots("x509")] == ["a1", "b1"]
+    assert b.bundle_sequence() == sequence
     assert b.feed_head() == head  # nothing written, nothing fed
+    assert b.next_bundle_sequence(fence=fence("b", NOW + 32)) == sequence + 1
     # Lapsed with no one else holding it: refused too (the holder renews first).
     with pytest.raises(LeaseLostError):
         b.save_key_slot(slot("b2"), fence=fence("b", NOW + 64))
