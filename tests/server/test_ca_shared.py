@@ -27,6 +27,8 @@ from server.ca.manager import ROTATION_LEASE, CaConfig, CaManager
 from server.ca.rotation import activate_at, prepare_at
 from server.ca.rotator import Rotator
 from server.ca.sealing import KeyEncryptionKey
+from server.datastore.base import DataStore
+from server.datastore.postgres import PostgresDataStore
 from server.datastore.records import (
     ACTIVE,
     JWT_KIND,
@@ -56,7 +58,7 @@ class Node:
     """One server's CA side: its own connection (wrapped to see its writes), keys dir, manager."""
 
     store: FaultInjectingDataStore
-    raw: SqliteDataStore
+    raw: DataStore
     keys: KeyStore
     manager: CaManager
     rotator: Rotator
@@ -74,13 +76,17 @@ def kek_file(tmp_path: Path) -> Path:
 
 
 class Cluster:
-    """Servers on one database file: `cluster["a"]` is server "a", made and initialised on
-    first use; `cluster.new(name, kek=...)` makes one with options."""
+    """Servers on one database file (or, `dsn` given, one PostgreSQL schema): `cluster["a"]`
+    is server "a", made and initialised on first use; `cluster.new(name, kek=...)` makes one
+    with options."""
 
-    def __init__(self, tmp_path: Path, clock: FakeClock, kek_file: Path) -> None:
+    def __init__(
+        self, tmp_path: Path, clock: FakeClock, kek_file: Path, dsn: str | None = None
+    ) -> None:
         self._tmp = tmp_path
         self._clock = clock
         self._kek_file = kek_file
+        self._dsn = dsn
         self._nodes: Cluster = {}
 
     def __getitem__(self, name: str) -> Node:
@@ -92,7 +98,11 @@ class Cluster:
         """`clock`: this server's own, when it is not the cluster's."""
         kek_path = self._kek_file if kek == "default" else kek
         clock = clock or self._clock
-        raw = SqliteDataStore(self._tmp / "shared.sqlite3", self._clock)
+        raw: DataStore = (
+            PostgresDataStore(self._dsn, self._clock)
+            if self._dsn is not None
+            else SqliteDataStore(self._tmp / "shared.sqlite3", self._clock)
+        )
         store = FaultInjectingDataStore(raw)
         keys = KeyStore(self._tmp / f"keys-{name}")
         manager = CaManager(
@@ -117,6 +127,22 @@ class Cluster:
 @pytest.fixture
 def nodes(tmp_path: Path, clock: FakeClock, kek_file: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path, clock, kek_file)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dsn(request: pytest.FixtureRequest) -> str | None:
+    """None (one SQLite file), or a fresh PostgreSQL schema's DSN."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_dsn"))
+
+
+@pytest.fixture
+def any_nodes(
+    tmp_path: Path, clock: FakeClock, kek_file: Path, dsn: str | None
+) -> Iterator[Cluster]:
+    """`nodes` on either backend."""
+    cluster = Cluster(tmp_path, clock, kek_file, dsn)
     yield cluster
     cluster.close()
 
@@ -573,13 +599,13 @@ def test_a_tampered_key_is_never_signed_with_and_its_slot_is_named(
 
 
 def test_a_server_reading_the_journal_mid_plan_never_publishes_a_bundle_without_keys(
-    nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    any_nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cluster was down past every key's life: the holder drops the expired keys, then
     makes new ones. b, told of the drop by the change feed, read a journal with no key of a
     kind and published that bundle: every workload's verification failed until the next
     tick. b keeps its bundle until the journal holds a key of each kind again."""
-    a, b = nodes["a"], nodes["b"]
+    a, b = any_nodes["a"], any_nodes["b"]
     clock.advance(max(CA_TTL, JWT_TTL) + 1)
     delete = a.store.delete_key_slot
     seen: list[tuple[int, int]] = []
@@ -596,17 +622,21 @@ def test_a_server_reading_the_journal_mid_plan_never_publishes_a_bundle_without_
     assert all(x509 >= 1 and jwt >= 1 for x509, jwt in seen), seen
     b.manager.reload()
     _same_bundle(a.manager, b.manager)
-    _cross_verify(a.manager, b.manager, clock, nodes._tmp)
+    _cross_verify(a.manager, b.manager, clock, any_nodes._tmp)
 
 
 def test_a_server_losing_the_lease_amid_its_first_keys_never_publishes_half_a_bundle(
-    tmp_path: Path, clock: FakeClock, kek_file: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    clock: FakeClock,
+    kek_file: Path,
+    dsn: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A fresh datastore: a journals the first CA, then pauses past its lease before its JWT
     key. Its JWT write is refused (the lease lapsed), and its start failed on the journal it
     read back, a CA and no JWT key. It waits for the holder's keys, here taking the lease back
     and making them, and starts with a whole bundle."""
-    cluster = Cluster(tmp_path, clock, kek_file)
+    cluster = Cluster(tmp_path, clock, kek_file, dsn)
     save = FaultInjectingDataStore.save_key_slot
     saved: list[str] = []
 
@@ -632,7 +662,7 @@ def test_a_server_losing_the_lease_amid_its_first_keys_never_publishes_half_a_bu
 
 
 def test_a_server_yet_to_adopt_the_holders_new_ca_lists_its_revoked_leaves_in_its_crls(
-    nodes: Cluster, clock: FakeClock
+    any_nodes: Cluster, clock: FakeClock
 ) -> None:
     """a activates the prepared CA and signs with it; b, which has not ticked since (a change
     feed behind, a reload that failed), still sees it prepared. A leaf of the new CA revoked
@@ -640,7 +670,7 @@ def test_a_server_yet_to_adopt_the_holders_new_ca_lists_its_revoked_leaves_in_it
     later adoption of the activation changed no bundle, so its agents took the revoked SVID
     until the CRL refresh half an hour on. The CA another server may be issuing with is one
     b signs CRLs for already."""
-    a, b = nodes["a"], nodes["b"]
+    a, b = any_nodes["a"], any_nodes["b"]
     first = a.manager.key_slots(X509_KIND)[0]
     clock.set(math.ceil(prepare_at(first.not_before, first.not_after)))
     a.manager.rotate()
@@ -673,13 +703,13 @@ def test_a_server_yet_to_adopt_the_holders_new_ca_lists_its_revoked_leaves_in_it
 
 
 def test_a_holder_paused_before_numbering_its_bundle_does_not_number_stale_slots(
-    nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    any_nodes: Cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """a journals the next CA, then pauses (SIGSTOP) for longer than its first CA lives
     before numbering the bundle; b takes over meanwhile, drops the expired CA and prepares
     another. a resumed and numbered its old slots above b's bundle: two bundles under one
     sequence, the stale one from a. Its numbering is refused; it adopts b's."""
-    a, b = nodes["a"], nodes["b"]
+    a, b = any_nodes["a"], any_nodes["b"]
     first = a.manager.key_slots(X509_KIND)[0]
     clock.set(math.ceil(prepare_at(first.not_before, first.not_after)))
     number = a.store.next_bundle_sequence
