@@ -2,8 +2,9 @@
 the server's key-encryption key): read only if the daemon's own user owns it and no one else
 can reach it.
 
-Every check looks at the file actually opened (fstat), not at a name that could be swapped
-between a check and the open. Messages name the file and its mode or owner, never its content.
+Every check looks at the file actually opened (svid/_small_file.py), not at a name that could
+be swapped between a check and the open. Messages name the file and its mode or owner, never
+its content.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svid._daemon_config import ErrorType
+from svid._small_file import SmallFileError, read_small_file
 
 
 @dataclass(frozen=True)
@@ -31,32 +33,30 @@ class SecretFile:
 def read_owner_only(path: Path, spec: SecretFile, error: ErrorType) -> bytes:
     """The bytes of `path`, or `error` naming the file: missing, unreadable, not a regular file,
     owned by another user, or reachable by group or others."""
-    try:
-        # O_NONBLOCK: opening a named pipe waits for a writer, and a device may wait too; a
-        # regular file reads the same with or without it. O_NOCTTY: a terminal named here never
-        # becomes the daemon's. No O_NOFOLLOW: Kubernetes mounts secrets through symlinks.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as exc:
-        said = spec.missing if isinstance(exc, FileNotFoundError) else spec.unreadable
-        raise error(f"{spec.setting}: " + said.format(path=path, reason=exc.strerror)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{spec.setting}: {path} is not a regular file")
+
+    def owner_only(st: os.stat_result) -> str | None:
         if st.st_uid != os.geteuid():
-            raise error(
-                f"{spec.setting}: {path} is owned by uid {st.st_uid}, not by {spec.owner} "
-                f"(uid {os.geteuid()}); that user could change it under the daemon"
+            return (
+                f"is owned by uid {st.st_uid}, not by {spec.owner} (uid {os.geteuid()}); that "
+                "user could change it under the daemon"
             )
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
-            raise error(
-                f"{spec.setting}: {path} has mode {mode:04o}; it must be accessible to its owner "
-                f"alone (chmod 600 {path})"
+            return (
+                f"has mode {mode:04o}; it must be accessible to its owner alone (chmod 600 {path})"
             )
-        data = os.read(fd, spec.max_bytes + 1)
-    finally:
-        os.close(fd)
-    if len(data) > spec.max_bytes:
-        raise error(f"{spec.setting}: {path} is over {spec.max_bytes} bytes")
-    return data
+        return None
+
+    try:
+        # Links followed: Kubernetes mounts secrets through symlinks.
+        return read_small_file(path, max_bytes=spec.max_bytes, follow_links=True, check=owner_only)
+    except SmallFileError as refused:
+        if refused.missing:
+            said = spec.missing.format(path=path, reason=refused.strerror)
+        elif refused.kind is not None:
+            said = f"{path} is not a regular file"
+        elif refused.strerror is not None:
+            said = spec.unreadable.format(path=path, reason=refused.strerror)
+        else:
+            said = f"{path} {refused.problem}"
+        raise error(f"{spec.setting}: {said}") from None
