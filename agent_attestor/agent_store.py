@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent_attestor import _crypto
 from agent_attestor.data_file import read_data_file
 from svid._der import certs_to_pem, der_concat, parse_der_certs
-from svid._durable import replace_durably
+from svid._durable import replace_durably, write_aside, write_durably
 from svid._errors import SvidParseError
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,15 @@ def _write_private(path: Path, data: bytes) -> None:
 def write_file(path: Path, data: bytes, mode: int) -> None:
     """`data` in a fresh file of `mode`, fsynced and renamed over `path`: a crash never leaves
     it half written, and a file or symlink planted at the name never receives it."""
-    replace_durably(_written_aside(path, data, mode), path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_durably(path, data, mode)
 
 
 def _written_aside(path: Path, data: bytes, mode: int) -> Path:
     """`data` in a fresh file of `mode` beside `path` (its `.tmp`), fsynced: the caller renames
     it over `path`."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+    return write_aside(path, data, mode)
 
 
 def _identity(path: Path) -> list[int]:

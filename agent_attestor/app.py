@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -43,8 +42,8 @@ from agent_attestor.workload_client import socket_uri
 from svid._clock import Clock, SystemClock
 from svid._daemon_config import listening
 from svid._der import load_pem_certs
-from svid._durable import replace_durably
 from svid._errors import SvidParseError
+from svid._runtime_file import RuntimeFile
 from svid._stop_signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -85,15 +84,12 @@ def bootstrap_roots(config: AgentConfig) -> bytes:
 
 
 @dataclass(frozen=True)
-class RuntimeInfo:
+class RuntimeInfo(RuntimeFile):
+    """The agent's runtime file (svid/_runtime_file.py: written as the server's is)."""
+
     socket_path: str
     metrics_address: str
     pid: int
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-        replace_durably(tmp, path)
 
 
 class AgentApp:

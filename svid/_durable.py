@@ -7,6 +7,7 @@ the old bundle) or no file at all. So each rename is followed by an fsync of its
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -39,3 +40,41 @@ def replace_durably(source: Path | str, target: Path | str) -> None:
     """
     os.replace(source, target)
     fsync_dir(Path(target).parent)
+
+
+def write_aside(target: Path | str, data: bytes, mode: int) -> Path:
+    """`data` in a fresh file of `mode` beside `target` (its `.tmp`), fsynced: the caller renames
+    it over `target` (replace_durably) when its other files are in place.
+
+    A fresh file, never one already at the name: a write cut short leaves its `.tmp` behind, and
+    a file or symlink planted there must not receive the bytes (O_EXCL, O_NOFOLLOW). The mode is
+    set on the open file as well, so a umask cannot widen nor narrow what the caller chose.
+    """
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:  # os.write may take less than asked (a full disk, a signal)
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)  # before the rename: else a power cut may leave the new name empty
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def write_durably(target: Path | str, data: bytes, mode: int) -> None:
+    """`target` holds `data` (file mode `mode`), whole or not at all, and lasts a power cut: the
+    one writer of the daemons' small files (keys, runtime files, bundles, records)."""
+    tmp = write_aside(target, data, mode)
+    try:
+        replace_durably(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
