@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.ca.errors import CaConfigError, SealedKeyError
 from server.ca.keys import PrivateKey, spki_der
+from svid._durable import fsync_dir
 from svid._secret_file import SecretFile, read_owner_only
 
 KEK_SETTING = "key_encryption_key_file"
@@ -79,7 +80,9 @@ class KeyEncryptionKey:
         return cls(_decode_kek(data, path), source=str(path))
 
     def write_new(self, path: Path) -> None:
-        """Write this KEK to a new file, mode 0600; an existing file is never replaced."""
+        """Write this KEK to a new file, mode 0600; an existing file is never replaced. The file
+        and its directory are fsynced: a power cut after `new-kek` must not lose the new name,
+        whose key every key sealed under it needs."""
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
@@ -88,10 +91,13 @@ class KeyEncryptionKey:
             raise CaConfigError(f"cannot create {path}: {exc.strerror}") from None
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, base64.b64encode(self._key) + b"\n")
+            view = memoryview(base64.b64encode(self._key) + b"\n")
+            while view:  # os.write may take less than asked
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+        fsync_dir(path.parent)
 
     # -- sealing --------------------------------------------------------------------------------
 
