@@ -81,6 +81,7 @@ def _identity(path: Path) -> list[int]:
 # In bundle.der.sequence beside the digests (sequence_floor, and the files they were saved
 # in: bundle_sequence); no digest is named so.
 _FLOOR = "floor"
+_SPENDING_BYTES = 4096  # a join token's ID
 _FILES = "files"
 
 
@@ -114,7 +115,9 @@ class AgentStore:
     def spent_unsaved(self) -> str:
         """The ID of the join token a run sent without saving what it bought ('' if none)."""
         try:
-            return self.spending_path.read_text()
+            # Read as every data file is: a FIFO at its name hung the start waiting for a writer.
+            raw = read_data_file(self.spending_path, "join token spending file", _SPENDING_BYTES)
+            return raw.decode() if raw is not None else ""
         except (OSError, UnicodeDecodeError):
             return ""
 

@@ -37,6 +37,7 @@ system cannot read at start (EIO) is not known damaged: it stays, and the start 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from array import array
@@ -59,6 +60,7 @@ from svid._audit_checkpoint import (
 )
 from svid._clock import Clock, SystemClock
 from svid._durable import fsync_dir, replace_durably
+from svid._small_file import SmallFileError, read_small_file
 
 log = logging.getLogger(__name__)
 FILE_NAME = "audit-checkpoint.jsonl"
@@ -72,6 +74,8 @@ UNWRITABLE = "unwritable"  # verified and newer, but it could not be stored
 YOUNG_PRUNE = "young_prune"  # a prune record removing events younger than the retention
 # About 40 MB of lines: at one checkpoint a minute (a head that moves every minute) ten weeks.
 MAX_LINES = 100_000
+# Far above MAX_LINES lines: a bigger file is not one the store kept, and is not read whole.
+_MAX_FILE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -353,13 +357,26 @@ def read_records(path: Path, verify_all: bool = True) -> list[AuditCheckpoint]:
 
 def _read_unverified(path: Path) -> list[AuditCheckpoint]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _file_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         # Damaged, not a checkpoint: refused like any other unreadable file, not raised as a
         # bare ValueError that stopped the agent's start.
         raise AuditCheckpointError(f"{path} is not UTF-8 text") from None
     # An agent before every line was kept wrote its one or two lines the same way.
     return [AuditCheckpoint.parse(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The file's bytes, read without waiting on a FIFO at its name (that hung the agent's start,
+    and `audit checkpoint`), and only from a regular file. Links are followed: the CLI reads a
+    file the operator names. FileNotFoundError when there is none; OSError naming what is there
+    otherwise, saying what is there (the callers name the path)."""
+    try:
+        return read_small_file(path, max_bytes=_MAX_FILE_BYTES, follow_links=True)
+    except SmallFileError as refused:
+        if refused.missing:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
+        raise OSError(f"it {refused.problem}") from None
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent_attestor.agent_store import write_file
 from agent_attestor.config import AgentConfig
+from agent_attestor.data_file import read_data_file
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ def resolve_private_dir(config: AgentConfig) -> PrivateDir:
 
 def _recorded(record: Path) -> Path | None:
     try:
-        text = record.read_text().strip()
+        # Read as every data file is: a FIFO at its name hung the start waiting for a writer.
+        raw = read_data_file(record, "private_dir record", 4096)
+        text = raw.decode().strip() if raw is not None else ""
     except (OSError, UnicodeDecodeError):
         return None
     return Path(text) if text else None

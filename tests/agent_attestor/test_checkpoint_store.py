@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -299,14 +300,14 @@ def test_a_stored_copy_the_system_cannot_read_fails_the_start_and_stays_in_place
         path.mkdir()  # not a file at all: IsADirectoryError
     else:
         path.write_text(push(signer, 9).line + "\n")
-        real = Path.read_text
+        real, inode = os.read, path.stat().st_ino
 
-        def read_text(self: Path, *args: object, **kwargs: object) -> str:
-            if self == path:
-                raise OSError(5, "Input/output error", str(self))
-            return real(self, *args, **kwargs)  # type: ignore[arg-type]
+        def read(fd: int, size: int) -> bytes:
+            if os.fstat(fd).st_ino == inode:  # the disk fails this file's reads
+                raise OSError(5, "Input/output error")
+            return real(fd, size)
 
-        monkeypatch.setattr(Path, "read_text", read_text)
+        monkeypatch.setattr(os, "read", read)
     with pytest.raises(CheckpointUnreadableError) as caught:
         CheckpointStore(path)
     assert str(path) in str(caught.value)
