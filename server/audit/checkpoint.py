@@ -44,7 +44,8 @@ from svid import AuditCheckpoint, AuditCheckpointError
 from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, signed_bytes
 from svid._bounded_read import read_bounded
 from svid._clock import format_utc
-from svid._durable import fsync_dir, replace_durably
+from svid._durable import fsync_dir, write_aside, write_durably
+from svid._small_file import SmallFileError, read_small_file
 
 _log = logging.getLogger("svid.server.audit")
 KEY_SLOT = "checkpoint"
@@ -62,6 +63,7 @@ CHECKPOINT_FILE = "audit-checkpoints.jsonl"
 MAX_BYTES = 40 * 1024 * 1024
 # How much of the file one read takes when reading it from the end.
 _CHUNK = 64 * 1024
+_PEM_BYTES = 64 * 1024  # the published public key: far more than a P-256 key's PEM
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FILE",
@@ -227,12 +229,13 @@ class CheckpointSigner:
     def _publish(self, path: Path) -> None:
         pem = self.public_pem()
         try:
-            if path.is_file() and path.read_bytes() == pem:
-                return
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(pem)
-            os.chmod(tmp, 0o644)
-            replace_durably(tmp, path)
+            # Compared as read_small_file reads (a FIFO there is not waited on, a link not
+            # followed), and rewritten through the one durable writer: the temporary file
+            # was renamed unfsynced, and a link planted at its name was written through.
+            with contextlib.suppress(SmallFileError):
+                if read_small_file(path, max_bytes=_PEM_BYTES, follow_links=False) == pem:
+                    return
+            write_durably(path, pem, 0o644)
         except OSError as e:
             raise CheckpointError(f"cannot publish the checkpoint public key: {e}") from None
 
@@ -349,14 +352,10 @@ class CheckpointFile:
                 break
         carried = [text for _, text in sorted(newest.values(), reverse=True)]
         head = "".join(text + "\n" for text in carried).encode("utf-8") + line
-        fresh = self.path.with_name(self.path.name + ".tmp")
         linked = self.path.with_name(self.rotated.name + ".tmp")
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, head)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # A fresh file (write_aside): opened with O_TRUNC, a link planted at its name had the
+        # file it names truncated and overwritten.
+        fresh = write_aside(self.path, head, 0o644)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(linked)
         os.link(self.path, linked)
