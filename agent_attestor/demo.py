@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from agent_attestor import parent_death
+from svid._durable import write_durably
+from svid._small_file import SmallFileError, read_small_file
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size, unix_uri
 
 TRUST_DOMAIN = "example.org"
@@ -44,6 +46,17 @@ def _wait(what: str, check: Callable[[], Any], procs: list[subprocess.Popen[byte
             return value
         time.sleep(0.1)
     raise RuntimeError(f"timed out waiting for {what}; see .run/*.log")
+
+
+def server_runtime(runtime_file: Path, pid: int) -> dict[str, Any] | None:
+    """The started server's runtime file (server.json) once server `pid` wrote it; None before.
+    Read as the daemons read their files: something else at its name (a FIFO: the wait hung on
+    it) is not a server started."""
+    try:
+        info = json.loads(read_small_file(runtime_file, max_bytes=64 << 10, follow_links=False))
+    except (SmallFileError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("pid") == pid else None
 
 
 class Demo:
@@ -112,26 +125,23 @@ class Demo:
         policy = self.root / "policy"
         policy.mkdir(exist_ok=True)
         if self.policy:
-            (policy / "policy.cedar").write_text(self.policy)
-        config.write_text(
-            f'trust_domain = "{TRUST_DOMAIN}"\n'
-            f'data_dir = "{data}"\n'
-            'bind_address = "127.0.0.1:0"\n'
-            'attest_bind_address = "127.0.0.1:0"\n'
-            f'admin_socket = "{self.admin}"\n'
-            f'policy_dir = "{policy}"\n'
-            'log_format = "text"\n'
+            write_durably(policy / "policy.cedar", self.policy.encode(), 0o644)
+        write_durably(
+            config,
+            (
+                f'trust_domain = "{TRUST_DOMAIN}"\n'
+                f'data_dir = "{data}"\n'
+                'bind_address = "127.0.0.1:0"\n'
+                'attest_bind_address = "127.0.0.1:0"\n'
+                f'admin_socket = "{self.admin}"\n'
+                f'policy_dir = "{policy}"\n'
+                'log_format = "text"\n'
+            ).encode(),
+            0o644,
         )
         server = self._spawn("server.cli", ["run", "--config", str(config)], "server.log")
         runtime_file = data / "server.json"
-
-        def runtime() -> dict[str, Any] | None:
-            if not runtime_file.exists():
-                return None
-            info: dict[str, Any] = json.loads(runtime_file.read_text())
-            return info if info.get("pid") == server.pid else None
-
-        info = _wait("the server", runtime, self.procs)
+        info = _wait("the server", lambda: server_runtime(runtime_file, server.pid), self.procs)
         token = self.server_cli("token", "generate")["token"]
         bundle = self.root / "bundle.pem"
         done = subprocess.run(
@@ -150,11 +160,9 @@ class Demo:
             check=True,
             timeout=60,
         )
-        bundle.write_bytes(done.stdout)
+        write_durably(bundle, done.stdout, 0o644)
         token_file = self.root / "join-token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_durably(token_file, (token + "\n").encode(), 0o600)  # 0600 from its first byte
         self._spawn(
             "agent_attestor.cli",
             [

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_attestor.demo import TRUST_DOMAIN, Demo, _segment, workload_user
+from agent_attestor.demo import TRUST_DOMAIN, Demo, _segment, server_runtime, workload_user
 from svid._spiffe_id import SpiffeId
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
+from tests.fifo import raised_without_blocking
 
 
 def _unnamed_uid() -> int:
@@ -57,3 +58,23 @@ def test_sockets_fit_sun_path_under_a_checkout_with_a_non_ascii_path() -> None:
         assert unix_path_size(demo.admin) <= MAX_UNIX_PATH
     finally:
         demo.stop()
+
+
+def test_the_demo_waits_for_the_servers_runtime_file_without_blocking_on_a_fifo(
+    tmp_path: Path,
+) -> None:
+    # Read by name (exists, read_text), a FIFO at server.json's name hung `make run` for good.
+    runtime = tmp_path / "server.json"
+    os.mkfifo(runtime)
+    seen: list[object] = []
+
+    def read() -> None:
+        seen.append(server_runtime(runtime, 42))
+
+    assert raised_without_blocking(read, runtime) is None
+    assert seen == [None]
+    runtime.unlink()
+    runtime.write_text('{"pid": 41}')
+    assert server_runtime(runtime, 42) is None  # an earlier run's
+    runtime.write_text('{"pid": 42, "node_address": "127.0.0.1:1"}')
+    assert server_runtime(runtime, 42) == {"pid": 42, "node_address": "127.0.0.1:1"}
