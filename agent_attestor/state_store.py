@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 
 from agent_attestor.cache import SyncPosition, SyncState
 from agent_attestor.data_file import regular_file
+from agent_attestor.errors import DataFileUnreadableError
 from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle
 from agent_attestor.node_client import sync_state
 from svid._proto import common_pb2, node_pb2
@@ -208,8 +210,19 @@ class StateStore:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Private keys live here: owner-only from the first byte. SQLite gives its WAL and
             # shared-memory files the database file's mode.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            # O_NOFOLLOW: the agent never makes this file a link; one planted at its name had
+            # the file it named chmodded and written by SQLite. O_NONBLOCK: a FIFO is not
+            # waited on. Either is refused with its path (regular_file says what is there).
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
             try:
+                fd = os.open(self.path, flags, 0o600)
+            except OSError:
+                regular_file(self.path, "agent state file")
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    regular_file(self.path, "agent state file")
+                    raise DataFileUnreadableError(f"agent state file: {self.path} is not a file")
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent_attestor import _crypto
 from agent_attestor.cache import SyncPosition, SyncState
+from agent_attestor.errors import DataFileUnreadableError
 from agent_attestor.model import Entry, IssuedSvid, Selector, TrustBundle
 from agent_attestor.state_store import StateChange, StateStore
 from svid._clock import FakeClock
@@ -253,3 +254,19 @@ def test_no_file_is_no_state_and_no_warning(
         assert store.load(AGENT, "", time.time()) is None
     assert caplog.records == []
     assert not store.path.exists()
+
+
+def test_a_link_planted_at_the_state_files_name_is_refused_not_written_through(
+    tmp_path: Path, ca: LocalCa
+) -> None:
+    # The write opened the name as found: the file a link named was chmodded 0600 and SQLite
+    # wrote the agent's state (its keys) into it.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")
+    victim.chmod(0o644)
+    store = StateStore(tmp_path / "s.sqlite3")
+    store.path.symlink_to(victim)
+    with pytest.raises(DataFileUnreadableError, match="it is a symbolic link, not a regular file"):
+        save_some(store, ca)
+    assert victim.read_bytes() == b""
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
