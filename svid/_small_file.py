@@ -30,7 +30,8 @@ _KINDS = (
 class SmallFileError(Exception):
     """`path` was not read. `problem` completes "it ..." ("is a FIFO, not a regular file"),
     never quoting the content; `missing`: there is no file at the name; `kind`: what is there
-    instead of a regular file; `strerror`: the OS's words, when it refused the open or read."""
+    instead of a regular file; `too_big`: over the caller's bound; `strerror`: the OS's words,
+    when it refused the open or read."""
 
     def __init__(
         self,
@@ -38,12 +39,14 @@ class SmallFileError(Exception):
         *,
         missing: bool = False,
         kind: str | None = None,
+        too_big: bool = False,
         strerror: str | None = None,
     ) -> None:
         super().__init__(problem)
         self.problem = problem
         self.missing = missing
         self.kind = kind
+        self.too_big = too_big
         self.strerror = strerror
 
 
@@ -74,11 +77,15 @@ def _open_refused(path: Path, exc: OSError, follow_links: bool) -> SmallFileErro
     return SmallFileError(f"cannot be read: {reason}", strerror=reason)
 
 
-def _open_checked(
-    path: Path, follow_links: bool, check: Callable[[os.stat_result], str | None] | None
+def open_regular_file(
+    path: Path,
+    *,
+    follow_links: bool,
+    check: Callable[[os.stat_result], str | None] | None = None,
 ) -> tuple[int, os.stat_result]:
-    """`path` opened without waiting, and its fstat: a regular file `check` passes. The caller
-    closes the descriptor. SmallFileError otherwise."""
+    """`path` opened read-only without waiting, and its fstat: a regular file `check` passes,
+    for a reader that seeks (read_small_file reads it whole). The caller closes the descriptor.
+    SmallFileError otherwise, as read_small_file says it."""
     # O_NOCTTY: a terminal named here never becomes the daemon's.
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     if not follow_links:
@@ -107,7 +114,7 @@ def _open_checked(
 def check_regular_file(path: Path, *, follow_links: bool) -> None:
     """SmallFileError unless `path` is a regular file, as read_small_file would find it: for a file
     another reader then opens by name (SQLite's), or one too big to read whole."""
-    fd, _ = _open_checked(path, follow_links, None)
+    fd, _ = open_regular_file(path, follow_links=follow_links)
     os.close(fd)
 
 
@@ -126,10 +133,10 @@ def read_small_file(
     them); False for a daemon's own files, which it never writes as links: one there was
     planted, and is not followed to whatever it names.
     """
-    fd, st = _open_checked(path, follow_links, check)
+    fd, st = open_regular_file(path, follow_links=follow_links, check=check)
     try:
         if st.st_size > max_bytes:
-            raise SmallFileError(f"is over {max_bytes} bytes")
+            raise SmallFileError(f"is over {max_bytes} bytes", too_big=True)
         chunks: list[bytes] = []
         left = max_bytes + 1
         while left > 0:  # a file grown since the fstat is bounded too
@@ -145,5 +152,5 @@ def read_small_file(
         os.close(fd)
     data = b"".join(chunks)
     if len(data) > max_bytes:
-        raise SmallFileError(f"is over {max_bytes} bytes")
+        raise SmallFileError(f"is over {max_bytes} bytes", too_big=True)
     return data

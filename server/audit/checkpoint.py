@@ -45,7 +45,7 @@ from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, 
 from svid._bounded_read import read_bounded
 from svid._clock import format_utc
 from svid._durable import fsync_dir, write_aside, write_durably
-from svid._small_file import SmallFileError, read_small_file
+from svid._small_file import SmallFileError, open_regular_file, read_small_file
 
 _log = logging.getLogger("svid.server.audit")
 KEY_SLOT = "checkpoint"
@@ -63,7 +63,10 @@ CHECKPOINT_FILE = "audit-checkpoints.jsonl"
 MAX_BYTES = 40 * 1024 * 1024
 # How much of the file one read takes when reading it from the end.
 _CHUNK = 64 * 1024
-_PEM_BYTES = 64 * 1024  # the published public key: far more than a P-256 key's PEM
+_PEM_BYTES = 64 * 1024
+# Read whole only by anchors (a file the operator names may be an agent's copy, 100,000 lines):
+# far above either, a bigger file is not read into memory.
+_MAX_READ = 1 << 30  # the published public key: far more than a P-256 key's PEM
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FILE",
@@ -408,7 +411,13 @@ class CheckpointFile:
         caller goes: what the writer needs is near the end, and reading the whole file for it
         made each checkpoint cost more than the one before."""
         try:
-            with self.path.open("rb") as f:
+            fd, _ = open_regular_file(self.path, follow_links=True)
+        except SmallFileError as refused:
+            if refused.missing:
+                return
+            raise CheckpointError(f"cannot read {self.path}: {_said(refused)}") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
                 end = _complete_end(f)
                 tail = b""  # the start of a line whose rest was read already
                 while end > 0:
@@ -420,8 +429,6 @@ class CheckpointFile:
                     for raw in reversed(parts):
                         if raw.strip():
                             yield self._decoded(raw)
-        except FileNotFoundError:
-            return
         except OSError as e:
             raise CheckpointError(f"cannot read {self.path}: {e}") from None
 
@@ -433,10 +440,12 @@ class CheckpointFile:
 
     def _lines(self) -> list[str]:
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_small_file(self.path, max_bytes=_MAX_READ, follow_links=True).decode()
+        except SmallFileError as refused:
+            if refused.missing:
+                return []
+            raise CheckpointError(f"cannot read {self.path}: {_said(refused)}") from None
+        except UnicodeDecodeError as e:
             raise CheckpointError(f"cannot read {self.path}: {e}") from None
         lines = text.split("\n")
         # A crash mid-write leaves a last line without its newline: not a checkpoint yet.
@@ -529,6 +538,11 @@ def _complete_end(f: BinaryIO) -> int:
             return start + newline + 1
         at = start
     return 0
+
+
+def _said(refused: SmallFileError) -> str:
+    """Why a checkpoint or key file was not read, after "cannot read PATH: "."""
+    return refused.strerror or f"it {refused.problem}"
 
 
 def _kind_of(line: str) -> str | None:

@@ -7,11 +7,19 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from server.audit.checkpoint import PUBLIC_KEY_FILE, CheckpointFile, CheckpointSigner
+from server.audit.checkpoint import (
+    PUBLIC_KEY_FILE,
+    CheckpointError,
+    CheckpointFile,
+    CheckpointSigner,
+    load_public_key,
+)
+from tests.fifo import make_fifo, raised_without_blocking
 
 
 def test_the_public_key_is_fsynced_before_its_rename(
@@ -68,3 +76,22 @@ def test_a_link_at_the_rotation_file_name_is_not_truncated_through(tmp_path: Pat
     newest = file.last()
     assert newest is not None
     assert newest.seq == 7
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda path: CheckpointFile(path).last(),  # the writer's read from the end
+        lambda path: CheckpointFile(path).anchors(),  # `audit verify --anchor`: read whole
+        load_public_key,  # the published key at start, or `--anchor-key`
+    ],
+    ids=["last", "anchors", "load_public_key"],
+)
+def test_a_fifo_at_a_checkpoint_or_key_files_name_is_refused_without_waiting(
+    tmp_path: Path, read: Callable[[Path], object]
+) -> None:
+    # Opened by name, each waited for a writer: the server's start, or the CLI, hung for good.
+    fifo = make_fifo(tmp_path / "checkpoints.jsonl")
+    raised = raised_without_blocking(lambda: read(fifo), fifo)
+    assert isinstance(raised, CheckpointError)
+    assert str(raised) == f"cannot read {fifo}: it is a FIFO, not a regular file"
