@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -45,7 +47,12 @@ from svid._audit_checkpoint import CHECKPOINT, PRUNE, cut_torn_tail, key_id_of, 
 from svid._bounded_read import read_bounded
 from svid._clock import format_utc
 from svid._durable import fsync_dir, write_aside, write_durably
-from svid._small_file import SmallFileError, open_regular_file, read_small_file
+from svid._small_file import (
+    SmallFileError,
+    check_regular_file,
+    open_regular_file,
+    read_small_file,
+)
 
 _log = logging.getLogger("svid.server.audit")
 KEY_SLOT = "checkpoint"
@@ -328,9 +335,17 @@ class CheckpointFile:
         """The file, open for appending under an exclusive lock (released by its close). One
         another writer rotated while this one waited for the lock is `.1` by then: let go and
         open the new one."""
+        # O_NOFOLLOW: the server never makes this file a link (a rotation renames over one);
+        # a link planted at its name had checkpoints appended to the file it named.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as e:
+                raise self._not_regular() if e.errno == errno.ELOOP else e from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device
+                    raise self._not_regular()
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     return fd
@@ -340,6 +355,14 @@ class CheckpointFile:
                 os.close(fd)
                 raise
             os.close(fd)
+
+    def _not_regular(self) -> OSError:
+        """What is at the file's name instead of a regular file, said with its path."""
+        try:
+            check_regular_file(self.path, follow_links=False)
+        except SmallFileError as refused:
+            return OSError(f"{self.path} {refused.problem}")
+        return OSError(f"{self.path} is not a regular file")
 
     def _rotate(self, line: bytes) -> None:
         """The full file becomes `.1` and a new one takes the newest checkpoint and prune record,

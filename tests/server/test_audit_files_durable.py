@@ -95,3 +95,19 @@ def test_a_fifo_at_a_checkpoint_or_key_files_name_is_refused_without_waiting(
     raised = raised_without_blocking(lambda: read(fifo), fifo)
     assert isinstance(raised, CheckpointError)
     assert str(raised) == f"cannot read {fifo}: it is a FIFO, not a regular file"
+
+
+def test_a_link_at_the_checkpoint_files_name_is_refused_not_appended_through(
+    tmp_path: Path,
+) -> None:
+    signer = CheckpointSigner.load_or_create(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    path = tmp_path / "checkpoints.jsonl"
+    path.symlink_to(victim)
+    with pytest.raises(CheckpointError) as refused:
+        CheckpointFile(path).append(signer.sign(1, "1" * 64, 1, time.time()))
+    assert str(refused.value) == (
+        f"cannot write the checkpoint file: {path} is a symbolic link, not a regular file"
+    )
+    assert victim.read_bytes() == b"untouched\n"
