@@ -70,10 +70,7 @@ CHECKPOINT_FILE = "audit-checkpoints.jsonl"
 MAX_BYTES = 40 * 1024 * 1024
 # How much of the file one read takes when reading it from the end.
 _CHUNK = 64 * 1024
-_PEM_BYTES = 64 * 1024
-# Read whole only by anchors (a file the operator names may be an agent's copy, 100,000 lines):
-# far above either, a bigger file is not read into memory.
-_MAX_READ = 1 << 30  # the published public key: far more than a P-256 key's PEM
+_PEM_BYTES = 64 * 1024  # the published public key: far more than a P-256 key's PEM
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FILE",
@@ -463,12 +460,10 @@ class CheckpointFile:
 
     def _lines(self) -> list[str]:
         try:
-            text = read_small_file(self.path, max_bytes=_MAX_READ, follow_links=True).decode()
-        except SmallFileError as refused:
-            if refused.missing:
-                return []
-            raise CheckpointError(f"cannot read {self.path}: {_said(refused)}") from None
-        except UnicodeDecodeError as e:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {self.path}: {e}") from None
         lines = text.split("\n")
         # A crash mid-write leaves a last line without its newline: not a checkpoint yet.

@@ -40,6 +40,7 @@ from server.datastore.errors import DataStoreError
 from server.datastore.records import Head
 from svid._clock import format_utc
 from svid._durable import fsync_dir
+from svid._small_file import SmallFileError, check_regular_file
 
 RESTORED_DATASTORE_FLAG = "--restored-datastore"
 
@@ -110,7 +111,11 @@ def find_rollback(store: _ChainStore, data_dir: Path) -> Rollback | None:
     pruned since (retention removes the oldest events, never the head). Reads only: a start
     asks before its CA makes or activates any key in a datastore it may refuse."""
     published = data_dir / PUBLIC_KEY_FILE
-    if not published.exists():
+    try:
+        # Not a regular file of its own (a FIFO, whose read waited for a writer and hung the
+        # start; a link): not the key this server published, which the start rewrites.
+        check_regular_file(published, follow_links=False)
+    except SmallFileError:
         return None
     try:
         key_id, _ = load_public_key(published)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,10 @@ from server.audit.checkpoint import (
     CheckpointError,
     CheckpointFile,
     CheckpointSigner,
-    load_public_key,
 )
+from server.audit.rollback import find_rollback
+from server.datastore.sqlite import SqliteDataStore
+from svid._clock import FakeClock
 from tests.fifo import make_fifo, raised_without_blocking
 
 
@@ -78,23 +79,33 @@ def test_a_link_at_the_rotation_file_name_is_not_truncated_through(tmp_path: Pat
     assert newest.seq == 7
 
 
-@pytest.mark.parametrize(
-    "read",
-    [
-        lambda path: CheckpointFile(path).last(),  # the writer's read from the end
-        lambda path: CheckpointFile(path).anchors(),  # `audit verify --anchor`: read whole
-        load_public_key,  # the published key at start, or `--anchor-key`
-    ],
-    ids=["last", "anchors", "load_public_key"],
-)
-def test_a_fifo_at_a_checkpoint_or_key_files_name_is_refused_without_waiting(
-    tmp_path: Path, read: Callable[[Path], object]
-) -> None:
-    # Opened by name, each waited for a writer: the server's start, or the CLI, hung for good.
+def test_a_fifo_at_the_checkpoint_files_name_is_refused_without_waiting(tmp_path: Path) -> None:
+    # Opened by name, the writer's read from the end waited for a writer: the server's start
+    # (its rollback check) and every checkpoint after it hung for good.
     fifo = make_fifo(tmp_path / "checkpoints.jsonl")
-    raised = raised_without_blocking(lambda: read(fifo), fifo)
+    raised = raised_without_blocking(lambda: CheckpointFile(fifo).last(), fifo)
     assert isinstance(raised, CheckpointError)
     assert str(raised) == f"cannot read {fifo}: it is a FIFO, not a regular file"
+
+
+def test_a_fifo_at_the_published_keys_name_is_no_rollback_found_without_waiting(
+    tmp_path: Path,
+) -> None:
+    # The start's rollback check read it by name (load_public_key): the start hung for good.
+    # Not the key this server published: no rollback to say, and the start rewrites the file.
+    fifo = make_fifo(tmp_path / PUBLIC_KEY_FILE)
+    store = SqliteDataStore(tmp_path / "datastore.sqlite3", FakeClock(start=time.time()))
+    try:
+        found: list[object] = []
+        assert (
+            raised_without_blocking(lambda: found.append(find_rollback(store, tmp_path)), fifo)
+            is None
+        )
+        assert found == [None]
+        CheckpointSigner.load_or_create(tmp_path)
+        assert (tmp_path / PUBLIC_KEY_FILE).is_file()
+    finally:
+        store.close()
 
 
 def test_a_link_at_the_checkpoint_files_name_is_refused_not_appended_through(
