@@ -81,8 +81,8 @@ def _identity(path: Path) -> list[int]:
 # In bundle.der.sequence beside the digests (sequence_floor, and the files they were saved
 # in: bundle_sequence); no digest is named so.
 _FLOOR = "floor"
-_SPENDING_BYTES = 4096  # a join token's ID
 _FILES = "files"
+_SPENDING_BYTES = 4096  # the spending file holds a join token's ID, far shorter
 
 
 def _is_int(value: object) -> TypeGuard[int]:

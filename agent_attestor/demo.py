@@ -15,6 +15,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -315,10 +316,14 @@ def _refuse_if_held(lock: Path) -> None:
     """Wiping the directory of a demo still running deleted its datastore and sockets under it,
     and its stop later removed the next demo's sockets: that one ran on, unreachable."""
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
+        # O_NONBLOCK|O_NOFOLLOW: a FIFO at its name hung `make run` waiting for a writer. Only
+        # a regular file is a running demo's lock (_hold makes it); anything else is wiped.
+        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.read(fd, 32).decode(errors="replace").strip()

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from agent_attestor.demo import TRUST_DOMAIN, Demo, _segment, server_runtime, workload_user
+from agent_attestor.demo import (
+    LOCK,
+    TRUST_DOMAIN,
+    Demo,
+    _segment,
+    fresh_root,
+    server_runtime,
+    workload_user,
+)
 from svid._spiffe_id import SpiffeId
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size
 from tests.fifo import raised_without_blocking
@@ -78,3 +86,15 @@ def test_the_demo_waits_for_the_servers_runtime_file_without_blocking_on_a_fifo(
     assert server_runtime(runtime, 42) is None  # an earlier run's
     runtime.write_text('{"pid": 42, "node_address": "127.0.0.1:1"}')
     assert server_runtime(runtime, 42) == {"pid": 42, "node_address": "127.0.0.1:1"}
+
+
+def test_a_fifo_at_the_demo_lock_is_wiped_not_waited_on(tmp_path: Path) -> None:
+    # Opened by name to see whether a demo held it, a FIFO there hung `make run` for good.
+    root = tmp_path / "run"
+    root.mkdir()
+    fifo = root / LOCK
+    os.mkfifo(fifo)
+    made: list[Path] = []
+    assert raised_without_blocking(lambda: made.append(fresh_root(root)), fifo) is None
+    assert made == [root]
+    assert (root / LOCK).is_file()
