@@ -240,12 +240,15 @@ class CaManager:
                     except LeaseLostError:
                         self._lost_lease()
                 self._read_slots()
-                if self._complete():
+                if self._signable():
                     sequence = self._ds.bundle_sequence()
                     break
-                # Lost the lease half way through the first keys: the journal holds no key
-                # of some kind yet, and published, that bundle failed every verification
-                # until the next holder's tick. Wait for (or take over) the holder's keys.
+                # Lost the lease half way through the first keys, or between a drop of an
+                # expired key and the activation of the prepared one: the journal holds no key
+                # of some kind, or none active, yet. Published, that bundle failed every
+                # verification until the next holder's tick; with no active key this server,
+                # signing with none yet, failed its start. Wait for (or take over) the
+                # holder's keys.
                 owner = self._wait_for_keys()
             self._publish(sequence)
 
@@ -482,7 +485,7 @@ class CaManager:
             if self._take_lease():
                 return True
             self._read_slots()
-            if all(self._active(kind) is not None for kind in (X509_KIND, JWT_KIND)):
+            if self._signable():
                 return False
             if attempt == 0:
                 _log.info("waiting for the ca-rotation lease holder's first keys")
@@ -971,6 +974,11 @@ class CaManager:
         )
         jwt_part = tuple(sorted((s.kid, s.public_der) for s in self._slots[JWT_KIND]))
         return x509_part, jwt_part
+
+    def _signable(self) -> bool:
+        """Whether `_slots` mark a key of each kind active: one a server starting on them
+        signs with."""
+        return all(self._active(kind) is not None for kind in (X509_KIND, JWT_KIND))
 
     def _complete(self) -> bool:
         """Whether `_slots` make a bundle agents can verify with: at least one X.509

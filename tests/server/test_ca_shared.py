@@ -87,7 +87,7 @@ class Cluster:
         self._clock = clock
         self._kek_file = kek_file
         self._dsn = dsn
-        self._nodes: Cluster = {}
+        self._nodes: dict[str, Node] = {}
 
     def __getitem__(self, name: str) -> Node:
         return self._nodes[name] if name in self._nodes else self.new(name)
@@ -657,6 +657,49 @@ def test_a_server_losing_the_lease_amid_its_first_keys_never_publishes_half_a_bu
         b = cluster.new("b")
         _same_bundle(a.manager, b.manager)
         _cross_verify(a.manager, b.manager, clock, tmp_path)
+    finally:
+        cluster.close()
+
+
+def test_a_server_losing_the_lease_between_a_drop_and_an_activation_waits_for_the_keys(
+    tmp_path: Path,
+    clock: FakeClock,
+    kek_file: Path,
+    dsn: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cluster was down past its CA's life, not past the prepared one's: b, starting
+    first, drops the expired CA, then pauses past its lease before activating the prepared
+    one. The journal it read back had a CA of each kind but none active, so its start failed
+    ("no active key slot"), where a journal with no key of a kind had it wait. It waits for
+    an active key of each kind, here taking the lease back and activating the prepared CA."""
+    cluster = Cluster(tmp_path, clock, kek_file, dsn)
+    delete = FaultInjectingDataStore.delete_key_slot
+    dropped: list[str] = []
+
+    def pause_after_the_drop(store: FaultInjectingDataStore, slot_id: str, **kw: Any) -> None:
+        delete(store, slot_id, **kw)
+        dropped.append(slot_id)
+        if len(dropped) == 1:
+            clock.advance(LEASE_TTL + 1)  # a stalled VM: the lease lapses
+
+    try:
+        a = cluster.new("a")
+        first = a.manager.key_slots(X509_KIND)[0]
+        clock.set(math.ceil(prepare_at(first.not_before, first.not_after)))
+        a.manager.rotate()
+        prepared = [s for s in a.raw.list_key_slots(X509_KIND) if s.status == PREPARED]
+        assert len(prepared) == 1
+        a.manager.close()
+        clock.set(first.not_after + 1)  # every server down meanwhile
+        monkeypatch.setattr(FaultInjectingDataStore, "delete_key_slot", pause_after_the_drop)
+        b = cluster.new("b")
+        assert dropped[0] == first.slot_id
+        assert b.manager.holds_rotation_lease
+        issuing = b.manager.x509_signer().ca_certificate
+        assert issuing.public_bytes(serialization.Encoding.DER) == prepared[0].public_der
+        assert prepared[0].public_der in _der(b.manager)
+        assert first.public_der not in _der(b.manager)
     finally:
         cluster.close()
 
