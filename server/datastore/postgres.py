@@ -699,11 +699,12 @@ class PostgresDataStore(
         )
 
     def prune_join_tokens(self, now: int) -> int:
+        # Turned before the transaction: after a clock step it is measured again, on a
+        # connection of its own, which a pool with none to spare gave only at its timeout.
+        params = {"now": self._lease_time.of(now)}
         return self._write(
             "prune join tokens",
-            lambda cur: int(
-                cur.execute(pg(q.PRUNE_JOIN_TOKENS), {"now": self._lease_time.of(now)}).rowcount
-            ),
+            lambda cur: int(cur.execute(pg(q.PRUNE_JOIN_TOKENS), params).rowcount),
             bulk=True,
         )
 

@@ -1166,6 +1166,34 @@ def test_a_join_token_expires_at_one_moment_for_every_server_whatever_its_clock(
             store.close()
 
 
+class _SteppedClock(FakeClock):
+    """A FakeClock whose wall time can step alone (NTP correcting a clock that was off)."""
+
+    def step_wall(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+def test_a_prune_of_join_tokens_after_a_clock_step_takes_one_connection(
+    postgres_dsn: str,
+) -> None:
+    """The prune turned its `now` into the database's clock inside its transaction: after a
+    step of the server's clock that measures the offset again, on a second connection, while
+    the prune held one. A pool with none to spare (one connection, or every one busy) made
+    the prune wait out its timeout and fail. The time is turned before the transaction, as
+    every other lease time is."""
+    clock = _SteppedClock(NOW)
+    store = PostgresDataStore(postgres_dsn, clock, max_connections=1, timeout=0.5)
+    try:
+        store.create_join_token(JoinToken("live", HASH, NOW + 60))
+        clock.step_wall(120)  # NTP sets right a clock that ran two minutes behind
+        # The step is no time passing on the database's clock: the token lives on.
+        assert store.prune_join_tokens(int(clock.now())) == 0
+        assert store.check_join_token("live", HASH, int(clock.now()))
+    finally:
+        store.close()
+
+
 def test_a_removal_claim_is_not_taken_by_a_server_whose_clock_runs_ahead(
     postgres_dsn: str,
 ) -> None:
