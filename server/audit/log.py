@@ -40,7 +40,7 @@ from server.audit.event import (
     text_keyed_extra,
 )
 from server.audit.outage import LedgerOutage
-from server.audit.verify import Anchor, VerifyResult, verify_store
+from server.audit.verify import UNREADABLE, Anchor, VerifyResult, unreadable, verify_store
 from server.datastore.base import AuditStore, JtiClaim, RemovalClaim
 from server.datastore.errors import (
     BundleRefusedError,
@@ -793,12 +793,22 @@ class AuditLog:
         """Write matching events as JSON lines (every field, hash included); returns the count.
 
         `since` is inclusive and `until` exclusive, both Unix seconds.
+        AuditError naming the first row that cannot be decoded or encoded again (what someone
+        wrote behind the log: JSON that is not, text that is not UTF-8, a blob), after the
+        lines before it: verify names the same row, as UNREADABLE.
         """
         where = EventFilter(agent, task, since, until, decision, kind)
         n = 0
         for row in self._store.audit_rows(where):
-            event = event_from_row(row)
-            out.write(canonical_json(event.to_dict()).decode("utf-8") + "\n")
+            try:
+                line = canonical_json(event_from_row(row).to_dict()).decode("utf-8")
+            except UNREADABLE as e:
+                raise AuditError(
+                    f"cannot export the event at seq {row.get('seq')!r} (event "
+                    f"{row.get('event_id')!r}): {unreadable(e)}; {n} events exported before "
+                    "it. The row was written behind the log: run `svid-server audit verify`"
+                ) from None
+            out.write(line + "\n")
             n += 1
         return n
 

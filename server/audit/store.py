@@ -99,7 +99,15 @@ class SqliteAuditStore:
         def fetch(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
             with self._lock:
                 try:
-                    return self._db.execute(sql, params).fetchall()
+                    try:
+                        return self._db.execute(sql, params).fetchall()
+                    except sqlite3.OperationalError:
+                        if self._db.text_factory is sqlite_audit.LENIENT_TEXT:
+                            raise
+                        # Text that is not UTF-8 in a row: read it again, such text kept, so
+                        # the reader names that row (sqlite_audit.LENIENT_TEXT).
+                        self._db.text_factory = sqlite_audit.LENIENT_TEXT
+                        return self._db.execute(sql, params).fetchall()
                 except sqlite3.Error as e:
                     raise AuditError(f"cannot read audit database {self._path}: {e}") from e
 

@@ -65,7 +65,16 @@ class Break(StrEnum):
 # What decoding a row, or encoding it again to hash it, raises on a value no event holds (text
 # that is not hex or JSON, a blob, JSON that is not an object, a float out of JSON's range, JSON
 # nested past the parser's depth): the row is reported, never a crash of the walk.
-_UNREADABLE = (AuditError, ValueError, TypeError, RecursionError)
+UNREADABLE = (AuditError, ValueError, TypeError, RecursionError)
+
+
+def unreadable(error: BaseException) -> str:
+    """Why a row is UNREADABLE, for the finding: text that is not UTF-8 reaches the walk as
+    lone surrogates (server/datastore/sqlite_audit.py LENIENT_TEXT), whose encoding error
+    would name a character no one wrote."""
+    if isinstance(error, UnicodeEncodeError) and "surrogates" in str(error.reason):
+        return "a text column holds bytes that are not UTF-8"
+    return str(error)
 
 
 @dataclass(frozen=True)
@@ -231,8 +240,8 @@ def verify_snapshot(snapshot: AuditSnapshot, anchors: Sequence[Anchor] = ()) -> 
         try:
             event = event_from_row(row)
             digest = event.compute_hash()
-        except _UNREADABLE as e:
-            return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
+        except UNREADABLE as e:
+            return _broken(checked, seq, event_id, Break.UNREADABLE, unreadable(e))
         if digest != event.hash:
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"
@@ -359,8 +368,8 @@ def verify_segment(start: Head, rows: Iterable[dict[str, Any]], head: Head) -> V
         try:
             event = event_from_row(row)
             digest = event.compute_hash()
-        except _UNREADABLE as e:
-            return _broken(checked, seq, event_id, Break.UNREADABLE, str(e))
+        except UNREADABLE as e:
+            return _broken(checked, seq, event_id, Break.UNREADABLE, unreadable(e))
         if digest != event.hash:
             return _broken(
                 checked, seq, event_id, Break.EDITED, "content does not match the stored hash"

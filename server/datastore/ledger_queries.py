@@ -218,6 +218,9 @@ UPSERT_AUDIT_HEAD = (
     "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
 )
 ALL_AUDIT_ROWS = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events ORDER BY seq"
+AUDIT_ROWS_AFTER = (
+    f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_events WHERE seq > :after ORDER BY seq"
+)
 # Retention (server/audit/retention.py): the base row, the marks a prune plans its batches
 # from, and one batch's delete. Seq is the key, so each is a range or point on it.
 SELECT_AUDIT_BASE = "SELECT seq, hash FROM audit_base WHERE id = 1"
