@@ -21,7 +21,7 @@ import grpc
 
 from server import errors
 from server.audit.checkpoint import CheckpointError
-from server.audit.errors import AuditError, LedgerError, SecretInAuditError
+from server.audit.errors import AuditError, LedgerError, SecretInAuditError, UnstorableTextError
 from server.audit.rollback import DatastoreRolledBackError, RestoredFlagError
 from server.ca.errors import (
     CaConfigError,
@@ -278,6 +278,7 @@ RULES: Mapping[type[BaseException], Rule] = {
     AuditError: Rule(Code.UNAVAILABLE, _outage(AUDIT_MESSAGE)),
     CheckpointError: Rule(Code.UNAVAILABLE, "the server cannot record: audit checkpoint failed"),
     SecretInAuditError: Rule(Code.INVALID_ARGUMENT),
+    UnstorableTextError: Rule(Code.INVALID_ARGUMENT),
     # A checkpoint line the server itself wrote or holds does not read or verify: its fault.
     AuditCheckpointError: _SERVER_FAULT,
     # The ledger (server.issuance.ledger): a credential that cannot be recorded is not sent.

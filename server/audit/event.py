@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from server.audit.errors import AuditError, SecretInAuditError
+from server.audit.errors import AuditError, SecretInAuditError, UnstorableTextError
 from server.datastore.records import AUDIT_COLUMNS
 
 GENESIS_HASH = "0" * 64
@@ -36,6 +36,9 @@ _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # What every secret check looks for first: a value without either cannot hold a JWT or a PEM
 # block (the fast paths spell them inline; SECRET_MARKERS is for code outside this package).
 SECRET_MARKERS = ("eyJ", "-----BEGIN")
+# What a fast path outside the log (a draft's body made elsewhere, see AuditLog.record_later)
+# looks for before it skips the log's own check: a secret marker, or a NUL (refuse_nul).
+CHECK_MARKERS = (*SECRET_MARKERS, "\x00")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.")
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
 
@@ -97,8 +100,12 @@ class EventDraft:
         for name, value in self.__dict__.items():
             # Plain text without either marker (nearly every value) needs no closer look.
             if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:
+                if "\x00" in value:
+                    refuse_nul(name)
                 continue
             check_no_secret(name, value)
+            if isinstance(value, str) and "\x00" in value:
+                refuse_nul(name)
         if self.extra:
             object.__setattr__(self, "extra", text_keyed_extra(self.extra))
 
@@ -106,6 +113,21 @@ class EventDraft:
 DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
 # The numeric fields, each of its column's kind (see column_number).
 NUMBER_FIELDS: tuple[str, ...] = ("risk", "ttl", "latency_us")
+
+
+def refuse_nul(name: str) -> None:
+    """UnstorableTextError for the text field `name`, which holds a NUL: SQLite stores one,
+    PostgreSQL refuses it at the commit, which then fails every caller sharing it and reads
+    as a ledger outage. (Inside policy_ids and extra a NUL is JSON's escape: stored anywhere.)"""
+    raise UnstorableTextError(f"{name}: may not contain NUL (0x00)")
+
+
+def unstorable(error: UnicodeEncodeError) -> UnstorableTextError:
+    """What encoding an event's text as UTF-8 raised, as the caller's error: JSON's "\\ud800"
+    escape decodes to a lone surrogate, which no UTF-8 holds."""
+    return UnstorableTextError(
+        f"an audit field holds text that is not UTF-8 (a lone surrogate): {error.reason}"
+    )
 
 
 def check_policy_ids(policy_ids: Any) -> None:
@@ -273,7 +295,10 @@ def keys_are_text(value: Any) -> bool:
 
 def checked_extra_text(text: str) -> str:
     """An encoded `extra`, refused if it is too big (what extra_text checks after encoding)."""
-    size = len(text.encode("utf-8"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise unstorable(e) from None
     if size > MAX_EXTRA_BYTES:
         raise AuditError(f"extra is {size} bytes encoded; at most {MAX_EXTRA_BYTES}")
     return text

@@ -37,7 +37,9 @@ from server.audit.event import (
     column_number,
     event_from_row,
     keys_are_text,
+    refuse_nul,
     text_keyed_extra,
+    unstorable,
 )
 from server.audit.outage import LedgerOutage
 from server.audit.verify import UNREADABLE, Anchor, VerifyResult, unreadable, verify_store
@@ -148,7 +150,7 @@ def check_draft_tuple(values: DraftTuple) -> DraftTuple:
     for value in values:
         type_of = type(value)
         if type_of is str:
-            if "eyJ" in value or "-----BEGIN" in value:
+            if "eyJ" in value or "-----BEGIN" in value or "\x00" in value:
                 break
         elif not (
             value is None
@@ -169,6 +171,8 @@ def _checked_slowly(values: DraftTuple) -> DraftTuple:
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
+        if isinstance(value, str) and "\x00" in value:
+            refuse_nul(DRAFT_FIELDS[index])
     check_policy_ids(values[_DRAFT_POLICY_AT])
     numbers = [column_number(name, values[index]) for index, name in _NUMBERS_AT]
     extra = values[-1]
@@ -435,7 +439,10 @@ class AuditLog:
             if drafts:
                 ticket.ts = self._clock.now()
                 # A draft that cannot be encoded raises here, before anything moved.
-                ticket.rows = self._seal(drafts, ticket.ts, ticket.bodies)
+                try:
+                    ticket.rows = self._seal(drafts, ticket.ts, ticket.bodies)
+                except UnicodeEncodeError as e:
+                    raise unstorable(e) from None
             ticket.credentials, ticket.jtis = credentials, jtis
             self._pending.extend(ticket.rows)
             self._pending_credentials.extend(credentials)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from json.encoder import encode_basestring  # how the audit log's canonical encoder writes text
 
-from server.audit.event import SECRET_MARKERS
+from server.audit.event import CHECK_MARKERS
 from server.datastore.records import REVOKED_JWT_ID, REVOKED_X509_SERIAL
 from server.issuance.ledger import Credential, EventTuple
 from server.issuance.task_port import TaskGrant, TaskJwtGrant
@@ -84,7 +84,7 @@ def workload_jwt_prefix(agent_id: str, spiffe_id: str) -> str | None:
     log's own check. With workload_jwt_body: a signing worker's draft, at a fraction of the
     generic check and encoder's cost (a test holds the two equal)."""
     for value in (agent_id, spiffe_id):
-        if type(value) is not str or any(marker in value for marker in SECRET_MARKERS):
+        if type(value) is not str or any(marker in value for marker in CHECK_MARKERS):
             return None
     return f'["jwt_minted",{encode_basestring(spiffe_id)},{encode_basestring(agent_id)},null,'
 
@@ -95,7 +95,7 @@ def workload_jwt_body(prefix: str | None, jti: str, audience: str, ttl: int) -> 
     None when any value needs the log's own check."""
     if prefix is None or type(jti) is not str or type(audience) is not str or type(ttl) is not int:
         return None
-    for marker in SECRET_MARKERS:
+    for marker in CHECK_MARKERS:
         if marker in jti or marker in audience:
             return None
     return (
