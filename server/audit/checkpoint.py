@@ -400,6 +400,28 @@ class CheckpointFile:
         verified) for an event at or before `seq`."""
         return self._newest_verified(key_id, lambda cp: cp.seq <= seq)
 
+    def oldest_signed_from(self, key_id: str, seq: int) -> Checkpoint | None:
+        """The line, checkpoint or prune record, with the lowest seq at or after `seq` that
+        `key_id`'s key signed (its signature verified). Read from the end until a line of
+        that key names an earlier seq: lines follow the log forward (CheckpointFile.anchors)."""
+        found: Checkpoint | None = None
+        for line in self._lines_from_end():
+            try:
+                cp = Checkpoint.parse(line)
+            except AuditCheckpointError:
+                continue
+            if cp.key_id != key_id:
+                continue
+            if cp.seq < seq:
+                break
+            if found is None or cp.seq < found.seq:
+                try:
+                    cp.verify_signature(cp.public_key_object())
+                except AuditCheckpointError:
+                    continue
+                found = cp
+        return found
+
     def _newest_verified(
         self, key_id: str, wanted: Callable[[Checkpoint], bool]
     ) -> Checkpoint | None:

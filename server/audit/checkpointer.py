@@ -139,6 +139,16 @@ class Checkpointer:
                     found = stored
             return None if found is None else Head(found.seq, found.hash)
 
+    def signed_from(self, seq: int) -> Head | None:
+        """The oldest (seq, hash) this key signed, in a checkpoint or a prune record of the file
+        or the datastore, at or after `seq`: where the chain through `seq` is pinned next."""
+        with self._lock:
+            found = self._file.oldest_signed_from(self._signer.key_id, seq)
+            for stored in self._stored_records():
+                if stored.seq >= seq and (found is None or stored.seq < found.seq):
+                    found = stored
+            return None if found is None else Head(found.seq, found.hash)
+
     def sign_prune(self, seq: int, digest: str, count: int, last_ts: float) -> Checkpoint:
         """Sign and append a prune record: events through `seq` (whose hash is `digest`, written
         at `last_ts`) may go, `count` of them in this prune. Durable in the file, and stored in
@@ -229,7 +239,47 @@ class Checkpointer:
 
     def _head(self) -> tuple[Head | None, _OwnSince | None]:
         """The head to sign, and, when it is this process's committed head, what lets the next
-        call skip reading the chain back."""
+        call skip reading the chain back; CheckpointError when the stored chain no longer runs
+        through this process's own last commit (_check_holds_own)."""
+        head, own = self._chosen_head()
+        self._check_holds_own(head)
+        return head, own
+
+    def _check_holds_own(self, head: Head | None) -> None:
+        """REFUSED_BROKEN unless the chain ending at `head` runs through the last event this
+        process committed itself (AuditLog.own_head). The stored chain is read back only from
+        the last signed head on: an edit of this server's events after it, re-hashed onward
+        with the head row, or a cut back to a seq after it, read back as a whole chain and was
+        signed, and the events were gone under a valid checkpoint. No other writer gives an
+        event this process committed another hash, nor takes the head back behind it (a prune
+        never removes the head)."""
+        mine = self._audit.own_head()
+        if mine is None or head == mine:
+            return
+        last = self._held()
+        if last is not None and last.seq >= mine.seq and head is not None and head.seq >= last.seq:
+            return  # signed through `mine` already, and read back from there on
+        why = ""
+        if head is None or head.seq < mine.seq:
+            why = f"it ends at seq {0 if head is None else head.seq}: it was cut back"
+        elif head.seq == mine.seq:
+            why = f"it gives seq {mine.seq} another hash: it was rewritten"
+        elif self._records is not None:
+            base = self._records.audit_base()
+            if base is not None and base.seq >= mine.seq:
+                return  # pruned past it, behind a prune record the base is checked against
+            result = verify_segment(mine, rows_after(self._records, mine.seq, head.seq), head)
+            if not result.ok:
+                why = f"it does not run from there to the stored head: {result}"
+        if why:
+            raise self.refuse(
+                REFUSED_BROKEN,
+                f"the stored audit chain does not hold this server's own last event, seq "
+                f"{mine.seq} ({mine.hash[:16]}…): {why}",
+            )
+
+    def _chosen_head(self) -> tuple[Head | None, _OwnSince | None]:
+        """The head to sign (see _head)."""
         audit = self._audit
         adopted = audit.adopted
         committed = audit.committed_head()

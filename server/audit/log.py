@@ -265,6 +265,10 @@ class AuditLog:
         # Bumped whenever _committed is taken from the store rather than from a commit of
         # this process (see `adopted`).
         self._adopted = 0
+        # The last event this process itself committed (see `own_head`), and the one it had
+        # committed when it found the stored chain cut back or rewritten behind it.
+        self._own: Head | None = None
+        self._lost: Head | None = None
 
     @property
     def store(self) -> AuditStore:
@@ -288,6 +292,18 @@ class AuditLog:
         event this process committed before it.
         """
         return self._committed
+
+    def own_head(self) -> Head | None:
+        """The last event this process committed itself (None: none yet), never one read
+        from the store: whatever the stored chain holds later, it must still run through
+        this (seq, hash), or it was cut back or rewritten behind the server. What a
+        checkpoint or prune record checks before it signs a stored head or hash.
+
+        Once a write found the stored head behind or beside this process's last commit, the
+        event lost stays the answer for as long as the process runs: the chain it goes on
+        with does not hold it, so every checkpoint and prune is refused (and says why) until
+        an operator has looked and restarted the server."""
+        return self._own if self._lost is None else self._lost
 
     @property
     def adopted(self) -> int:
@@ -626,7 +642,7 @@ class AuditLog:
                     batch = resealed[-1]
                 if batch:
                     # Batches commit in order under this lock: the last row is the new head.
-                    self._committed = Head(batch[-1][0], batch[-1][-1])
+                    self._committed = self._own = Head(batch[-1][0], batch[-1][-1])
                 if self._outage is not None:
                     self._outage.worked()
                 for t in tickets:
@@ -641,6 +657,11 @@ class AuditLog:
             or (stored.seq == committed.seq and stored.hash != committed.hash)
         ):
             at = "empty" if stored is None else f"at seq {stored.seq}"
+            # The log goes on from the stored head (as a restart would), but what this process
+            # committed there is lost: own_head keeps naming it, so nothing is signed over the
+            # loss, however many events this process commits on the chain as it now is.
+            if self._lost is None:
+                self._lost = self._own
             raise LedgerError(
                 f"the stored audit head is {at}, behind this server's last commit at seq "
                 f"{committed.seq}: the log was cut back or rewritten behind the server"

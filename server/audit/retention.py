@@ -230,6 +230,25 @@ class Pruner:
                 f"the stored audit chain does not run from the signed seq {start.seq} to seq "
                 f"{end.seq}, which a prune record would sign: {result}",
             )
+        # And on to where the chain is pinned next: the oldest head this key signed at or
+        # after the target, or this process's own last commit if that comes first. Else
+        # events after the last signed head, edited (their times made old) and re-hashed
+        # with the head row, read back as a whole chain: signed away behind a valid prune
+        # record and deleted, their loss found by no verify.
+        pinned = self._checkpointer.signed_from(end.seq)
+        mine = self._audit.own_head()
+        if mine is not None and mine.seq >= end.seq and (pinned is None or mine.seq < pinned.seq):
+            pinned = mine
+        if pinned is None or pinned == end:
+            return
+        result = verify_segment(end, rows_after(self._store, end.seq, pinned.seq), pinned)
+        if not result.ok:
+            raise self._checkpointer.refuse(
+                REFUSED_BROKEN,
+                f"the stored audit chain through seq {end.seq}, which a prune record would "
+                f"sign, does not run on to seq {pinned.seq}, signed or committed by this "
+                f"server with hash {pinned.hash[:16]}…: {result}",
+            )
 
     def _covers(self, record: Checkpoint | None, target: AuditMark) -> bool:
         return (
