@@ -402,8 +402,9 @@ class CheckpointFile:
 
     def oldest_signed_from(self, key_id: str, seq: int) -> Checkpoint | None:
         """The line, checkpoint or prune record, with the lowest seq at or after `seq` that
-        `key_id`'s key signed (its signature verified). Read from the end until a line of
-        that key names an earlier seq: lines follow the log forward (CheckpointFile.anchors)."""
+        `key_id`'s key signed (its signature verified). Read from the end until a checkpoint
+        of that key names an earlier seq: checkpoints follow the log forward in the file
+        (CheckpointFile.anchors), where a prune record signed lately names an old seq."""
         found: Checkpoint | None = None
         for line in self._lines_from_end():
             try:
@@ -413,7 +414,9 @@ class CheckpointFile:
             if cp.key_id != key_id:
                 continue
             if cp.seq < seq:
-                break
+                if cp.kind == CHECKPOINT:
+                    break
+                continue
             if found is None or cp.seq < found.seq:
                 try:
                     cp.verify_signature(cp.public_key_object())

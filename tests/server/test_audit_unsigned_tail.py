@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from server.audit import LedgerError
-from server.audit.checkpoint import CheckpointError
+from server.audit.checkpoint import PRUNE, CheckpointError
 from server.audit.checkpointer import Checkpointer
 from server.audit.event import event_from_row
 from server.audit.retention import DAY, RetentionPolicy
+from server.datastore.records import Head
 from svid._clock import FakeClock
 from tests.server.audit_setup import START, Setup, fill, make_setup, verify
 
@@ -126,3 +127,19 @@ def test_the_loss_is_not_signed_after_the_server_wrote_on_past_it(
         with pytest.raises(CheckpointError, match="own last event, seq 8"):
             setup.checkpointer.checkpoint()
     assert setup.checkpoints.read_text() == before
+
+
+def test_the_next_signed_head_is_found_past_a_later_prune_record(setup: Setup) -> None:
+    """A prune record signed lately names an old seq: reading on past it finds the checkpoint
+    right after a prune's target, so the prune reads back a checkpoint interval of events,
+    not everything since its target."""
+    sign = setup.checkpointer._signer.sign
+    for line in (
+        sign(10, "a" * 64, 10, START),
+        sign(20, "b" * 64, 20, START + 60),
+        sign(5, "c" * 64, 5, START + 90, PRUNE, last_ts=START),
+        sign(30, "d" * 64, 30, START + 120),
+    ):
+        setup.checkpointer._file.append(line)
+    assert setup.checkpointer.signed_from(15) == Head(20, "b" * 64)
+    assert setup.checkpointer.signed_from(31) is None
