@@ -140,16 +140,18 @@ class Pruner:
     def prune(self, cut: Cut | None = None) -> PruneReport:
         """Remove what `cut` (default: the policy, now) names, up to the committed head."""
         with self._lock:
-            head = self._audit.committed_head()
-            # With several servers on one chain most events come through the others: up to
-            # the head the checkpointer last verified and signed, if that is further.
+            # Never past what is pinned: this process's own last commit or the last head this
+            # key signed (with several servers on one chain most events come through the
+            # others), whichever is further. The stored events after both are vouched for by
+            # nothing: rewritten there with old times, they would read back as a whole chain
+            # and be signed away (_check_chain). With neither (nothing signed, nothing written
+            # yet), the committed head is taken as it is, as the checkpointer's first is.
+            pinned = [self._audit.own_head()]
             signed = self._checkpointer.last
-            if (
-                signed is not None
-                and signed.key_id == self._checkpointer.key_id
-                and (head is None or signed.seq > head.seq)
-            ):
-                head = Head(signed.seq, signed.hash)
+            if signed is not None and signed.key_id == self._checkpointer.key_id:
+                pinned.append(Head(signed.seq, signed.hash))
+            found = [h for h in pinned if h is not None]
+            head = max(found, key=lambda h: h.seq) if found else self._audit.committed_head()
             base = self._store.audit_base()
             if head is None:
                 return PruneReport(0, base)

@@ -20,6 +20,7 @@ from server.audit.checkpoint import PRUNE, CheckpointError
 from server.audit.checkpointer import Checkpointer
 from server.audit.event import event_from_row
 from server.audit.retention import DAY, RetentionPolicy
+from server.cli import main
 from server.datastore.records import Head
 from svid._clock import FakeClock
 from tests.server.audit_setup import START, Setup, fill, make_setup, verify
@@ -143,3 +144,23 @@ def test_the_next_signed_head_is_found_past_a_later_prune_record(setup: Setup) -
         setup.checkpointer._file.append(line)
     assert setup.checkpointer.signed_from(15) == Head(20, "b" * 64)
     assert setup.checkpointer.signed_from(31) is None
+
+
+def test_a_prune_by_hand_stops_at_the_last_signed_head(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`audit prune` beside a running server commits nothing itself: it took the stored head
+    as it found it, so the server's events after its last checkpoint, made to look old and
+    re-hashed, were signed away and deleted, and verify passed."""
+    fill(setup.log, setup.clock, 5, step=1.0)
+    setup.checkpointer.checkpoint()  # seq 5
+    setup.clock.advance(40 * DAY)
+    fill(setup.log, setup.clock, 3, step=1.0)  # 6..8: the server's, young, not signed yet
+    rechain_after(setup.db, 5, ts=START + 10)
+    before = str(setup.clock.now() - 30 * DAY)
+    code = main(["audit", "prune", "--data-dir", str(setup.data_dir), "--before", before])
+    assert code == 0, capsys.readouterr()
+    con = sqlite3.connect(setup.db)
+    kept = [r[0] for r in con.execute("SELECT seq FROM audit_events ORDER BY seq")]
+    con.close()
+    assert kept == [6, 7, 8]  # the old events went, the unsigned ones stay
