@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import grpc
@@ -38,26 +39,46 @@ from tests.e2e.conftest import make_server, short_tmpdir
 pytestmark = pytest.mark.e2e
 
 RST_STREAM, WINDOW_UPDATE, CONTINUATION = 3, 8, 9
-FLOOD_SECONDS = 5.0  # without the relay's budget, grpc-core kept every one of these open
+# Without the relay's budget grpc-core kept every one of these open. A bound, not a pace: the
+# floods are cut within a second here, a busy machine's agent reads them slower.
+FLOOD_SECONDS = 20.0
+CALLS_A_CHUNK = 1000
 
 
-def _rapid_resets(first: int) -> bytes:
-    """Calls reset as soon as made: each reset is its call's, and the flood of calls is cut."""
-    calls = (
-        grpc_call(s, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER)
-        + frame(RST_STREAM, 0, s, struct.pack(">I", 8))
-        for s in range(first, first + 200, 2)
+def _rapid_resets() -> Iterator[bytes]:
+    """Calls reset as soon as made: each reset is its call's, and the flood of calls is cut.
+
+    One call's bytes are made once and only its stream numbers change: made in Python call by
+    call, the flood came at the pace of the test's own CPU, and on a loaded machine that was
+    less than the budget's refill (FRAME_REFILL a second), so the agent never had to cut it."""
+    one = grpc_call(1, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER) + frame(
+        RST_STREAM, 0, 1, struct.pack(">I", 8)
     )
-    return b"".join(calls)
+    ids = []  # where each frame's stream number is
+    at = 0
+    while at < len(one):
+        ids.append(at + 5)
+        at += 9 + int.from_bytes(one[at : at + 3], "big")
+    pieces = [one[a:b] for a, b in zip([0] + [i + 4 for i in ids], [*ids, len(one)], strict=True)]
+    first = 1
+    while True:
+        streams = [struct.pack(">I", s) for s in range(first, first + 2 * CALLS_A_CHUNK, 2)]
+        yield b"".join(sid.join(pieces) for sid in streams)
+        first += 2 * CALLS_A_CHUNK
 
 
-FLOODS = {
-    "ping_ack": lambda _: frame(PING, 1, 0, bytes(8)) * 500,
-    "settings": lambda _: frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)) * 500,
-    "window_update": lambda _: frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 500,
+def _again(chunk: bytes) -> Iterator[bytes]:
+    while True:
+        yield chunk
+
+
+FLOODS: dict[str, Callable[[], Iterator[bytes]]] = {
+    "ping_ack": lambda: _again(frame(PING, 1, 0, bytes(8)) * 5000),
+    "settings": lambda: _again(frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)) * 5000),
+    "window_update": lambda: _again(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 5000),
     "rapid_reset": _rapid_resets,
-    "reset_again": lambda _: frame(RST_STREAM, 0, 1, struct.pack(">I", 8)) * 500,
-    "continuation": lambda _: frame(CONTINUATION, 0, 1, b"\x00\x03x-a\x01b") * 500,
+    "reset_again": lambda: _again(frame(RST_STREAM, 0, 1, struct.pack(">I", 8)) * 5000),
+    "continuation": lambda: _again(frame(CONTINUATION, 0, 1, b"\x00\x03x-a\x01b") * 5000),
 }
 
 
@@ -73,42 +94,35 @@ def agent() -> Iterator[AgentProcess]:
 
 
 def flood_until_closed(path: str, flood: str) -> bool:
-    """Write the flood for up to FLOOD_SECONDS; whether the agent closed the connection."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    sock.settimeout(1.0)
+    """Write the flood as fast as the agent reads it, for up to FLOOD_SECONDS; whether the
+    agent closed the connection.
+
+    The agent's answers (PING ACKs, resets) are read as they come, so its writes never hold it
+    up. An agent too busy to read for a while is no answer: a send that waited 1 s (as sendall
+    did) was taken for a connection left open, on a machine where the agent was only slow. Only
+    whole frames are sent (a send stopped half way goes on from where it stopped), so the agent
+    never closes the connection for a frame cut short."""
+    chunks = FLOODS[flood]()
     start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0)
     if flood == "continuation":  # a header block that never ends
         start += frame(HEADERS, 0, 1, b"\x00\x05:path\x01/")
     if flood == "reset_again":  # its first reset is its call's
         start += grpc_call(1, "/SpiffeWorkloadAPI/FetchX509SVID", b"", HEADER)
+    pending = memoryview(start)
     deadline = time.monotonic() + FLOOD_SECONDS
-    stream = 1
-    try:
-        sock.sendall(start)
-        while time.monotonic() < deadline:
-            sock.sendall(FLOODS[flood](stream))
-            stream += 200
-            with_answers_read(sock)
-    except (BrokenPipeError, ConnectionResetError):
-        return True
-    except TimeoutError:  # the agent stopped reading but left the connection open
-        return False
-    finally:
-        sock.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.setblocking(False)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                readable, writable, _ = select.select([sock], [sock], [], left)
+                if readable and not sock.recv(1 << 16):
+                    return True  # the agent closed it
+                if writable:
+                    pending = pending[sock.send(pending) :] or memoryview(next(chunks))
+        except (BrokenPipeError, ConnectionResetError):
+            return True
     return False
-
-
-def with_answers_read(sock: socket.socket) -> None:
-    """Reads what the agent sent (its PING ACKs, resets), so its writes never hold it up."""
-    sock.setblocking(False)
-    try:
-        while sock.recv(1 << 16):
-            pass
-    except BlockingIOError:
-        pass
-    finally:
-        sock.settimeout(1.0)
 
 
 @pytest.mark.parametrize("flood", sorted(FLOODS))
