@@ -224,11 +224,12 @@ def test_a_refused_connection_fails_at_once_and_a_silent_server_after_the_timeou
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             return err.value.details() or "", time.monotonic() - started
 
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    refused = f"127.0.0.1:{closed.getsockname()[1]}"
-    closed.close()
-    reason, took = asyncio.run(attempt(refused, 5.0))
+    # Bound and not listening: refused, and the port stays ours. Closed first, the port was
+    # free for any other test's bind(0) (or an outgoing connection) before the attempt.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed.getsockname()[1]}"
+        reason, took = asyncio.run(attempt(refused, 5.0))
     assert took < 2.0
     assert "onnection refused" in reason
 
