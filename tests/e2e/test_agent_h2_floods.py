@@ -43,6 +43,7 @@ RST_STREAM, WINDOW_UPDATE, CONTINUATION = 3, 8, 9
 # floods are cut within a second here, a busy machine's agent reads them slower.
 FLOOD_SECONDS = 20.0
 CALLS_A_CHUNK = 1000
+CALLS_IN_A_ROW = 1200  # as fast as the agent answers: thousands of frames in a few seconds
 
 
 def _rapid_resets() -> Iterator[bytes]:
@@ -140,8 +141,9 @@ def test_a_grpc_clients_calls_and_quiet_streams_are_not_cut(agent: AgentProcess)
         health = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest()
         calls = 0
-        started = time.monotonic()
-        while time.monotonic() - started < 2.0:
+        # A number of calls, not a time: 2 s of them were counted against a floor of 1,000,
+        # about 2,000 here with two CPU burners, and 280 with the agent held back for 1.7 s.
+        while calls < CALLS_IN_A_ROW:
             # Twenty at once: within the connection's 24 streams, beside the quiet one.
             batch: list[Future[health_pb2.HealthCheckResponse]] = [
                 health.Check.future(check, metadata=HEADER, timeout=10) for _ in range(20)
@@ -149,7 +151,6 @@ def test_a_grpc_clients_calls_and_quiet_streams_are_not_cut(agent: AgentProcess)
             for done in batch:
                 assert done.result().status == health_pb2.HealthCheckResponse.SERVING
             calls += len(batch)
-        assert calls > 1000  # as fast as the agent answers: hundreds of frames a second
         # The quiet stream still stands, on the connection the calls went through.
         svids.cancel()
         with pytest.raises(grpc.RpcError) as cancelled:
