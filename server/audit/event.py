@@ -97,6 +97,8 @@ class EventDraft:
             number = column_number(name, value)
             if number is not value:
                 object.__setattr__(self, name, number)
+        if isinstance(self.reason, str):
+            object.__setattr__(self, "reason", storable_reason(self.reason))
         for name, value in self.__dict__.items():
             # Plain text without either marker (nearly every value) needs no closer look.
             if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:
@@ -113,6 +115,24 @@ class EventDraft:
 DRAFT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EventDraft))
 # The numeric fields, each of its column's kind (see column_number).
 NUMBER_FIELDS: tuple[str, ...] = ("risk", "ttl", "latency_us")
+
+
+def storable_reason(text: str) -> str:
+    """`text` with each NUL and lone surrogate written as its Python escape (`\\x00`,
+    `\\ud800`), the rest as it is. A reason quotes what others said (a peer's error, an
+    attestor's refusal, a foreign issuer's message): refusing it as unstorable let whoever
+    wrote one NUL there keep refusals off the log and turn them into the caller's error."""
+    if "\x00" not in text and (text.isascii() or _encodes(text)):
+        return text
+    return "".join(repr(c)[1:-1] if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refuse_nul(name: str) -> None:

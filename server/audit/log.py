@@ -38,6 +38,7 @@ from server.audit.event import (
     event_from_row,
     keys_are_text,
     refuse_nul,
+    storable_reason,
     text_keyed_extra,
     unstorable,
 )
@@ -160,14 +161,22 @@ def check_draft_tuple(values: DraftTuple) -> DraftTuple:
         ):
             break
     else:
-        return values
+        reason = values[_REASON_AT]
+        if type(reason) is not str or reason.isascii():
+            return values
     return _checked_slowly(values)
 
 
 def _checked_slowly(values: DraftTuple) -> DraftTuple:
     """check_draft_tuple for a draft holding a value not plainly safe: every such value through
     check_no_secret, every number made its column's kind and an `extra` keyed by other than
-    text made as it reads back (text_keyed_extra)."""
+    text made as it reads back (text_keyed_extra), and a NUL or lone surrogate in the reason
+    escaped (storable_reason)."""
+    reason = values[_REASON_AT]
+    if isinstance(reason, str):
+        escaped = storable_reason(reason)
+        if escaped is not reason:
+            values = (*values[:_REASON_AT], escaped, *values[_REASON_AT + 1 :])
     for index, value in enumerate(values):
         if not _plainly_safe(value):
             check_no_secret(DRAFT_FIELDS[index], value)
@@ -845,6 +854,7 @@ _COLUMNS = AUDIT_COLUMNS
 if (*CANONICAL_FIELDS, "hash") != _COLUMNS:  # pragma: no cover - a guard for editors
     raise ImportError("server.datastore.records.AUDIT_COLUMNS must follow CANONICAL_FIELDS")
 _DRAFT_POLICY_AT = DRAFT_FIELDS.index("policy_ids")
+_REASON_AT = DRAFT_FIELDS.index("reason")
 _RISK_AT = DRAFT_FIELDS.index("risk")
 _TTL_AT = DRAFT_FIELDS.index("ttl")
 _LATENCY_AT = DRAFT_FIELDS.index("latency_us")

@@ -51,7 +51,8 @@ def test_a_nul_fails_its_caller_alone_not_the_shared_commit(
     group.lead("lead", lambda: group.log.append("task_begin", agent_id=AGENT, reason="ok"))
     group.queue({"neighbour": lambda: group.log.record([], [(*ISSUED, "fine", *REST)])})
     group.wait_queued(1)
-    group.queue({"nul": lambda: group.log.record([], [(*ISSUED, "a\x00b", *REST)])})
+    nul = ("jwt_minted", AGENT, None, None, "a\x00b", None, "allow", "fine")
+    group.queue({"nul": lambda: group.log.record([], [(*nul, *REST)])})
     deadline = time.monotonic() + 10
     # Refused at once (fixed), or queued behind the lead with the neighbour (not fixed).
     while "nul" not in group.outcomes and len(group.log._tickets) < 2:
@@ -62,7 +63,7 @@ def test_a_nul_fails_its_caller_alone_not_the_shared_commit(
     assert outcomes["neighbour"] is None, outcomes
     assert isinstance(outcomes["nul"], UnstorableTextError), outcomes
     assert not isinstance(outcomes["nul"], LedgerError)
-    assert "reason" in str(outcomes["nul"])
+    assert "resource" in str(outcomes["nul"])
     result = group.log.verify()
     assert (result.ok, result.checked) == (True, 2), result
 
@@ -72,7 +73,7 @@ def test_a_nul_fails_its_caller_alone_not_the_shared_commit(
     [
         lambda log: log.append("probe", resource="tool\x00"),
         lambda log: log.append_many([EventDraft("probe", agent_id="a\x00")]),
-        lambda log: log.append_tuples([(*ISSUED, "\ud800", *REST)]),
+        lambda log: log.append_tuples([(*ISSUED[:-1], "\ud800", "r", *REST)]),
         lambda log: log.append("probe", extra={"aud": "\udcff"}),
         lambda log: log.record_later([], [(*ISSUED[:-1], "\ud83d", None, *REST)]).result(5),
     ],
@@ -90,3 +91,27 @@ def test_unstorable_text_is_the_callers_error(
     log.append("probe", reason="after")
     assert log.verify().ok
     assert RULES[UnstorableTextError].code.name == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        lambda log, reason: log.append("attestation_refused", decision="deny", reason=reason),
+        lambda log, reason: log.append_many([EventDraft("oauth_refused", reason=reason)]),
+        lambda log, reason: log.record([], [(*ISSUED, reason, *REST)]),
+        lambda log, reason: log.append_tuples([(*ISSUED, reason, *REST)]),
+        lambda log, reason: log.record_later([], [(*ISSUED, reason, *REST)]).result(5),
+    ],
+    ids=["append", "draft", "record", "tuple", "later"],
+)
+def test_a_reason_quoting_a_nul_or_a_lone_surrogate_is_recorded_escaped(
+    store: DataStore, clock: FakeClock, record: object
+) -> None:
+    """A reason quotes what others said (a peer's OAuth error, an attestor's refusal, a
+    foreign issuer's message): refused as unstorable, one NUL there kept the refusal off the
+    log and failed its caller. Escaped instead, as the text log shows such text."""
+    log = AuditLog(store, clock)
+    record(log, "peer said: a\x00b \ud800 caf\u00e9")  # type: ignore[operator]
+    (event,) = list(store.audit_rows())
+    assert event["reason"] == "peer said: a\\x00b \\ud800 caf\u00e9"
+    assert log.verify().ok
