@@ -404,8 +404,13 @@ class CheckpointFile:
         """The line, checkpoint or prune record, with the lowest seq at or after `seq` that
         `key_id`'s key signed (its signature verified). Read from the end until a checkpoint
         of that key names an earlier seq: checkpoints follow the log forward in the file
-        (CheckpointFile.anchors), where a prune record signed lately names an old seq."""
-        found: Checkpoint | None = None
+        (CheckpointFile.anchors), where a prune record signed lately names an old seq.
+
+        Read newest first, each line has a lower seq than the one before: verifying each as it
+        came verified every line back to `seq` (a month of minutely checkpoints, seconds of
+        CPU under the checkpointer's lock at every hourly prune). Only the lowest is wanted,
+        so the candidates are verified after the walk, lowest first, until one holds."""
+        candidates: list[Checkpoint] = []
         for line in self._lines_from_end():
             try:
                 cp = Checkpoint.parse(line)
@@ -417,13 +422,14 @@ class CheckpointFile:
                 if cp.kind == CHECKPOINT:
                     break
                 continue
-            if found is None or cp.seq < found.seq:
-                try:
-                    cp.verify_signature(cp.public_key_object())
-                except AuditCheckpointError:
-                    continue
-                found = cp
-        return found
+            candidates.append(cp)
+        for cp in sorted(candidates, key=lambda c: c.seq):
+            try:
+                cp.verify_signature(cp.public_key_object())
+            except AuditCheckpointError:
+                continue
+            return cp
+        return None
 
     def _newest_verified(
         self, key_id: str, wanted: Callable[[Checkpoint], bool]
