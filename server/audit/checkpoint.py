@@ -409,9 +409,32 @@ class CheckpointFile:
         Read newest first, each line has a lower seq than the one before: verifying each as it
         came verified every line back to `seq` (a month of minutely checkpoints, seconds of
         CPU under the checkpointer's lock at every hourly prune). Only the lowest is wanted,
-        so the candidates are verified after the walk, lowest first, until one holds."""
+        so the candidates are verified after the walk, lowest first, until one holds.
+
+        A file rotated since `seq` was signed starts with the checkpoint newest at its rotation
+        (_rotate), up to the whole retention window after `seq`: the walk goes on into the
+        file moved aside, else every prune until the next rotation read back and hashed every
+        event from its target to there (a million, at every hourly prune)."""
         candidates: list[Checkpoint] = []
-        for line in self._lines_from_end():
+        if self._collect_from(self._lines_from_end(), key_id, seq, candidates):
+            with contextlib.suppress(CheckpointError):  # none there: the current file's pin
+                rotated = CheckpointFile(self.rotated)._lines_from_end()
+                self._collect_from(rotated, key_id, seq, candidates)
+        for cp in sorted(candidates, key=lambda c: c.seq):
+            try:
+                cp.verify_signature(cp.public_key_object())
+            except AuditCheckpointError:
+                continue
+            return cp
+        return None
+
+    @staticmethod
+    def _collect_from(
+        lines: Iterator[str], key_id: str, seq: int, candidates: list[Checkpoint]
+    ) -> bool:
+        """Add to `candidates` `key_id`'s lines at or after `seq`, newest first, until a
+        checkpoint of that key names an earlier seq; True when none did (read on before)."""
+        for line in lines:
             try:
                 cp = Checkpoint.parse(line)
             except AuditCheckpointError:
@@ -420,16 +443,10 @@ class CheckpointFile:
                 continue
             if cp.seq < seq:
                 if cp.kind == CHECKPOINT:
-                    break
+                    return False
                 continue
             candidates.append(cp)
-        for cp in sorted(candidates, key=lambda c: c.seq):
-            try:
-                cp.verify_signature(cp.public_key_object())
-            except AuditCheckpointError:
-                continue
-            return cp
-        return None
+        return True
 
     def _newest_verified(
         self, key_id: str, wanted: Callable[[Checkpoint], bool]

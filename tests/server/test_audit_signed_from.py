@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.audit.checkpoint import CheckpointFile
+from server.audit.checkpoint import CheckpointFile, CheckpointSigner
 from server.audit.checkpointer import Checkpointer
 from svid import AuditCheckpoint
 from svid._clock import FakeClock
@@ -78,3 +78,27 @@ def test_a_line_whose_signature_fails_is_passed_over(
     pinned = setup.checkpointer.signed_from(3)
     assert pinned is not None
     assert pinned.seq == 4
+
+
+def test_the_pin_is_found_in_the_file_moved_aside(tmp_path: Path) -> None:
+    """A file rotated after the target was signed starts with the checkpoint newest at the
+    rotation: pinned there, every prune until the next rotation read back and hashed every
+    event from its target on (up to the retention window, at every hourly prune)."""
+    made = make_setup(tmp_path, FakeClock(START))
+    signer = CheckpointSigner.load_or_create(made.data_dir)
+    checkpoints = CheckpointFile(made.checkpoints, max_bytes=8000)
+    made.checkpointer = Checkpointer(
+        made.log, signer, checkpoints, made.clock, 60.0, records=made.store
+    )
+    for _ in range(CHECKPOINTS):
+        made.log.append("probe")
+        made.checkpointer.checkpoint(force=True)
+    aside = [json.loads(line) for line in checkpoints.rotated.read_text().splitlines()]
+    assert len(aside) > 4  # rotated at least once, with lines past the target
+    target = aside[-3]["seq"]
+    current = [json.loads(line)["seq"] for line in made.checkpoints.read_text().splitlines()]
+    assert target not in current
+    pinned = made.checkpointer.signed_from(target)
+    assert pinned is not None
+    assert pinned.seq == target
+    assert pinned.hash == aside[-3]["hash"]
