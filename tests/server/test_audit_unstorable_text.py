@@ -14,6 +14,7 @@ from server.audit import AuditLog, EventDraft, LedgerError
 from server.audit.errors import UnstorableTextError
 from server.datastore import DataStore
 from server.datastore.sqlite import SqliteDataStore
+from server.issuance.records import attestation_event
 from server.status import RULES
 from svid._clock import FakeClock
 from tests.server.held_ledger import GroupCommit
@@ -101,8 +102,13 @@ def test_unstorable_text_is_the_callers_error(
         lambda log, reason: log.record([], [(*ISSUED, reason, *REST)]),
         lambda log, reason: log.append_tuples([(*ISSUED, reason, *REST)]),
         lambda log, reason: log.record_later([], [(*ISSUED, reason, *REST)]).result(5),
+        # An attestor's refusal quoting the payload (server/node_api.py): refused as
+        # unstorable, the error replaced the refusal the agent was to get.
+        lambda log, reason: log.record(
+            [], [attestation_event("", "join_token", "", ok=False, reason=reason)]
+        ),
     ],
-    ids=["append", "draft", "record", "tuple", "later"],
+    ids=["append", "draft", "record", "tuple", "later", "attestation"],
 )
 def test_a_reason_quoting_a_nul_or_a_lone_surrogate_is_recorded_escaped(
     store: DataStore, clock: FakeClock, record: object
