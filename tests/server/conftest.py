@@ -16,8 +16,17 @@ from server.ca.workers import SigningWorkers
 from server.datastore.sqlite import SqliteDataStore
 from svid._clock import FakeClock
 from svid._spiffe_id import TrustDomain
+from tests.server.fixtures import RunningServer, running_server
 
 TRUST_DOMAIN = TrustDomain("example.org")
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[RunningServer]:
+    """A started server with the default configuration, one per module: the module's tests
+    share it, so each keeps to names of its own. A module needing another configuration
+    defines its own `srv`, which takes the place of this one."""
+    yield from running_server()
 
 
 @pytest.fixture

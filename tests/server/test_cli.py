@@ -5,41 +5,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.cli import main
-from tests.server.fixtures import (
-    TRUST_DOMAIN,
-    RunningServer,
-    managed_server,
-    running_server,
-    short_tmpdir,
-)
+from tests.server.cli_run import run_cli
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer, managed_server
+from tests.tmpdirs import short_tmpdir
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 PARENT = f"{TD}/svid/agent/join_token/cli"
 
 
-@pytest.fixture(scope="module")
-def srv() -> Iterator[RunningServer]:
-    yield from running_server()
-
-
-def _run(
-    capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str
-) -> tuple[int, str, str]:
-    code = main([*argv, "--admin-socket", srv.runtime.admin_socket])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_entry_lifecycle_text_and_json(
     capsys: pytest.CaptureFixture[str], srv: RunningServer
 ) -> None:
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys,
         srv,
         "entry",
@@ -71,13 +53,13 @@ def test_entry_lifecycle_text_and_json(
     }
     entry_id = created["id"]
 
-    code, out, _ = _run(capsys, srv, "entry", "show", "--id", entry_id)
+    code, out, _ = run_cli(capsys, srv, "entry", "show", "--id", entry_id)
     assert code == 0
     assert f"Entry ID         : {entry_id}" in out
     assert "Selector         : unix:uid:1000" in out
     assert "DNS name         : web.example.org" in out
 
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, srv, "entry", "update", "--id", entry_id, "--jwt-ttl", "60", "--output", "json"
     )
     updated = json.loads(out)
@@ -85,12 +67,12 @@ def test_entry_lifecycle_text_and_json(
     assert updated["x509_svid_ttl"] == 120  # untouched fields survive an update
     assert int(updated["revision"]) == 2
 
-    code, out, _ = _run(capsys, srv, "entry", "show", "--parent-id", PARENT, "--output", "json")
+    code, out, _ = run_cli(capsys, srv, "entry", "show", "--parent-id", PARENT, "--output", "json")
     assert [e["id"] for e in json.loads(out)["entries"]] == [entry_id]
 
-    code, out, _ = _run(capsys, srv, "entry", "delete", "--id", entry_id)
+    code, out, _ = run_cli(capsys, srv, "entry", "delete", "--id", entry_id)
     assert (code, out.strip()) == (0, f"Deleted entry {entry_id}")
-    code, _, err = _run(capsys, srv, "entry", "show", "--id", entry_id)
+    code, _, err = run_cli(capsys, srv, "entry", "show", "--id", entry_id)
     assert code == 1
     assert "NOT_FOUND" in err
 
@@ -169,7 +151,7 @@ def _create(
 def test_errors_are_one_line_exit_1(
     capsys: pytest.CaptureFixture[str], srv: RunningServer, argv: list[str], message: str
 ) -> None:
-    code, out, err = _run(capsys, srv, *argv)
+    code, out, err = run_cli(capsys, srv, *argv)
     assert code == 1
     assert out == ""
     assert message in err
@@ -185,33 +167,33 @@ def test_missing_socket(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
 
 
 def test_token_and_agents(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
-    code, out, _ = _run(capsys, srv, "token", "generate", "--ttl", "120", "--output", "json")
+    code, out, _ = run_cli(capsys, srv, "token", "generate", "--ttl", "120", "--output", "json")
     token = json.loads(out)
     assert code == 0
     assert token["agent_spiffe_id"].startswith(f"{TD}/svid/agent/join_token/")
     agent = srv.attest(token["token"])
-    code, out, _ = _run(capsys, srv, "agent", "list")
+    code, out, _ = run_cli(capsys, srv, "agent", "list")
     assert agent.spiffe_id in out
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, srv, "agent", "show", "--spiffe-id", agent.spiffe_id, "--output", "json"
     )
     assert json.loads(out)["serial"] == agent.serial
-    code, out, _ = _run(capsys, srv, "agent", "ban", "--spiffe-id", agent.spiffe_id)
+    code, out, _ = run_cli(capsys, srv, "agent", "ban", "--spiffe-id", agent.spiffe_id)
     assert code == 0
-    code, out, _ = _run(capsys, srv, "agent", "list", "--output", "json")
+    code, out, _ = run_cli(capsys, srv, "agent", "list", "--output", "json")
     banned = [a for a in json.loads(out)["agents"] if a["spiffe_id"] == agent.spiffe_id]
     assert banned[0]["banned"] is True
-    code, out, _ = _run(capsys, srv, "agent", "evict", "--spiffe-id", agent.spiffe_id)
+    code, out, _ = run_cli(capsys, srv, "agent", "evict", "--spiffe-id", agent.spiffe_id)
     assert code == 0
-    code, out, _ = _run(capsys, srv, "agent", "list", "--output", "json")
+    code, out, _ = run_cli(capsys, srv, "agent", "list", "--output", "json")
     assert agent.spiffe_id not in out
 
 
 def test_bundle_formats(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
-    code, pem, _ = _run(capsys, srv, "bundle", "show")
+    code, pem, _ = run_cli(capsys, srv, "bundle", "show")
     assert code == 0
     assert pem.startswith("-----BEGIN CERTIFICATE-----")
-    code, out, _ = _run(capsys, srv, "bundle", "show", "--format", "spiffe")
+    code, out, _ = run_cli(capsys, srv, "bundle", "show", "--format", "spiffe")
     doc = json.loads(out)
     uses = {k["use"] for k in doc["keys"]}
     assert uses == {"x509-svid", "jwt-svid"}
@@ -219,7 +201,7 @@ def test_bundle_formats(capsys: pytest.CaptureFixture[str], srv: RunningServer) 
 
 
 def test_healthcheck(capsys: pytest.CaptureFixture[str], srv: RunningServer) -> None:
-    code, out, _ = _run(capsys, srv, "healthcheck")
+    code, out, _ = run_cli(capsys, srv, "healthcheck")
     assert (code, out.strip()) == (0, "Server is healthy.")
 
 
@@ -240,13 +222,13 @@ def test_text_times_are_rfc3339_utc_and_json_keeps_unix_seconds(
 ) -> None:
     argv = ["entry", "create", "--spiffe-id", f"{TD}/cli/timed", "--parent-id", PARENT]
     argv += ["--selector", "unix:uid:7", "--expires-at", "2030-01-02T03:04:05Z"]
-    code, out, _ = _run(capsys, srv, *argv)
+    code, out, _ = run_cli(capsys, srv, *argv)
     assert code == 0
     assert "Expires at       : 2030-01-02T03:04:05Z" in out.splitlines()
     show = ["entry", "show", "--spiffe-id", f"{TD}/cli/timed", "--output", "json"]
-    code, out, _ = _run(capsys, srv, *show)
+    code, out, _ = run_cli(capsys, srv, *show)
     assert json.loads(out)["entries"][0]["expires_at"] == 1893553445  # a number, not a string
-    code, out, _ = _run(capsys, srv, "token", "generate", "--ttl", "60")
+    code, out, _ = run_cli(capsys, srv, "token", "generate", "--ttl", "60")
     (expires,) = [line for line in out.splitlines() if line.startswith("Expires at")]
     assert re.fullmatch(r"Expires at\s+: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires), expires
 
@@ -278,7 +260,7 @@ def test_an_entry_file_nested_too_deep_is_one_line_naming_it(
     # json.loads raised RecursionError out of main: a traceback.
     source = tmp_path / "deep.json"
     source.write_text(text)
-    code, out, err = _run(capsys, srv, "entry", "create", "--file", str(source))
+    code, out, err = run_cli(capsys, srv, "entry", "create", "--file", str(source))
     assert (code, out) == (1, "")
     assert err.startswith(f"svid-server: error: {source}")
     assert "nested too deeply" in err

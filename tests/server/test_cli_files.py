@@ -5,29 +5,15 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server import cli_entries, cli_output
-from server.cli import main
 from server.federation.fetch import MAX_BUNDLE_BYTES
 from svid._proto import common_pb2
-from tests.server.fixtures import RunningServer, running_server
-
-
-@pytest.fixture(scope="module")
-def srv() -> Iterator[RunningServer]:
-    yield from running_server()
-
-
-def _run(
-    capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str
-) -> tuple[int, str, str]:
-    code = main([*argv, "--admin-socket", srv.runtime.admin_socket])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.server.cli_run import run_cli
+from tests.server.fixtures import RunningServer
 
 
 def test_a_bundle_file_past_the_largest_bundle_is_refused_unread(
@@ -38,7 +24,7 @@ def test_a_bundle_file_past_the_largest_bundle_is_refused_unread(
 ) -> None:
     big = tmp_path / "big.json"
     big.write_bytes(b" " * (MAX_BUNDLE_BYTES + 1))
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", str(big)
     )
     assert (code, out) == (1, "")
@@ -46,12 +32,12 @@ def test_a_bundle_file_past_the_largest_bundle_is_refused_unread(
 
     endless = io.TextIOWrapper(io.BytesIO(b" " * (MAX_BUNDLE_BYTES + 1)))
     monkeypatch.setattr(sys, "stdin", endless)
-    code, out, err = _run(capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", "-")
+    code, out, err = run_cli(capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", "-")
     assert (code, out) == (1, "")
     assert f"--path: stdin holds more than {MAX_BUNDLE_BYTES} bytes" in err
     assert endless.buffer.tell() == MAX_BUNDLE_BYTES + 1  # read to the bound, no further
 
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, srv, "bundle", "set", "--id", "spiffe://o.org", "--path", str(tmp_path)
     )
     assert code == 1
@@ -67,7 +53,7 @@ def test_an_entry_file_past_its_bound_is_refused_unread(
     monkeypatch.setattr(cli_entries, "MAX_FILE_BYTES", 1000)
     big = tmp_path / "entries.json"
     big.write_bytes(b"[" + b" " * 1000 + b"]")
-    code, out, err = _run(capsys, srv, "entry", "create", "--file", str(big))
+    code, out, err = run_cli(capsys, srv, "entry", "create", "--file", str(big))
     assert (code, out) == (1, "")
     assert f"--file: {big} holds more than 1000 bytes (split it into several files)" in err
 
@@ -88,7 +74,7 @@ def test_reading_a_closed_stdin_is_refused_in_a_line(
     """Started with `<&-`, Python's stdin is None: `--path -` ended in an AttributeError's
     traceback."""
     monkeypatch.setattr(sys, "stdin", None)
-    code, out, err = _run(capsys, srv, *argv)
+    code, out, err = run_cli(capsys, srv, *argv)
     assert (code, out) == (1, "")
     assert f"{argv[-2]}: stdin is closed" in err
 

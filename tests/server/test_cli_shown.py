@@ -5,33 +5,19 @@ characters it obeys; `--output json` stays exact JSON."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
-from server.cli import main
 from server.cli_output import agent_text
 from server.input_text import shown
 from server.tasks.cli import _task_text
 from svid._proto import admin_pb2, common_pb2, task_pb2
-from tests.server.fixtures import TRUST_DOMAIN, RunningServer, running_server
+from tests.server.cli_run import run_cli
+from tests.server.fixtures import TRUST_DOMAIN, RunningServer
 
 TD = f"spiffe://{TRUST_DOMAIN}"
 # Clears the screen and homes the cursor; a carriage return to overwrite; a bidi override.
 HOSTILE = "ok\x1b[2J\x1b[H\rforged\u202egnp.exe\u200b\x9b31m"
-
-
-@pytest.fixture(scope="module")
-def srv() -> Iterator[RunningServer]:
-    yield from running_server()
-
-
-def _run(
-    capsys: pytest.CaptureFixture[str], srv: RunningServer, *argv: str
-) -> tuple[int, str, str]:
-    code = main([*argv, "--admin-socket", srv.runtime.admin_socket])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _no_control(text: str) -> None:
@@ -48,7 +34,7 @@ def test_shown_escapes_what_a_terminal_obeys() -> None:
 def test_entry_hint_and_selector_escaped_in_text_exact_in_json(
     capsys: pytest.CaptureFixture[str], srv: RunningServer
 ) -> None:
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys,
         srv,
         "entry",
@@ -68,13 +54,13 @@ def test_entry_hint_and_selector_escaped_in_text_exact_in_json(
     entry_id = next(line.split(": ", 1)[1] for line in out.splitlines() if "Entry ID" in line)
 
     for argv in (("--id", entry_id), ("--spiffe-id", f"{TD}/shown/web")):
-        code, out, err = _run(capsys, srv, "entry", "show", *argv)
+        code, out, err = run_cli(capsys, srv, "entry", "show", *argv)
         assert code == 0, err
         _no_control(out)
         assert f"Selector         : k8s:pod-label:{shown(HOSTILE)}" in out
         assert f"Hint             : {shown(HOSTILE)}" in out
 
-    code, out, err = _run(capsys, srv, "entry", "show", "--id", entry_id, "--output", "json")
+    code, out, err = run_cli(capsys, srv, "entry", "show", "--id", entry_id, "--output", "json")
     assert code == 0, err
     shown_json = json.loads(out)["entries"][0]
     assert shown_json["hint"] == HOSTILE
@@ -84,7 +70,7 @@ def test_entry_hint_and_selector_escaped_in_text_exact_in_json(
 def test_a_server_error_quoting_a_value_is_one_escaped_line(
     capsys: pytest.CaptureFixture[str], srv: RunningServer
 ) -> None:
-    code, out, err = _run(capsys, srv, "entry", "show", "--id", f"no-such-{HOSTILE}")
+    code, out, err = run_cli(capsys, srv, "entry", "show", "--id", f"no-such-{HOSTILE}")
     assert code == 1
     assert out == ""
     _no_control(err)
@@ -122,7 +108,7 @@ def test_an_error_quoting_a_huge_value_reaches_the_cli_cut_short(
     capsys: pytest.CaptureFixture[str], srv: RunningServer
 ) -> None:
     huge = "d" * 70_000
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys,
         srv,
         "entry",
