@@ -9,6 +9,14 @@ import pytest
 from server.cli import main
 
 
+def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """What argparse writes when it refuses `argv` as a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -21,10 +29,7 @@ from server.cli import main
 def test_a_usage_error_hides_the_password(
     capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
+    err = _usage_error(capsys, argv)
     assert "hunter2" not in err
     assert "***" in err
 
@@ -44,9 +49,6 @@ def test_a_usage_error_hides_the_password(
 def test_a_password_with_quotes_or_spaces_is_hidden_whole(
     capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
+    err = _usage_error(capsys, argv)
     assert "hunter2" not in err
     assert "svid:***@db/svid" in err
