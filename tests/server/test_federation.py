@@ -828,6 +828,24 @@ def test_a_spire_trust_domain_with_a_short_ca_ttl_is_not_refused_for_its_authori
     assert (len(bundle.x509_authorities), len(bundle.jwt_authorities)) == (78, 78)
 
 
+def _set_refused(body: bytes) -> grpc.RpcError:
+    """Sets `body` as example.org's bundle on a server of other.org; returns its refusal, which
+    must be INVALID_ARGUMENT (a bundle it cannot read is the caller's fault, not an unknown
+    error)."""
+    with (
+        managed_server(trust_domain="other.org") as other,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        other.admin().SetFederatedBundle(
+            admin_pb2.SetFederatedBundleRequest(
+                bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=body)
+            ),
+            timeout=10,
+        )
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    return refused.value
+
+
 def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
     """A foreign CA certificate whose SAN does not parse: the bundle is refused as any other
     bad one is (an invalid argument when set), not an internal error."""
@@ -847,16 +865,7 @@ def test_a_bundle_whose_authority_has_a_malformed_san_is_refused() -> None:
     body = SpiffeBundle(HOME, (builder.sign(ca.key, hashes.SHA256()),)).to_json()
     with pytest.raises(FederationError, match="malformed extensions"):
         check_bundle(HOME, body)
-    with managed_server(trust_domain="other.org") as other:
-        with pytest.raises(grpc.RpcError) as refused:
-            other.admin().SetFederatedBundle(
-                admin_pb2.SetFederatedBundleRequest(
-                    bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=body)
-                ),
-                timeout=10,
-            )
-        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "malformed extensions" in str(refused.value.details())
+    assert "malformed extensions" in str(_set_refused(body).details())
 
 
 @pytest.mark.parametrize("san", ["spiffe://evil.org", "spiffe://example.org"])
@@ -877,15 +886,7 @@ def test_a_bundle_whose_authority_has_a_subject_that_does_not_parse_is_refused(s
     body = json.dumps({"keys": [key]}).encode()
     with pytest.raises(FederationError, match="names do not parse"):
         check_bundle(HOME, body)
-    with managed_server(trust_domain="other.org") as other:
-        with pytest.raises(grpc.RpcError) as refused:
-            other.admin().SetFederatedBundle(
-                admin_pb2.SetFederatedBundleRequest(
-                    bundle=admin_pb2.FederatedBundle(trust_domain="example.org", bundle=body)
-                ),
-                timeout=10,
-            )
-        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    _set_refused(body)
 
 
 def test_an_entry_that_moves_to_an_agent_brings_its_foreign_bundles_on_the_stream() -> None:
