@@ -791,9 +791,9 @@ def test_a_task_served_through_a_node_alias_ends_once_the_alias_stops_covering_i
     assert world.service.active_task(task.spiffe_id) is None
 
 
-def test_an_agents_renewal_ends_none_of_its_tasks_served_through_a_node_alias(
-    world: World,
-) -> None:
+def _a_task_through_a_node_alias(world: World) -> tuple[AttestedAgent, Any]:
+    """The agent, given node selector rack:1, and a task begun whose runtime's entry is
+    parented to a node alias selecting rack:1: served through the alias, not the agent's ID."""
     agent = dataclasses.replace(world.agent, selectors=(Selector("rack", "1"),))
     assert world.run(world.state.save_agent(agent, world.agent))
     world.agent = agent
@@ -802,6 +802,13 @@ def test_an_agents_renewal_ends_none_of_its_tasks_served_through_a_node_alias(
     world.run(world.state.update_entry(dataclasses.replace(runtime, parent_id=ALIAS)))
     task = world.begin()
     assert world.run(world.service.end_unentitled()) == 0
+    return agent, task
+
+
+def test_an_agents_renewal_ends_none_of_its_tasks_served_through_a_node_alias(
+    world: World,
+) -> None:
+    agent, task = _a_task_through_a_node_alias(world)
     renewed = dataclasses.replace(agent, expires_at=agent.expires_at + 600)
     assert world.run(world.state.save_agent(renewed, agent))
     assert world.run(world.service.end_unentitled()) == 0
@@ -814,14 +821,7 @@ def test_an_agents_renewal_sends_end_unentitled_over_none_of_its_tasks(
     """Every agent's renewal changes its record, and each change walked and checked every
     task of that agent on the event loop, though only a change of its node selectors can
     take an alias from it (17 ms a second at 10k tasks, with agents renewing all the time)."""
-    agent = dataclasses.replace(world.agent, selectors=(Selector("rack", "1"),))
-    assert world.run(world.state.save_agent(agent, world.agent))
-    world.agent = agent
-    world.run(world.state.create_entry(Entry("", ALIAS, SERVER_ID, (Selector("rack", "1"),))))
-    (runtime,) = [e for e in world.state.entries.by_id.values() if e.spiffe_id == RUNTIME]
-    world.run(world.state.update_entry(dataclasses.replace(runtime, parent_id=ALIAS)))
-    task = world.begin()
-    assert world.run(world.service.end_unentitled()) == 0
+    agent, task = _a_task_through_a_node_alias(world)
     checked: list[str] = []
 
     def spied(active: Any, *args: Any) -> Any:
