@@ -507,6 +507,22 @@ def _now_leaf(issuer: Issued, spiffe_id: str) -> Issued:
     return make_leaf(issuer, uris=[spiffe_id], not_before=now - 60, not_after=now + 3600)
 
 
+def _fetch_refused(answer: bytes, match: str, *, raw: bool = False) -> None:
+    """Fetches example.org's bundle from an endpoint of hub.org answering `answer` (the body,
+    or with `raw` the whole HTTP response): the fetch must be refused with `match`."""
+    hub = _now_ca("hub.org")
+    endpoint_id = "spiffe://hub.org/bundle-server"
+    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, answer, raw=raw)
+    try:
+        rel = FederationRelationship(
+            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
+        )
+        with pytest.raises(FederationError, match=match):
+            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+    finally:
+        endpoint.close()
+
+
 def _set_bundle(admin: admin_pb2_grpc.AdminStub, td: str, *authorities: Issued) -> None:
     bundle = SpiffeBundle(TrustDomain(td), tuple(a.cert for a in authorities), sequence=1)
     admin.SetFederatedBundle(
@@ -621,22 +637,14 @@ def test_a_redirect_to_this_hosts_own_services_is_not_followed() -> None:
     """A bundle endpoint answering 302 to a local service (a metadata address, an admin
     port): refused as the answer it is, the place it names never asked."""
     victim = socket.create_server(("127.0.0.1", 0))
-    hub = _now_ca("hub.org")
-    endpoint_id = "spiffe://hub.org/bundle-server"
     location = f"http://127.0.0.1:{victim.getsockname()[1]}/latest/meta-data/"
     answer = f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
-    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, answer.encode(), raw=True)
     try:
-        rel = FederationRelationship(
-            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
-        )
-        with pytest.raises(FederationError, match="answered HTTP 302"):
-            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
+        _fetch_refused(answer.encode(), "answered HTTP 302", raw=True)
         victim.setblocking(False)
         with pytest.raises(BlockingIOError):  # nobody connected
             victim.accept()
     finally:
-        endpoint.close()
         victim.close()
 
 
@@ -675,19 +683,9 @@ def test_an_endpoint_svid_whose_san_does_not_parse_is_a_refusal() -> None:
 
 def test_a_bundle_past_its_size_limit_is_refused_unread() -> None:
     """An endpoint announcing 100 MiB: read up to the limit and a byte, then refused."""
-    hub = _now_ca("hub.org")
-    endpoint_id = "spiffe://hub.org/bundle-server"
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (100 << 20)
     answer = head + b" " * (MAX_BUNDLE_BYTES + 2)
-    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, answer, raw=True)
-    try:
-        rel = FederationRelationship(
-            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
-        )
-        with pytest.raises(FederationError, match=f"larger than {MAX_BUNDLE_BYTES} bytes"):
-            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
-    finally:
-        endpoint.close()
+    _fetch_refused(answer, f"larger than {MAX_BUNDLE_BYTES} bytes", raw=True)
 
 
 def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
@@ -715,21 +713,11 @@ def test_a_refused_authority_s_uri_is_quoted_as_printable_text() -> None:
 def test_a_bundle_naming_a_member_twice_is_refused(twice: Any, member: str) -> None:
     """RFC 8259 leaves a member named twice to the reader: Python and Go keep the last,
     others the first. Such a bundle is refused, fetched or set by hand, not read our way."""
-    hub = _now_ca("hub.org")
-    endpoint_id = "spiffe://hub.org/bundle-server"
     served = twice(
         SpiffeBundle(HOME, (_now_ca("example.org").cert,), sequence=2).to_json().decode()
     )
     assert served.count(f'"{member}"') == 2
-    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, served.encode())
-    try:
-        rel = FederationRelationship(
-            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
-        )
-        with pytest.raises(FederationError, match=f"names '{member}' twice"):
-            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
-    finally:
-        endpoint.close()
+    _fetch_refused(served.encode(), f"names '{member}' twice")
     with pytest.raises(FederationError, match=f"names '{member}' twice"):
         check_bundle(HOME, served.encode())
 
@@ -784,23 +772,10 @@ def test_a_bundle_of_more_authorities_than_a_trust_domain_rotates_through_is_ref
     """A megabyte of CA certificates under one subject name: each of our workloads accepting
     the trust domain tried every one against any chain naming that issuer (a signature check
     each, for whoever connects), and every agent federating with it was sent them all."""
-    hub = _now_ca("hub.org")
-    endpoint_id = "spiffe://hub.org/bundle-server"
     # make_ca names every one "CA example.org": the same subject.
     cas = tuple(_now_ca("example.org").cert for _ in range(MAX_AUTHORITIES + 1))
     served = SpiffeBundle(HOME, cas, sequence=2).to_json()
-    endpoint = SvidEndpoint(_now_leaf(hub, endpoint_id), hub, served)
-    try:
-        rel = FederationRelationship(
-            "example.org", endpoint.url, HTTPS_SPIFFE, endpoint_spiffe_id=endpoint_id
-        )
-        with pytest.raises(
-            FederationError,
-            match=f"{MAX_AUTHORITIES + 1} X.509 authorities, at most {MAX_AUTHORITIES}",
-        ):
-            fetch_bundle(rel, SpiffeBundle(TrustDomain("hub.org"), (hub.cert,)), timeout=5)
-    finally:
-        endpoint.close()
+    _fetch_refused(served, f"{MAX_AUTHORITIES + 1} X.509 authorities, at most {MAX_AUTHORITIES}")
     assert (
         len(
             check_bundle(HOME, SpiffeBundle(HOME, cas[:MAX_AUTHORITIES]).to_json()).x509_authorities
