@@ -8,7 +8,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -256,6 +256,19 @@ def test_a_start_on_a_restored_datastore_holding_an_older_announcement_reports_n
     assert a.engine.policy_set_hash == newest.policy_set_hash
 
 
+def _following(side: Side, host: Host) -> Callable[[], None]:
+    """Hands what `side`'s follower reads of the policy feed to `host`'s fleet; returns a call
+    that follows the feed to its end and waits for what it announced to settle."""
+    side.follower._on_policy_announced = host.fleet.on_announced
+    side.follower._on_feed_restored = host.fleet.restored
+
+    async def follow() -> None:
+        await side.follower.catch_up()
+        await side.follower.policy_settled()
+
+    return lambda: asyncio.run(follow())
+
+
 def test_a_datastore_restored_under_a_running_server_gets_the_fleets_set_announced_again(
     tmp_path: Path,
 ) -> None:
@@ -266,25 +279,19 @@ def test_a_datastore_restored_under_a_running_server_gets_the_fleets_set_announc
     clock = FakeClock(1_800_000_000.0)
     side = Side(tmp_path / "db", clock)
     host = Host(tmp_path / "b", side.store, clock)
-    side.follower._on_policy_announced = host.fleet.on_announced
-    side.follower._on_feed_restored = host.fleet.restored
-
-    async def follow() -> None:
-        await side.follower.catch_up()
-        await side.follower.policy_settled()
-
+    follow = _following(side, host)
     try:
         host.fleet.reload_here()
-        asyncio.run(follow())
+        follow()
         with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
             with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
                 live.backup(copy)
             host.write(READ_ONLY)
             later = host.fleet.reload_here()  # lost with the restore
-            asyncio.run(follow())
+            follow()
             with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
                 copy.backup(live)  # the restore
-        asyncio.run(follow())
+        follow()
         assert side.follower.full_reloads == 1
         assert host.fleet.diverged is None
         assert host.reloads_asked() == []
@@ -335,13 +342,7 @@ def test_a_reload_made_on_the_restored_datastore_is_followed_not_announced_over(
     clock = FakeClock(1_800_000_000.0)
     side = Side(tmp_path / "db", clock)
     host = Host(tmp_path / "a", side.store, clock, text=READ_ONLY)
-    side.follower._on_policy_announced = host.fleet.on_announced
-    side.follower._on_feed_restored = host.fleet.restored
-
-    async def follow() -> None:
-        await side.follower.catch_up()
-        await side.follower.policy_settled()
-
+    follow = _following(side, host)
     try:
         with contextlib.closing(sqlite3.connect(tmp_path / "copy")) as copy:
             with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
@@ -350,7 +351,7 @@ def test_a_reload_made_on_the_restored_datastore_is_followed_not_announced_over(
             gone = Host(tmp_path / "gone", side.store, clock, text=READ_ONLY)
             for _ in range(3):
                 gone.fleet.reload_here()
-            asyncio.run(follow())
+            follow()
             assert host.fleet.announced == host.engine.policy_set_hash
             with contextlib.closing(sqlite3.connect(tmp_path / "db")) as live:
                 copy.backup(live)  # the restore
@@ -358,7 +359,7 @@ def test_a_reload_made_on_the_restored_datastore_is_followed_not_announced_over(
         host.write(WRITE_ONLY)
         other = Host(tmp_path / "b", side.store, clock, text=WRITE_ONLY)
         fresh = other.fleet.reload_here()
-        asyncio.run(follow())
+        follow()
         assert side.follower.full_reloads == 1
         assert host.engine.policy_set_hash == fresh.hash
         assert host.fleet.diverged is None
