@@ -37,7 +37,6 @@ from server.datastore.errors import AgentReplacedError, DatastoreMovedError, Sto
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.records import (
     EventFilter,
-    PolicyAnnouncement,
     TokenUse,
     revocation_needed_from,
 )
@@ -51,6 +50,7 @@ from tests.server.test_datastore_contract import (
     RUNTIME,
     admit,
     assert_migration_17_sequences_carried_over,
+    assert_migration_22_announcement_carried_over,
 )
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -964,10 +964,7 @@ def test_a_datastore_of_migration_22_reads_its_policy_announcement_by_the_new_in
     db.close()
     store = SqliteDataStore(tmp_path / "db", clock)
     try:
-        assert store.schema_versions() == [m.version for m in MIGRATIONS]
-        assert store.announced_policy() == PolicyAnnouncement(1, "h1", 5)
-        store.announce_policy("h2")
-        assert store.announced_policy() == PolicyAnnouncement(3, "h2", int(clock.now()))
+        assert_migration_22_announcement_carried_over(store, clock)
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "db")

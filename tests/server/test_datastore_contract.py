@@ -165,6 +165,16 @@ def assert_migration_17_sequences_carried_over(store: DataStore) -> None:
     assert put("top.org", 2**63)
 
 
+def assert_migration_22_announcement_carried_over(store: DataStore, clock: Clock) -> None:
+    """After migration 23, the announcement a store at 22 held (revision 1 of hash "h1" at 5,
+    under a newer row of another kind at revision 2) is read back as the newest, and the next
+    one is numbered after both (the test of each backend stores them its own way)."""
+    assert store.schema_versions() == [m.version for m in MIGRATIONS]
+    assert store.announced_policy() == PolicyAnnouncement(1, "h1", 5)
+    store.announce_policy("h2")
+    assert store.announced_policy() == PolicyAnnouncement(3, "h2", int(clock.now()))
+
+
 def audit_rows(first_seq: int, count: int, prev: str = "0" * 64) -> list[tuple[object, ...]]:
     """Rows shaped as the audit log seals them (the store does not judge the hashes)."""
     rows = []
