@@ -13,9 +13,9 @@ import pytest
 
 from agent_attestor.app import AgentApp
 from agent_attestor.cache import SyncDelta, SyncState
-from agent_attestor.config import AgentConfig
 from svid._clock import FakeClock
 from svid._jwt import split_token
+from tests.agent_attestor.data_dir import config_under
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 
 WORKLOAD = "spiffe://example.org/w"
@@ -29,11 +29,7 @@ def test_a_cached_jwt_svid_whose_key_left_the_bundle_is_minted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It was served from the cache until half its life, verifying nowhere."""
-    config = AgentConfig(
-        data_dir=tmp_path / "data",
-        socket_path=tmp_path / "api.sock",
-        private_dir=tmp_path / "private",
-    )
+    config = config_under(tmp_path)
     clock = FakeClock(start=time.time())
     app = AgentApp(config, clock)
     ca = LocalCa(clock)

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.app import AgentApp
 from agent_attestor.cache import Cache, SyncDelta, SyncPosition, SyncState
-from agent_attestor.config import AgentConfig
 from agent_attestor.model import Entry, IssuedSvid, Selector
 from agent_attestor.node_client import NodeClient
 from agent_attestor.rotation import Rotator, renewal_due
@@ -23,6 +22,7 @@ from agent_attestor.servers import Target
 from agent_attestor.state_store import StateChange, StateStore
 from agent_attestor.sync import Syncer, SyncSettings
 from svid._clock import FakeClock
+from tests.agent_attestor.data_dir import config_under
 from tests.agent_attestor.pki import FakeSigner, LocalCa
 from tests.agent_attestor.test_state_store import svid_for
 
@@ -154,12 +154,7 @@ def test_a_saved_position_is_resumed_only_by_the_agent_that_reached_it(
 
 def _app_with_saved_state(tmp_path: Path, *, own_svid: bool, trust_domain: str = "") -> AgentApp:
     """An agent's data dir as a previous run left it, and the app built on it (not started)."""
-    config = AgentConfig(
-        data_dir=tmp_path / "data",
-        socket_path=tmp_path / "api.sock",
-        private_dir=tmp_path / "private",
-        trust_domain=trust_domain,
-    )
+    config = config_under(tmp_path, trust_domain)
     clock = FakeClock(start=time.time())
     ca = LocalCa(clock)
     me = "spiffe://example.org/svid/agent/join_token/me"

@@ -21,12 +21,12 @@ from agent_attestor import agent_store
 from agent_attestor.agent_store import AgentStore, AgentSvid
 from agent_attestor.app import AgentApp
 from agent_attestor.cache import SyncPosition, SyncState
-from agent_attestor.config import AgentConfig
 from agent_attestor.model import TrustBundle
 from agent_attestor.state_store import StateChange, StateStore
 from svid._clock import FakeClock
 from svid._der import certs_to_pem, parse_der_certs
 from svid._durable import replace_durably
+from tests.agent_attestor.data_dir import config_under
 from tests.agent_attestor.pki import LocalCa
 
 ME = "spiffe://example.org/svid/agent/join_token/me"
@@ -51,11 +51,7 @@ def _app(
     then: Callable[[AgentStore], None] | None = None,
 ) -> AgentApp:
     """A data dir as a previous run left it: its identity, bundle.der and the state file."""
-    config = AgentConfig(
-        data_dir=tmp_path / "data",
-        socket_path=tmp_path / "api.sock",
-        private_dir=tmp_path / "private",
-    )
+    config = config_under(tmp_path)
     clock = FakeClock(start=time.time())
     issuer = LocalCa(clock)
     key = ec.generate_private_key(ec.SECP256R1())
