@@ -4,7 +4,6 @@ naming the address, where it came from and what to try; non-zero exit; no traceb
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent_attestor.config import DEFAULT_SOCKET
-from tests.tmpdirs import short_tmpdir
+from tests.tmpdirs import removed_after
 from tests.users import as_another_user
 
 ENV = "SPIFFE_ENDPOINT_SOCKET"
@@ -23,9 +22,7 @@ ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = short_tmpdir("ace")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from removed_after("ace")
 
 
 def _agent_cli(

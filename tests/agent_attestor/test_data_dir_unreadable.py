@@ -5,7 +5,6 @@ loop retried it for ever, saying only "cannot reach or attest to the server"."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,16 +21,14 @@ from agent_attestor.config import AgentConfig
 from agent_attestor.errors import DataFileUnreadableError
 from svid._clock import FakeClock
 from tests.agent_attestor.pki import LocalCa
-from tests.tmpdirs import short_tmpdir
+from tests.tmpdirs import removed_after
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    path = short_tmpdir("adu")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from removed_after("adu")
 
 
 def test_run_stops_naming_a_bundle_file_it_cannot_read(root: Path) -> None:

@@ -4,7 +4,6 @@ stderr naming the admin socket, where that path came from and what to try; exit 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tmpdirs import short_tmpdir
+from tests.tmpdirs import removed_after
 from tests.users import as_another_user
 
 ENV = "SVID_SERVER_ADMIN_SOCKET"
@@ -22,9 +21,7 @@ ENV = "SVID_SERVER_ADMIN_SOCKET"
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    path = short_tmpdir("sce")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from removed_after("sce")
 
 
 def _server_cli(
