@@ -51,6 +51,7 @@ _OWNERLESS_SCHEMA = 1
 # An SVID with less than this share of its life left is not restored: past every rotation point
 # (at most 0.6 of life), it is overdue and would be served only to be replaced at once.
 MIN_LIFE_LEFT = 0.1
+# SQLite's files beside the state file: the log and a hot journal hold the same keys.
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _REVOCATION_KINDS = {
     "x509_serial": common_pb2.Revocation.X509_SERIAL,
@@ -198,6 +199,23 @@ def _life_left(svid: IssuedSvid, now: float) -> bool:
 # ---- the file --------------------------------------------------------------------------------
 
 
+def _owner_only_side_file(side: Path) -> None:
+    """A side file (-wal, -shm, -journal) an earlier run left, made owner-only (SQLite gives
+    one the database's mode only when it creates it: a 0644 log of a previous release stayed
+    0644 with keys in it); one that is a planted link or a FIFO is refused, as the state file
+    is: SQLite opens these by name and would follow a link to write the keys where it points."""
+    if not regular_file(side, "agent state file"):
+        return  # none yet: SQLite creates it with the state file's mode (0600)
+    try:
+        fd = os.open(side, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # SQLite removed it since (a checkpoint on close by another connection)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """The state file. `load` once at start; then `write` batches, one thread at a time."""
 
@@ -226,6 +244,8 @@ class StateStore:
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)
+            for suffix in _SIDE_FILES:
+                _owner_only_side_file(self.path.with_name(self.path.name + suffix))
             # isolation_level=None: BEGIN and COMMIT are ours, so a batch is one transaction.
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             try:

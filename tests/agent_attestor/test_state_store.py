@@ -270,3 +270,37 @@ def test_a_link_planted_at_the_state_files_name_is_refused_not_written_through(
         save_some(store, ca)
     assert victim.read_bytes() == b""
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+def test_a_wal_left_wider_by_an_earlier_run_is_made_owner_only(tmp_path: Path, ca: LocalCa) -> None:
+    # SQLite gives its log the database's mode only when it creates it: a 0644 log left by an
+    # earlier release kept 0644 while the agent wrote its private keys into it.
+    # (SQLite itself narrows an empty one: the log left is a real one, with frames.)
+    store = StateStore(tmp_path / "s.sqlite3")
+    wal = tmp_path / "s.sqlite3-wal"
+    earlier = sqlite3.connect(store.path)
+    earlier.execute("PRAGMA journal_mode = WAL")
+    earlier.execute("CREATE TABLE t (x)")
+    earlier.execute("INSERT INTO t VALUES (1)")
+    earlier.commit()
+    frames = wal.read_bytes()
+    earlier.close()  # checkpoints and removes the log: put it back as the crash left it
+    wal.write_bytes(frames)
+    wal.chmod(0o644)
+    assert frames
+    save_some(store, ca)
+    assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+
+
+def test_a_link_planted_at_the_wals_name_is_refused_not_written_through(
+    tmp_path: Path, ca: LocalCa
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")
+    victim.chmod(0o644)
+    store = StateStore(tmp_path / "s.sqlite3")
+    (tmp_path / "s.sqlite3-wal").symlink_to(victim)
+    with pytest.raises(DataFileUnreadableError, match="symbolic link"):
+        save_some(store, ca)
+    assert victim.read_bytes() == b""
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
