@@ -3,10 +3,8 @@ the public record of its slot beside it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -14,7 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.ca.errors import CaConfigError, KeyStoreError
-from svid._durable import replace_durably
+from svid._durable import write_durably
+from svid._small_file import SmallFileError, read_small_file
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -29,6 +28,8 @@ _SLOT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Beside each key file: its slot as journaled (server/ca/adoption.py), public, so a datastore
 # restored from before the key was made can journal it again.
 RECORD_SUFFIX = ".slot.json"
+# Far above any PEM key (RSA-4096 PKCS#8 is ~3.3 KB) or slot record: more is not one.
+_MAX_KEY_BYTES = 64 * 1024
 
 
 def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
@@ -88,30 +89,27 @@ class KeyStore:
     def save_record(self, slot_id: str, record: bytes) -> None:
         """Write the public record of a slot, whole or not at all (as `save`). Saved before
         the key: a key file is never left without its record by a crash."""
-        target = self.record_path(slot_id)
-        tmp = target.with_name(target.name + ".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, record)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        replace_durably(tmp, target)
+        write_durably(self.record_path(slot_id), record, 0o644)
 
     def load_record(self, slot_id: str) -> bytes | None:
         """A slot's public record, when it and the key file are this server's own: regular
         files (no links), owned by this user, writable by no one else. None otherwise."""
         uid = os.geteuid()
-        for path in (self.path(slot_id), self.record_path(slot_id)):
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                return None
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
-                return None
-        return self.record_path(slot_id).read_bytes()
+
+        def own(info: os.stat_result) -> str | None:
+            mine = info.st_uid == uid and not info.st_mode & 0o022
+            return None if mine else "is not this server's own"
+
+        # Checked as opened, not by name and then read: a FIFO there is not waited on (it hung
+        # the start), and the file checked is the one read.
+        key_path, record_path = self.path(slot_id), self.record_path(slot_id)
+        try:
+            read_small_file(key_path, max_bytes=_MAX_KEY_BYTES, follow_links=False, check=own)
+            return read_small_file(
+                record_path, max_bytes=_MAX_KEY_BYTES, follow_links=False, check=own
+            )
+        except SmallFileError:
+            return None
 
     def save(self, slot_id: str, key: PrivateKey) -> Path:
         target = self.path(slot_id)
@@ -120,27 +118,20 @@ class KeyStore:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = target.with_suffix(".tmp")
-        # A fresh file, never one (or a link) already at the name: a save cut short leaves
-        # its .tmp behind, and whatever is there must not receive the key.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        replace_durably(tmp, target)
+        # Its temporary file is `<slot>.pem.tmp` (remove_unfinished sweeps any `*.tmp`).
+        write_durably(target, pem, 0o600)
         return target
 
     def load(self, slot_id: str) -> PrivateKey:
         path = self.path(slot_id)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise KeyStoreError(f"no key file for slot {slot_id} in {self._dir}") from None
+            # Links followed as before (keys may be mounted); a FIFO is not waited on (it hung
+            # the start).
+            data = read_small_file(path, max_bytes=_MAX_KEY_BYTES, follow_links=True)
+        except SmallFileError as refused:
+            if refused.missing:
+                raise KeyStoreError(f"no key file for slot {slot_id} in {self._dir}") from None
+            raise KeyStoreError(f"key file {path} {refused.problem}") from None
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):  # the last: an unknown key type

@@ -229,7 +229,7 @@ def test_a_key_whose_save_was_cut_short_by_a_kill_is_not_left_on_disk(
         timeout=60,
     )
     assert died.returncode == -signal.SIGKILL, died.stderr
-    assert (keystore.directory / "cut.tmp").exists()  # a private key no slot names
+    assert (keystore.directory / "cut.pem.tmp").exists()  # a private key no slot names
     CaManager(CaConfig(TRUST_DOMAIN), datastore, keystore, clock).initialize()
     kept = sorted(p.name.split(".", 1)[1] for p in keystore.directory.iterdir())
     assert kept == ["pem", "pem", "slot.json", "slot.json"]  # two keys, each with its record
