@@ -56,7 +56,7 @@ def write_aside(target: Path | str, data: bytes, mode: int) -> Path:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, mode)
+        _set_mode(fd, mode)
         view = memoryview(data)
         while view:  # os.write may take less than asked (a full disk, a signal)
             view = view[os.write(fd, view) :]
@@ -67,6 +67,20 @@ def write_aside(target: Path | str, data: bytes, mode: int) -> Path:
         raise
     os.close(fd)
     return tmp
+
+
+def _set_mode(fd: int, mode: int) -> None:
+    """The mode asked on the open file. A filesystem that refuses chmod (some FUSE and CIFS
+    mounts: EPERM, ENOTSUP) is let be when the file came out no wider than asked (O_CREAT
+    applied the mode less the umask): the runtime files were written there before fchmod was
+    asked, and a refusal stopped the daemon's start. Wider is never let be."""
+    try:
+        os.fchmod(fd, mode)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED | {errno.EPERM}:
+            raise
+        if os.fstat(fd).st_mode & 0o7777 & ~mode:
+            raise
 
 
 def write_durably(target: Path | str, data: bytes, mode: int) -> None:

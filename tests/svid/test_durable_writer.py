@@ -4,6 +4,7 @@ after, and a link planted at its temporary name never written through."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import pytest
 
 from agent_attestor.app import RuntimeInfo as AgentRuntimeInfo
 from server.runtime import RuntimeInfo as ServerRuntimeInfo
+from svid._durable import write_durably
 from svid._small_file import SmallFileError
 
 
@@ -89,3 +91,45 @@ def test_both_daemons_runtime_files_read_back_and_refuse_what_is_not_theirs(
     os.mkfifo(tmp_path / "fifo.json")
     with pytest.raises(SmallFileError, match="is a FIFO, not a regular file"):
         AgentRuntimeInfo.read(tmp_path / "fifo.json")
+
+
+def _chmod_refused(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    # A filesystem refusing chmod (some FUSE and CIFS mounts): not one this host can mount.
+    def fchmod(fd: int, mode: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP])
+def test_a_filesystem_refusing_chmod_is_written_to_when_the_file_is_no_wider_than_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    _chmod_refused(monkeypatch, code)
+    old = os.umask(0o077)
+    try:
+        write_durably(tmp_path / "agent.json", b"{}", 0o644)  # made 0600: narrower, let be
+    finally:
+        os.umask(old)
+    assert (tmp_path / "agent.json").read_bytes() == b"{}"
+    assert stat.S_IMODE((tmp_path / "agent.json").stat().st_mode) == 0o600
+
+
+def test_a_file_left_wider_than_asked_by_a_refused_chmod_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _chmod_refused(monkeypatch, errno.EPERM)
+    real_open = os.open
+
+    def wide_open(path: object, flags: int, mode: int = 0o777, *a: object) -> int:
+        return real_open(path, flags, 0o666, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", wide_open)
+    old = os.umask(0)
+    try:
+        with pytest.raises(PermissionError):
+            write_durably(tmp_path / "key.pem", b"secret", 0o600)
+    finally:
+        os.umask(old)
+    assert not (tmp_path / "key.pem").exists()
+    assert not (tmp_path / "key.pem.tmp").exists()
