@@ -28,8 +28,11 @@ _SLOT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Beside each key file: its slot as journaled (server/ca/adoption.py), public, so a datastore
 # restored from before the key was made can journal it again.
 RECORD_SUFFIX = ".slot.json"
-# Far above any PEM key (RSA-4096 PKCS#8 is ~3.3 KB) or slot record: more is not one.
+# Far above any PEM key (RSA-4096 PKCS#8 is ~3.3 KB): more is not one.
 _MAX_KEY_BYTES = 64 * 1024
+# A record carries up to LINEAGE_DEPTH (64) links, each with a CA certificate twice in base64:
+# ~150 KB with P-256 keys, more with RSA. Bounded by the depth, not by the key cap.
+_MAX_RECORD_BYTES = 4 * 1024 * 1024
 
 
 def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
@@ -106,7 +109,7 @@ class KeyStore:
         try:
             read_small_file(key_path, max_bytes=_MAX_KEY_BYTES, follow_links=False, check=own)
             return read_small_file(
-                record_path, max_bytes=_MAX_KEY_BYTES, follow_links=False, check=own
+                record_path, max_bytes=_MAX_RECORD_BYTES, follow_links=False, check=own
             )
         except SmallFileError:
             return None
