@@ -530,8 +530,7 @@ class X509Verifier:
             except SvidParseError as exc:
                 raise VerificationError(f"X.509-SVID chain is unreadable: {exc}") from exc
             fields = self._verify_guarded(ders, None, now)
-            if cache.max_entries and len(fields[5]) < len(ders):
-                self._keep_one_variant(b"".join(ders[: len(fields[5])]), key)
+            self._keep_one_variant(ders, len(fields[5]), key)
         if max_staleness is not None:
             refuse_if_stale_crl(self._revocations, fields[5], now, max_staleness)
         if cache.max_entries:
@@ -542,7 +541,8 @@ class X509Verifier:
         """Verify parsed certificates, leaf first; cached by their DER like ``verify_der``."""
         if not chain:
             raise VerificationError("X.509-SVID chain is empty")
-        key = _cache_key(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        key = _cache_key(b"".join(ders))
         now = self._clock.now()
         max_staleness = self._max_staleness
         if max_staleness is not None:
@@ -552,10 +552,8 @@ class X509Verifier:
             self._cache.discard(key)
             entry = None
         if entry is None:
-            ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
             entry = tuple.__new__(_Entry, self._verify_guarded(ders, list(chain), now))
-            if self._cache.max_entries and len(entry.keys) < len(ders):
-                self._keep_one_variant(b"".join(ders[: len(entry.keys)]), key)
+            self._keep_one_variant(ders, len(entry.keys), key)
             self._cache.put(key, entry)
         if max_staleness is not None:
             refuse_if_stale_crl(self._revocations, entry.keys, now, max_staleness)
@@ -573,16 +571,19 @@ class X509Verifier:
         """
         return self.verify_der(b"".join(peer_chain_der(conn)))
 
-    def _keep_one_variant(self, path_der: bytes, key: bytes) -> None:
-        """Before caching the chain of cache key ``key``, whose path (``path_der``) has
-        certificates after it: drop the entry of the last such chain of this path.
+    def _keep_one_variant(self, ders: list[bytes], path_len: int, key: bytes) -> None:
+        """Before caching the chain ``ders`` (cache key ``key``), whose verified path is its
+        first ``path_len`` certificates: when certificates follow the path, drop the entry of
+        the last such chain of this path.
 
         What follows a path is ignored (a peer may send its root, or anything), so each chain
         of one leaf with other bytes after it verified alike, and was cached apart: the holder
         of any SVID a service accepts filled its cache with copies of it, pushing out everyone
         else's. One such chain per path is cached: a peer that sends the same extras each time
         hits the cache as before."""
-        path_key = _cache_key(path_der)
+        if not self._cache.max_entries or path_len >= len(ders):
+            return
+        path_key = _cache_key(b"".join(ders[:path_len]))
         variants = self._variants
         old = variants.get(path_key)
         if old is not None and old != key:
