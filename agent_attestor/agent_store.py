@@ -93,6 +93,16 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _ages_in(doc: dict[str, object]) -> dict[str, int]:
+    """The sequence file's ages by digest."""
+    return {k: v for k, v in doc.items() if k != _FLOOR and _is_int(v)}
+
+
+def _floor_in(doc: dict[str, object]) -> int | None:
+    floor = doc.get(_FLOOR)
+    return floor if _is_int(floor) else None
+
+
 class AgentStore:
     def __init__(self, svid_path: Path, key_path: Path, bundle_path: Path) -> None:
         self.svid_path = svid_path
@@ -193,25 +203,29 @@ class AgentStore:
         sequence the agent has held (the state file's bundle's too): a `sequence` below it, or
         below the file's, is another lineage's (sequence_floor)."""
         new = b"".join(authorities)
-        known = self._sequences()
-        ages: dict[str, object] = {_digest(new): sequence}
+        new_digest = _digest(new)
+        # The sequence file and bundle.der read once each: their ages, floor and digests.
+        doc = self._sequence_doc()
+        ages: dict[str, object] = {new_digest: sequence}
         files: dict[str, list[int]] = {}
-        current_age = self.bundle_sequence()  # None: unknown, and not carried
         on_disk = self._bundle_bytes()
-        if current_age is not None and on_disk is not None and _digest(on_disk) not in ages:
-            with contextlib.suppress(OSError):
-                files[_digest(on_disk)] = _identity(self.bundle_path)
-                ages[_digest(on_disk)] = current_age
-        high = max([seen, *known.values(), self.sequence_floor() or 0])
+        if on_disk is not None:
+            disk_digest = _digest(on_disk)
+            current_age = self._age(disk_digest, doc)  # None: unknown, and not carried
+            if current_age is not None and disk_digest not in ages:
+                with contextlib.suppress(OSError):
+                    files[disk_digest] = _identity(self.bundle_path)
+                    ages[disk_digest] = current_age
+        high = max([seen, *_ages_in(doc).values(), _floor_in(doc) or 0])
         if sequence < high:
             ages[_FLOOR] = high
         tmp = _written_aside(self.bundle_path, new, 0o600)
         try:
-            files[_digest(new)] = _identity(tmp)  # as it will be at bundle.der's name
+            files[new_digest] = _identity(tmp)  # as it will be at bundle.der's name
             try:
                 _write_private(self.sequence_path, json.dumps({**ages, _FILES: files}).encode())
             except OSError:
-                self._forget_sequences(_digest(new), sequence)
+                self._forget_sequences(new_digest, sequence)
             replace_durably(tmp, self.bundle_path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -222,8 +236,7 @@ class AgentStore:
         restored from a backup, or another one: a rebuilt server), while bundle.der's is still
         below it; None when it did not go back. A state file's bundle up to it may be of the
         lineage before, its sequence no measure of its age beside bundle.der's."""
-        floor = self._sequence_doc().get(_FLOOR)
-        return floor if _is_int(floor) else None
+        return _floor_in(self._sequence_doc())
 
     def _forget_sequences(self, new: str, sequence: int) -> None:
         """The sequence file was not brought up to date: removed, so bundle.der's age is unknown
@@ -236,7 +249,7 @@ class AgentStore:
         except FileNotFoundError:
             return
         except OSError:
-            if self._sequences().get(new, sequence) != sequence:
+            if _ages_in(self._sequence_doc()).get(new, sequence) != sequence:
                 raise
 
     def _sequence_doc(self) -> dict[str, object]:
@@ -248,9 +261,6 @@ class AgentStore:
         except (OSError, ValueError, RecursionError):
             return {}
         return doc if isinstance(doc, dict) else {}
-
-    def _sequences(self) -> dict[str, int]:
-        return {k: v for k, v in self._sequence_doc().items() if k != _FLOOR and _is_int(v)}
 
     def _bundle_bytes(self) -> bytes | None:
         """bundle.der's bytes; None when there is none or it cannot be read (a FIFO at its
@@ -268,15 +278,18 @@ class AgentStore:
         der = self._bundle_bytes()
         if der is None:
             return None
-        digest = _digest(der)
-        files = self._sequence_doc().get(_FILES)
+        return self._age(_digest(der), self._sequence_doc())
+
+    def _age(self, digest: str, doc: dict[str, object]) -> int | None:
+        """bundle_sequence of the bundle.der of `digest`, by the sequence file's `doc`."""
+        files = doc.get(_FILES)
         if isinstance(files, dict) and digest in files:
             try:
                 if files[digest] != _identity(self.bundle_path):
                     return None
             except OSError:
                 return None
-        return self._sequences().get(digest)
+        return _ages_in(doc).get(digest)
 
     def load_bundle(self) -> list[x509.Certificate] | None:
         """The saved roots; None when there are none (or none parse: the server is then
