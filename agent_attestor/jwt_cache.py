@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from agent_attestor.errors import MintRefusedError
 from agent_attestor.signer import MintedJwt, SvidSigner
@@ -239,13 +239,6 @@ class JwtCache:
         while self._tokens and (len(self._tokens) > self._max or self._bytes > self._max_bytes):
             lru = next(iter(self._tokens))
             self._drop(self._shares.victim(uid, lru, self._tokens[lru][4]))
-
-    def touch(self, keys: Iterable[Key]) -> None:
-        """Mark these tokens used, as a hit does (something built from them was served)."""
-        tokens = self._tokens
-        for key in keys:
-            if key in tokens:
-                tokens.move_to_end(key)
 
     def still_held(self, tokens: Sequence[tuple[Key, MintedJwt]]) -> bool:
         """Whether each key still holds that very token (none dropped, refreshed or replaced

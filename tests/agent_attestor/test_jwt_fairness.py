@@ -387,7 +387,8 @@ def test_the_books_follow_every_insert_drop_eviction_and_forget(ops: list[tuple[
                 sid, aud, entry_id = held[op[1] % len(held)]
                 jwts.cached(sid, aud, entry_id, frozenset({jwts._tokens[(sid, aud, entry_id)][3]}))
             elif op[0] == "touch" and held:
-                jwts.touch([held[op[1] % len(held)]])
+                key = held[op[1] % len(held)]
+                assert jwts.still_held([(key, before[key])])  # marks it used, as a hit does
             elif op[0] == "advance":
                 clock.advance(op[1])
             _check_books(jwts)
