@@ -28,6 +28,9 @@ _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 _UNREAD: Any = object()
 _EMPTY: dict[str, Any] = {}  # defaults, only read
 _NO_RESOURCES: list[str] = []
+# The plain JSON shapes: as parsed, or as a verifier hands them out (svid._frozen_json).
+_OBJECTS: frozenset[type] = frozenset((dict, FrozenDict))
+_ARRAYS: frozenset[type] = frozenset((list, FrozenList))
 
 
 def _quick_grant(claims: Mapping[str, Any], sub: str, scope: str) -> bool | None:
@@ -67,10 +70,10 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> tuple[str, ...] | 
     # The other claims task_claims reads, in the plain shape it accepts: None for anything it
     # could refuse (or accept only by isinstance). One function with the above: per request.
     tctx = get("tctx", _EMPTY)
-    if type(tctx) is not FrozenDict and type(tctx) is not dict:
+    if type(tctx) not in _OBJECTS:
         return None
     resources = tctx.get("resources", _NO_RESOURCES)
-    if type(resources) is not FrozenList and type(resources) is not list:
+    if type(resources) not in _ARRAYS:
         return None
     for resource in resources:
         if type(resource) is not str:
@@ -91,7 +94,7 @@ def _plain_task_scope(claims: Mapping[str, Any], sub: str) -> tuple[str, ...] | 
     depth = 0
     while act is not None:
         depth += 1
-        if (type(act) is not FrozenDict and type(act) is not dict) or depth > _MAX_ACT_DEPTH:
+        if type(act) not in _OBJECTS or depth > _MAX_ACT_DEPTH:
             return None
         actor = act.get("sub")
         if type(actor) is not str or not actor:
