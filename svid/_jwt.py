@@ -171,8 +171,8 @@ class SplitToken(NamedTuple):
 
 # One issuer signs with a handful of keys, so the same few header segments come back on every
 # token; decoding and checking one is pure, so memoize it. Filled only by the verifiers, with the
-# header of a token whose signature they checked (``header_verified``): a forged header's is not
-# kept, so forgeries cannot evict the headers honest tokens use.
+# header of a token whose signature they checked (``token_verified``, ``typed_header_verified``):
+# a forged header's is not kept, so forgeries cannot evict the headers honest tokens use.
 _HEADERS: VerifiedMemo[bytes, tuple[str, str]] = VerifiedMemo(256)
 _TYPED_HEADERS: VerifiedMemo[bytes, tuple[str, str, str]] = VerifiedMemo(256)
 
@@ -195,7 +195,7 @@ def token_verified(signing_input: bytes, alg: str, kid: str, sub: str, sid: Spif
 
 
 def typed_header_verified(signing_input: bytes, alg: str, kid: str, typ: str) -> None:
-    """``header_verified`` for a token split by ``split_typed_token``."""
+    """Memoize the header of a token split by ``split_typed_token`` whose signature checked out."""
     _TYPED_HEADERS.remember(signing_input[: signing_input.index(b".")], (alg, kid, typ))
 
 
