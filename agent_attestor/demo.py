@@ -26,6 +26,7 @@ from typing import Any
 
 from agent_attestor import parent_death
 from svid._durable import write_durably
+from svid._runtime_file import MAX_BYTES as RUNTIME_MAX_BYTES
 from svid._small_file import SmallFileError, read_small_file
 from svid._unix_socket import MAX_UNIX_PATH, unix_path_size, unix_uri
 
@@ -54,7 +55,9 @@ def server_runtime(runtime_file: Path, pid: int) -> dict[str, Any] | None:
     Read as the daemons read their files: something else at its name (a FIFO: the wait hung on
     it) is not a server started."""
     try:
-        info = json.loads(read_small_file(runtime_file, max_bytes=64 << 10, follow_links=False))
+        info = json.loads(
+            read_small_file(runtime_file, max_bytes=RUNTIME_MAX_BYTES, follow_links=False)
+        )
     except (SmallFileError, ValueError):
         return None
     return info if isinstance(info, dict) and info.get("pid") == pid else None
