@@ -45,13 +45,18 @@ def _task_keys(task_id: str, identities: tuple[str, ...]) -> tuple[Key, ...]:
 
 
 def _parsed_task(value: object, task_id: str) -> str | None:
-    """`value` as a task SPIFFE ID of `task_id`, or None when it is not one."""
-    if not isinstance(value, str) or not value:
+    """`value` (a SpiffeId, or a claim's string) as a task SPIFFE ID of `task_id`, or None
+    when it is not one."""
+    if isinstance(value, SpiffeId):
+        sid = value  # the caller's own, parsed already: not printed to be parsed again
+    elif not isinstance(value, str) or not value:
         return None
-    try:
-        named = named_task(SpiffeId.parse(value), task_id)
-    except SpiffeIdError:
-        return None
+    else:
+        try:
+            sid = SpiffeId.parse(value)
+        except SpiffeIdError:
+            return None
+    named = named_task(sid, task_id)
     return None if named is None else str(named)
 
 
@@ -62,7 +67,7 @@ def _token_tasks(caller: Caller, task_id: str) -> tuple[str, ...]:
     that ID (another trust domain's, whose IDs it picks), and keyed on it alone, the end of
     the task the token was minted for (named by its own identity) left its requests open."""
     found: list[str] = []
-    candidates: list[object] = [str(caller.spiffe_id)]
+    candidates: list[object] = [caller.spiffe_id]
     act = caller.claims.get("act")
     while isinstance(act, dict) and len(candidates) <= _MAX_ACT_DEPTH:
         candidates.append(act.get("sub"))
