@@ -211,7 +211,10 @@ class CrlCache:
         """Whether the CRLs list something and those every agent holds have passed
         REFRESH_AFTER: they are to be signed again (``get``) and sent to every agent, then
         ``given`` (nothing to refresh while nothing is listed)."""
-        return bool(self._ders) and now - self._given_at >= REFRESH_AFTER
+        return self._past_refresh(self._given_at, now)
+
+    def _past_refresh(self, since: float, now: float) -> bool:
+        return bool(self._ders) and now - since >= REFRESH_AFTER
 
     def given(self) -> None:
         """Every agent is sent the CRLs last built (TaskService.refresh_crl)."""
@@ -229,8 +232,7 @@ class CrlCache:
             self._seen = revocations
             self._serials = tuple(r for r in revocations if r.kind == REVOKED_X509_SERIAL)
         cache_key: tuple[object, ...] = (self._serials, names)
-        stale = bool(self._ders) and now - self._built_at >= REFRESH_AFTER
-        if cache_key != self._key or stale:
+        if cache_key != self._key or self._past_refresh(self._built_at, now):
             if self._key is None or self._key[0] != self._serials:
                 self._given_at = now
             self.number = next_number(self.number, now)
