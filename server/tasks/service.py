@@ -290,8 +290,15 @@ class TaskService:
             self._held[held] -= 1
             if not self._held[held]:
                 del self._held[held]
+            # The cap first: with none, no clock is read per end.
             if self.settings.max_active_per_runtime and gone.expires_at > self._now():
-                heapq.heappush(self._listed.setdefault(held, []), gone.expires_at)
+                self._count_early_end(gone)
+
+    def _count_early_end(self, task: Task) -> None:
+        """`task` ended before its expiry: its end is listed until then (_ended_early)."""
+        if self.settings.max_active_per_runtime:
+            key = (task.agent_id, task.runtime_id)
+            heapq.heappush(self._listed.setdefault(key, []), task.expires_at)
 
     def _ended_early(self, agent_id: str, runtime_id: str) -> int:
         """The tasks a runtime ended through an agent before their expiry, not expired yet:
@@ -335,11 +342,7 @@ class TaskService:
             # ENDED_PER_ACTIVE times its cap listed on each.
             for task in unseen_early_ends(self._active, self._ended, loaded, now):
                 self._ended[task.task_id] = task.expires_at  # counted once
-                if self.settings.max_active_per_runtime:
-                    heapq.heappush(
-                        self._listed.setdefault((task.agent_id, task.runtime_id), []),
-                        task.expires_at,
-                    )
+                self._count_early_end(task)
             if not begun and not ended:
                 return
             tasks = dict(self._active)
