@@ -243,7 +243,7 @@ class CrlCache:
                 for der in build_crls(
                     issuer,
                     sign,
-                    revocations,
+                    self._serials,  # the serials only: each CA's build scans no other kind
                     now,
                     self.number,
                     max_bytes=self.max_bytes,
