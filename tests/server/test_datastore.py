@@ -651,6 +651,15 @@ def test_every_task_page_reads_an_index_in_order(
         db.close()
 
 
+def _query_plan(path: Path, sql: str, params: Any = ()) -> list[str]:
+    """The steps SQLite's planner takes for `sql` on the store at `path`."""
+    db = sqlite3.connect(path)
+    try:
+        return [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    finally:
+        db.close()
+
+
 @pytest.mark.parametrize(
     ("by_spiffe_id", "by_parent", "index"),
     [(True, False, "entries_spiffe_id"), (False, True, "entries_parent_id")],
@@ -661,13 +670,9 @@ def test_entries_filtered_by_an_id_are_read_by_index(
     """An exact SPIFFE ID or parent ID is an index search: written `(:x IS NULL OR col = :x)`,
     the one query for every filter read the whole table in id order."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
     sql = queries.list_entries(spiffe_id=by_spiffe_id, parent_id=by_parent)
     params = {"spiffe_id": "spiffe://example.org/w", "parent_id": AGENT}
-    try:
-        steps = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
-    finally:
-        db.close()
+    steps = _query_plan(tmp_path / "db", sql, params)
     reads = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
     assert len(reads) == 1, steps
     assert reads[0].startswith(f"SEARCH entries USING INDEX {index}"), steps
@@ -679,15 +684,8 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
     """An agent's removal looks up the revocation events of its node: an index search, not a
     scan of the whole audit log."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
     sql, params = ledger_queries.audit_page(EventFilter(kind="revocation", node_id=AGENT))
-    try:
-        steps = [
-            row[3]
-            for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", {**params, "after": 0, "limit": 10})
-        ]
-    finally:
-        db.close()
+    steps = _query_plan(tmp_path / "db", sql, {**params, "after": 0, "limit": 10})
     assert [s for s in steps if s.startswith(("SCAN", "SEARCH"))] == [
         "SEARCH audit_events USING INDEX audit_events_node_revocations (node_id=? AND seq>?)"
     ], steps
@@ -901,17 +899,11 @@ def test_a_workload_jwt_is_read_by_index(tmp_path: Path, clock: FakeClock) -> No
     """The JWT-bearer grant's lookup of its assertion's record is a search of migration 21's
     partial index, not a scan of the credentials."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        steps = [
-            row[3]
-            for row in db.execute(
-                f"EXPLAIN QUERY PLAN {ledger_queries.WORKLOAD_JWT}",
-                {"jti": "j", "expires_at": 1, "spiffe_id": "spiffe://example.org/w"},
-            )
-        ]
-    finally:
-        db.close()
+    steps = _query_plan(
+        tmp_path / "db",
+        ledger_queries.WORKLOAD_JWT,
+        {"jti": "j", "expires_at": 1, "spiffe_id": "spiffe://example.org/w"},
+    )
     assert steps == [
         "SEARCH credentials USING INDEX credentials_workload_jwt_by_subject "
         "(expires_at=? AND spiffe_id=?)"
@@ -922,17 +914,9 @@ def test_a_tasks_sub_tasks_are_read_by_index(tmp_path: Path, clock: FakeClock) -
     """An end finds its sub-tasks by a search of migration 22's partial index, not by
     reading its runtime's every active task."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        steps = [
-            row[3]
-            for row in db.execute(
-                f"EXPLAIN QUERY PLAN {ledger_queries.SUB_TASKS}",
-                {"parent_task_id": "t", "state": "active"},
-            )
-        ]
-    finally:
-        db.close()
+    steps = _query_plan(
+        tmp_path / "db", ledger_queries.SUB_TASKS, {"parent_task_id": "t", "state": "active"}
+    )
     assert steps == ["SEARCH tasks USING INDEX tasks_parent (parent_task_id=? AND state=?)"], steps
 
 
@@ -941,13 +925,7 @@ def test_the_newest_policy_announcement_is_read_by_index(tmp_path: Path, clock: 
     the whole feed when it held none (60 ms at a million rows). Migration 23's partial index
     holds the announcements only."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        steps = [
-            row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {queries.NEWEST_POLICY_ANNOUNCEMENT}")
-        ]
-    finally:
-        db.close()
+    steps = _query_plan(tmp_path / "db", queries.NEWEST_POLICY_ANNOUNCEMENT)
     assert steps == ["SCAN feed USING INDEX feed_policy"], steps
 
 
@@ -967,12 +945,7 @@ def test_a_datastore_of_migration_22_reads_its_policy_announcement_by_the_new_in
         assert_migration_22_announcement_carried_over(store, clock)
     finally:
         store.close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        sql = f"EXPLAIN QUERY PLAN {queries.NEWEST_POLICY_ANNOUNCEMENT}"
-        plan = [row[3] for row in db.execute(sql)]
-    finally:
-        db.close()
+    plan = _query_plan(tmp_path / "db", queries.NEWEST_POLICY_ANNOUNCEMENT)
     assert plan == ["SCAN feed USING INDEX feed_policy"], plan
 
 
@@ -1054,15 +1027,9 @@ def test_an_agents_credentials_are_read_by_index_with_the_tokens_it_acts_with(
     derived from those by a search of migration 19's per step: no scan of the credentials
     (only of the steps' own rows)."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        plan = db.execute(
-            f"EXPLAIN QUERY PLAN {ledger_queries.AGENT_CREDENTIALS}",
-            {"agent_id": AGENT, "needed_from": 1},
-        )
-        steps = [row[3] for row in plan]
-    finally:
-        db.close()
+    steps = _query_plan(
+        tmp_path / "db", ledger_queries.AGENT_CREDENTIALS, {"agent_id": AGENT, "needed_from": 1}
+    )
     assert [s for s in steps if s.startswith(("SCAN", "SEARCH"))] == [
         "SEARCH credentials USING INDEX credentials_agent (agent_id=?)",
         "SEARCH credentials USING INDEX credentials_actor_agent (actor_agent_id=?)",
@@ -1078,14 +1045,7 @@ def test_the_chain_a_token_was_derived_from_is_read_by_its_tasks_index(
     """A ledger write of a token exchanged for another reads the agents of that one's chain by a
     search of the task's credentials per step, no scan of the credentials."""
     SqliteDataStore(tmp_path / "db", clock).close()
-    db = sqlite3.connect(tmp_path / "db")
-    try:
-        plan = db.execute(
-            f"EXPLAIN QUERY PLAN {ledger_queries.CHAIN_AGENTS}", {"task_id": "t", "jti": "j"}
-        )
-        steps = [row[3] for row in plan]
-    finally:
-        db.close()
+    steps = _query_plan(tmp_path / "db", ledger_queries.CHAIN_AGENTS, {"task_id": "t", "jti": "j"})
     searches = [s for s in steps if s.startswith("SEARCH")]
     assert searches == [
         "SEARCH credentials USING INDEX credentials_task (task_id=?)",
