@@ -47,10 +47,12 @@ from svid._clock import FakeClock
 from tests.server.test_datastore_contract import (
     BACKENDS,
     MIGRATION_17_SEQUENCES,
+    MIGRATION_21_TASK_BODIES,
     RUNTIME,
     admit,
     assert_migration_17_sequences_carried_over,
     assert_migration_22_announcement_carried_over,
+    assert_migration_22_parents_carried_over,
 )
 
 AGENT = "spiffe://example.org/svid/agent/join_token/t1"
@@ -962,23 +964,17 @@ def test_tasks_stored_before_migration_22_are_found_by_their_parent(
         db.execute("DROP INDEX tasks_parent")
         db.execute("ALTER TABLE tasks DROP COLUMN parent_task_id")
         db.execute("DELETE FROM schema_migrations WHERE version = 22")
-        # A damaged body ("x", not JSON) is passed over: it failed every start.
-        rows = (("p", '""'), ("c", '"p"'), ("n", "null"), ("x", None))
-        for task_id, parent in rows:
-            body = f'{{"task_id": "{task_id}", "parent_task_id": {parent}}}'
-            body = body if parent is not None else "{not json"
-            db.execute(
-                "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
-                "created_at, body) VALUES (?, 'a', 'r', 'active', 9, 1, ?)",
-                (task_id, body),
-            )
+        db.executemany(
+            "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
+            "created_at, body) VALUES (?, 'a', 'r', 'active', 9, 1, ?)",
+            MIGRATION_21_TASK_BODIES,
+        )
         db.commit()
     finally:
         db.close()
     store = SqliteDataStore(path, clock)
     try:
-        assert [t.task_id for t in store.sub_tasks("p", "active")] == ["c"]
-        assert store.sub_tasks("", "active") == []
+        assert_migration_22_parents_carried_over(store)
     finally:
         store.close()
 

@@ -175,6 +175,23 @@ def assert_migration_22_announcement_carried_over(store: DataStore, clock: Clock
     assert store.announced_policy() == PolicyAnnouncement(3, "h2", int(clock.now()))
 
 
+# Task bodies as a store at migration 21 held them, the parent only in the body: none (""), "p",
+# JSON null, and a damaged body ("x", not JSON) the migration passes over (it failed every start).
+MIGRATION_21_TASK_BODIES = (
+    ("p", '{"task_id": "p", "parent_task_id": ""}'),
+    ("c", '{"task_id": "c", "parent_task_id": "p"}'),
+    ("n", '{"task_id": "n", "parent_task_id": null}'),
+    ("x", "{not json"),
+)
+
+
+def assert_migration_22_parents_carried_over(store: DataStore) -> None:
+    """After migration 22, the sub-task of MIGRATION_21_TASK_BODIES is found by its parent, and
+    a task with no parent is no one's sub-task."""
+    assert [t.task_id for t in store.sub_tasks("p", "active")] == ["c"]
+    assert store.sub_tasks("", "active") == []
+
+
 def audit_rows(first_seq: int, count: int, prev: str = "0" * 64) -> list[tuple[object, ...]]:
     """Rows shaped as the audit log seals them (the store does not judge the hashes)."""
     rows = []

@@ -58,8 +58,10 @@ from tests import postgres
 from tests.server.tcp_cut import CuttableRelay, upstream_of
 from tests.server.test_datastore_contract import (
     MIGRATION_17_SEQUENCES,
+    MIGRATION_21_TASK_BODIES,
     assert_migration_17_sequences_carried_over,
     assert_migration_22_announcement_carried_over,
+    assert_migration_22_parents_carried_over,
     audit_rows,
     task,
 )
@@ -552,20 +554,14 @@ def test_tasks_stored_before_migration_22_are_found_by_their_parent(
         conn.execute("DROP INDEX tasks_parent")
         conn.execute("ALTER TABLE tasks DROP COLUMN parent_task_id")
         conn.execute("DELETE FROM schema_migrations WHERE version = 22")
-        # A damaged body ("x", not JSON) is passed over: it failed every start.
-        rows = (("p", '""'), ("c", '"p"'), ("n", "null"), ("x", None))
-        for task_id, parent in rows:
-            body = f'{{"task_id": "{task_id}", "parent_task_id": {parent}}}'
-            body = body if parent is not None else "{not json"
-            conn.execute(
-                "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
-                "created_at, body) VALUES (%s, 'a', 'r', 'active', 9, 1, %s)",
-                (task_id, body),
-            )
+        conn.cursor().executemany(
+            "INSERT INTO tasks (task_id, agent_id, runtime_id, state, expires_at, "
+            "created_at, body) VALUES (%s, 'a', 'r', 'active', 9, 1, %s)",
+            MIGRATION_21_TASK_BODIES,
+        )
     store = PostgresDataStore(postgres_dsn, clock)
     try:
-        assert [t.task_id for t in store.sub_tasks("p", "active")] == ["c"]
-        assert store.sub_tasks("", "active") == []
+        assert_migration_22_parents_carried_over(store)
     finally:
         store.close()
 
