@@ -16,6 +16,7 @@ from server.audit.checkpoint import (
     PUBLIC_KEY_FILE,
 )
 from server.audit.checkpointer import Checkpointer
+from server.audit.event import GENESIS_HASH, event_from_row
 from server.audit.retention import Pruner, RetentionPolicy
 from server.cli import main
 from server.datastore.sqlite import SqliteDataStore
@@ -84,6 +85,36 @@ def sql(db: Path, *statements: str) -> None:
     with con:
         for statement in statements:
             con.execute(statement)
+    con.close()
+
+
+def rechain(db: Path, *, after: int = 0, only: int | None = None, **edit: object) -> None:
+    """What someone with write access does: apply `edit` to every event after seq `after` (or to
+    the one at seq `only`), hash each of them onward from the one before (the pruned base or
+    genesis when `after` is 0) and move the head row, so the chain reads whole."""
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    if after:
+        prev = con.execute("SELECT hash FROM audit_events WHERE seq = ?", (after,)).fetchone()[0]
+    else:
+        base = con.execute("SELECT hash FROM audit_base").fetchone()
+        prev = GENESIS_HASH if base is None else base[0]
+    query = "SELECT * FROM audit_events WHERE seq > ? ORDER BY seq"
+    rows = [dict(r) for r in con.execute(query, (after,))]
+    with con:
+        for row in rows:
+            event = event_from_row(row)
+            if only is None or event.seq == only:
+                event = dataclasses.replace(event, **edit)  # type: ignore[arg-type]
+            event = dataclasses.replace(event, prev_hash=prev)
+            event = dataclasses.replace(event, hash=event.compute_hash())
+            con.execute(
+                "UPDATE audit_events SET decision = ?, reason = ?, ts = ?, prev_hash = ?, "
+                "hash = ? WHERE seq = ?",
+                (event.decision, event.reason, event.ts, event.prev_hash, event.hash, event.seq),
+            )
+            prev = event.hash
+        con.execute("UPDATE audit_head SET hash = ?", (prev,))
     con.close()
 
 

@@ -29,13 +29,12 @@ from server.audit.checkpoint import (
 )
 from server.audit.checkpointer import Checkpointer
 from server.audit.event import CANONICAL_FIELDS, GENESIS_HASH
-from server.audit.log import event_from_row
 from server.cli import main
 from server.datastore.migrations import MIGRATIONS
 from server.datastore.sqlite import SqliteDataStore
 from svid._audit_checkpoint import key_id_of
 from svid._clock import FakeClock
-from tests.server.audit_setup import START, Setup, fill, make_setup, sql, verify
+from tests.server.audit_setup import START, Setup, fill, make_setup, rechain, sql, verify
 
 
 @pytest.fixture
@@ -194,30 +193,6 @@ def test_dropped_tables_are_named_and_not_recreated(
     assert not {"audit_events", "audit_head"} & {t[0] for t in tables}
 
 
-def rechain_after_edit(db: Path, seq: int) -> None:
-    """What someone with write access does: edit one event, re-hash it and every later one."""
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events ORDER BY seq")]
-    prev = GENESIS_HASH
-    with con:
-        for row in rows:
-            event = event_from_row(row)
-            if event.seq == seq:
-                event = dataclasses.replace(event, decision="deny", reason="nothing to see")
-            event = dataclasses.replace(event, prev_hash=prev)
-            event = dataclasses.replace(event, hash=event.compute_hash())
-            con.execute(
-                "UPDATE audit_events SET decision = ?, reason = ?, prev_hash = ?, hash = ? "
-                "WHERE seq = ?",
-                (event.decision, event.reason, event.prev_hash, event.hash, event.seq),
-            )
-            prev = event.hash
-        con.execute("UPDATE audit_head SET hash = ?", (prev,))
-    con.close()
-    assert "prev_hash" in CANONICAL_FIELDS
-
-
 def test_an_edit_rehashed_onward_is_rechaining(
     setup: Setup, clock: FakeClock, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,7 +200,8 @@ def test_an_edit_rehashed_onward_is_rechaining(
     setup.checkpointer.checkpoint()
     fill(setup.log, clock, 3)
     setup.checkpointer.checkpoint()
-    rechain_after_edit(setup.db, 5)
+    rechain(setup.db, only=5, decision="deny", reason="nothing to see")
+    assert "prev_hash" in CANONICAL_FIELDS
     assert verify(setup, capsys)[0] == 0  # the chain has no key
     code, out = anchored(setup, capsys)
     assert code == 1

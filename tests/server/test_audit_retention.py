@@ -31,7 +31,6 @@ from server.audit.checkpoint import (
     load_public_key,
 )
 from server.audit.checkpointer import Checkpointer
-from server.audit.event import GENESIS_HASH, event_from_row
 from server.audit.retention import DAY, Cut, Pruner, RetentionPolicy
 from server.cli import main
 from server.datastore.errors import StorageError
@@ -41,7 +40,7 @@ from server.datastore.testing import FaultInjectingDataStore
 from svid import AuditCheckpointError
 from svid._clock import FakeClock
 from tests.clocks import SteppedClock
-from tests.server.audit_setup import AGENT, START, Setup, make_setup, sql, verify
+from tests.server.audit_setup import AGENT, START, Setup, make_setup, rechain, sql, verify
 from tests.server.audit_setup import fill as fill_events
 from tests.server.fixtures import admit_agents
 
@@ -410,35 +409,13 @@ def test_truncation_and_rechaining_of_the_kept_events_are_still_caught(
     assert (code, f"{Break.TRUNCATED}" in out) == (1, True)
     # An edit re-hashed from the (true) base onward.
     db.write_bytes(backup)
-    rechain_from_base(db, edit_seq=8)
+    rechain(db, only=8, decision="deny")
     code, out = verify(pruned, capsys)
     assert code == 0  # the chain has no key
     code, out = pinned_verify(pruned, capsys)
     assert code == 1
     assert "BROKEN at seq 10 (event" in out
     assert str(Break.RECHAINED) in out
-
-
-def rechain_from_base(db: Path, edit_seq: int) -> None:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    base = con.execute("SELECT hash FROM audit_base").fetchone()
-    prev = GENESIS_HASH if base is None else base[0]
-    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events ORDER BY seq")]
-    with con:
-        for row in rows:
-            event = event_from_row(row)
-            if event.seq == edit_seq:
-                event = dataclasses.replace(event, decision="deny")
-            event = dataclasses.replace(event, prev_hash=prev)
-            event = dataclasses.replace(event, hash=event.compute_hash())
-            con.execute(
-                "UPDATE audit_events SET decision = ?, prev_hash = ?, hash = ? WHERE seq = ?",
-                (event.decision, event.prev_hash, event.hash, event.seq),
-            )
-            prev = event.hash
-        con.execute("UPDATE audit_head SET hash = ?", (prev,))
-    con.close()
 
 
 def test_a_chain_rewritten_behind_a_checkpoint_is_not_signed_away_by_a_prune(
@@ -449,7 +426,7 @@ def test_a_chain_rewritten_behind_a_checkpoint_is_not_signed_away_by_a_prune(
     fill(setup.log, setup.clock, 5)
     setup.checkpointer.checkpoint()  # seq 5, signed
     fill(setup.log, setup.clock, 5)
-    rechain_from_base(setup.db, edit_seq=3)
+    rechain(setup.db, only=3, decision="deny")
     before = setup.checkpoints.read_text()
     with pytest.raises(CheckpointError, match="from the signed seq 5 to seq 7"):
         setup.pruner(RetentionPolicy(max_age=0, max_events=3)).prune()
@@ -539,7 +516,7 @@ def test_a_prune_signed_but_not_begun_still_verifies(
     assert "matches the prune record of" in out
     # And the record is an anchor like any other: a re-hashed log fails against it.
     setup.store.close()
-    rechain_from_base(setup.db, edit_seq=2)
+    rechain(setup.db, only=2, decision="deny")
     code, out = pinned_verify(setup, capsys)
     assert (code, str(Break.RECHAINED) in out) == (1, True)
 

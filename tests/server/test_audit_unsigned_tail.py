@@ -9,7 +9,6 @@ record, and `audit verify --anchor` passed. The server knows the last event it c
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import pytest
 from server.audit import LedgerError
 from server.audit.checkpoint import PRUNE, CheckpointError
 from server.audit.checkpointer import Checkpointer
-from server.audit.event import event_from_row
 from server.audit.retention import DAY, RetentionPolicy
 from server.cli import main
 from server.datastore.records import Head
 from svid._clock import FakeClock
-from tests.server.audit_setup import START, Setup, fill, make_setup, verify
+from tests.server.audit_setup import START, Setup, fill, make_setup, rechain, verify
 
 
 @pytest.fixture
@@ -34,26 +32,6 @@ def setup(tmp_path: Path) -> Setup:
         made.log, made.data_dir, made.clock, interval=60.0, records=made.store
     )
     return made
-
-
-def rechain_after(db: Path, after: int, **edit: object) -> None:
-    """Every event after seq `after` edited with `edit` and re-hashed onward, the head row too."""
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    prev = con.execute("SELECT hash FROM audit_events WHERE seq = ?", (after,)).fetchone()[0]
-    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events WHERE seq > ?", (after,))]
-    with con:
-        for row in sorted(rows, key=lambda r: r["seq"]):
-            event = dataclasses.replace(event_from_row(row), prev_hash=prev, **edit)  # type: ignore[arg-type]
-            event = dataclasses.replace(event, hash=event.compute_hash())
-            con.execute(
-                "UPDATE audit_events SET decision = ?, ts = ?, prev_hash = ?, hash = ? "
-                "WHERE seq = ?",
-                (event.decision, event.ts, event.prev_hash, event.hash, event.seq),
-            )
-            prev = event.hash
-        con.execute("UPDATE audit_head SET hash = ?", (prev,))
-    con.close()
 
 
 def cut_back(db: Path, to: int) -> None:
@@ -73,7 +51,7 @@ def anchored(setup: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 @pytest.mark.parametrize(
     "tamper",
     [
-        lambda db: rechain_after(db, 5, decision="deny"),
+        lambda db: rechain(db, after=5, decision="deny"),
         lambda db: cut_back(db, 6),
     ],
     ids=["rewritten", "cut-back"],
@@ -100,7 +78,7 @@ def test_a_prune_refuses_to_sign_away_young_events_made_to_look_old(
     setup.checkpointer.checkpoint()  # seq 5
     setup.clock.advance(40 * DAY)
     fill(setup.log, setup.clock, 3, step=1.0)  # 6..8: young, not signed yet
-    rechain_after(setup.db, 5, ts=START + 10)  # made to look 40 days old
+    rechain(setup.db, after=5, ts=START + 10)  # made to look 40 days old
     with pytest.raises(CheckpointError, match="does not run on to seq 8"):
         setup.pruner(RetentionPolicy(max_age=30 * DAY)).prune()
     con = sqlite3.connect(setup.db)
@@ -156,7 +134,7 @@ def test_a_prune_by_hand_stops_at_the_last_signed_head(
     setup.checkpointer.checkpoint()  # seq 5
     setup.clock.advance(40 * DAY)
     fill(setup.log, setup.clock, 3, step=1.0)  # 6..8: the server's, young, not signed yet
-    rechain_after(setup.db, 5, ts=START + 10)
+    rechain(setup.db, after=5, ts=START + 10)
     before = str(setup.clock.now() - 30 * DAY)
     code = main(["audit", "prune", "--data-dir", str(setup.data_dir), "--before", before])
     assert code == 0, capsys.readouterr()
