@@ -42,6 +42,36 @@ def _listed_active(agent: Server, *task_ids: str) -> None:
     )
 
 
+def _ended_when_asked(
+    monkeypatch: pytest.MonkeyPatch, client: TaskClient, task: Task
+) -> list[bool]:
+    """Whether `task` had ended, each time `client` asks the server which tasks are active."""
+    ended: list[bool] = []
+    ask = client._active_ids
+
+    def asked(*args: Any) -> set[str]:
+        ended.append(task.ended)
+        return ask(*args)
+
+    monkeypatch.setattr(client, "_active_ids", asked)
+    return ended
+
+
+def _ended_when_asked_async(
+    monkeypatch: pytest.MonkeyPatch, client: AsyncTaskClient, task: AsyncTask
+) -> list[bool]:
+    """The same, for the asyncio client."""
+    ended: list[bool] = []
+    ask = client._active_ids
+
+    async def asked(*args: Any) -> set[str]:
+        ended.append(task.ended)
+        return await ask(*args)
+
+    monkeypatch.setattr(client, "_active_ids", asked)
+    return ended
+
+
 def test_a_task_named_by_a_delegated_token_alone_goes_on_while_the_server_holds_it(
     agent: Server,
 ) -> None:
@@ -99,14 +129,7 @@ def test_a_task_its_svid_ends_is_over_before_the_server_is_asked_about_another(
         doubted = Task(client, info("t1"))
         over = Task(client, info("t2"))
         _listed_active(agent, "t1", "t2")
-        seen_when_asked: list[bool] = []
-        ask = client._active_ids
-
-        def asked(*args: Any) -> set[str]:
-            seen_when_asked.append(over.ended)
-            return ask(*args)
-
-        monkeypatch.setattr(client, "_active_ids", asked)
+        seen_when_asked = _ended_when_asked(monkeypatch, client, over)
         client._revocations_seen(update(DELEGATED, OTHER_SVID))
         assert seen_when_asked[:1] == [True]
         assert over.ended
@@ -121,14 +144,7 @@ def test_an_async_task_its_svid_ends_is_over_before_the_server_is_asked_about_an
             doubted = AsyncTask(client, info("t1"))
             over = AsyncTask(client, info("t2"))
             _listed_active(agent, "t1", "t2")
-            seen_when_asked: list[bool] = []
-            ask = client._active_ids
-
-            async def asked(*args: Any) -> set[str]:
-                seen_when_asked.append(over.ended)
-                return await ask(*args)
-
-            monkeypatch.setattr(client, "_active_ids", asked)
+            seen_when_asked = _ended_when_asked_async(monkeypatch, client, over)
             await client._revocations_seen(update(DELEGATED, OTHER_SVID))
             return seen_when_asked, over.ended, doubted.ended
 
@@ -148,14 +164,7 @@ def test_a_task_whose_end_the_list_says_is_over_at_once_without_asking_the_serve
     with TaskClient(agent.address, watch_revocations=False) as client:
         task = Task(client, info("t1"))
         _listed_active(agent, "t1")  # the server's answer, were it asked, would keep it going
-        ended_when_asked: list[bool] = []
-        ask = client._active_ids
-
-        def asked(*args: Any) -> set[str]:
-            ended_when_asked.append(task.ended)
-            return ask(*args)
-
-        monkeypatch.setattr(client, "_active_ids", asked)
+        ended_when_asked = _ended_when_asked(monkeypatch, client, task)
         client._revocations_seen(update(DELEGATED, Revoked(KIND_TASK, "t1", 0.0, named)))
         assert task.ended
         # Asked at most how it ended, once it had: never whether it had.
@@ -169,14 +178,7 @@ def test_an_async_task_whose_end_the_list_says_is_over_at_once_without_asking_th
         async with AsyncTaskClient(agent.address, watch_revocations=False) as client:
             task = AsyncTask(client, info("t1"))
             _listed_active(agent, "t1")
-            ended_when_asked: list[bool] = []
-            ask = client._active_ids
-
-            async def asked(*args: Any) -> set[str]:
-                ended_when_asked.append(task.ended)
-                return await ask(*args)
-
-            monkeypatch.setattr(client, "_active_ids", asked)
+            ended_when_asked = _ended_when_asked_async(monkeypatch, client, task)
             await client._revocations_seen(update(DELEGATED, Revoked(KIND_TASK, "t1", 0.0, "")))
             return task.ended, ended_when_asked
 
