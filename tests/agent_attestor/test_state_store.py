@@ -256,20 +256,26 @@ def test_no_file_is_no_state_and_no_warning(
     assert not store.path.exists()
 
 
+def _assert_a_link_refused(store: StateStore, ca: LocalCa, link: Path, match: str) -> None:
+    """A link planted at `link` to a file of someone else's: a save is refused with `match`,
+    and that file is neither written nor chmodded."""
+    victim = link.parent / "victim"
+    victim.write_bytes(b"")
+    victim.chmod(0o644)
+    link.symlink_to(victim)
+    with pytest.raises(DataFileUnreadableError, match=match):
+        save_some(store, ca)
+    assert victim.read_bytes() == b""
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
 def test_a_link_planted_at_the_state_files_name_is_refused_not_written_through(
     tmp_path: Path, ca: LocalCa
 ) -> None:
     # The write opened the name as found: the file a link named was chmodded 0600 and SQLite
     # wrote the agent's state (its keys) into it.
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"")
-    victim.chmod(0o644)
     store = StateStore(tmp_path / "s.sqlite3")
-    store.path.symlink_to(victim)
-    with pytest.raises(DataFileUnreadableError, match="it is a symbolic link, not a regular file"):
-        save_some(store, ca)
-    assert victim.read_bytes() == b""
-    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    _assert_a_link_refused(store, ca, store.path, "it is a symbolic link, not a regular file")
 
 
 def test_a_wal_left_wider_by_an_earlier_run_is_made_owner_only(tmp_path: Path, ca: LocalCa) -> None:
@@ -295,12 +301,5 @@ def test_a_wal_left_wider_by_an_earlier_run_is_made_owner_only(tmp_path: Path, c
 def test_a_link_planted_at_the_wals_name_is_refused_not_written_through(
     tmp_path: Path, ca: LocalCa
 ) -> None:
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"")
-    victim.chmod(0o644)
     store = StateStore(tmp_path / "s.sqlite3")
-    (tmp_path / "s.sqlite3-wal").symlink_to(victim)
-    with pytest.raises(DataFileUnreadableError, match="symbolic link"):
-        save_some(store, ca)
-    assert victim.read_bytes() == b""
-    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    _assert_a_link_refused(store, ca, tmp_path / "s.sqlite3-wal", "symbolic link")
