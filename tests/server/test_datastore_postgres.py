@@ -451,6 +451,14 @@ def test_foreign_bundle_sequences_stored_under_migration_17_read_back_and_order(
         store.close()
 
 
+def _pg_plan(dsn: str, sql: str, params: dict[str, object] | None = None) -> str:
+    """PostgreSQL's plan for `sql` (written as for SQLite), its lines joined, sequential scans
+    off: on the tiny tables of a test the planner would rightly prefer one."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        return " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(sql)}", params))
+
+
 def test_the_revocation_events_of_a_node_are_read_by_index(
     postgres_dsn: str, clock: FakeClock
 ) -> None:
@@ -458,10 +466,8 @@ def test_the_revocation_events_of_a_node_are_read_by_index(
     (sequential scans off: on a tiny table the planner would rightly prefer one)."""
     PostgresDataStore(postgres_dsn, clock).close()
     sql, params = audit_page(EventFilter(kind="revocation", node_id="spiffe://example.org/n"))
-    with psycopg.connect(postgres_dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        plan = conn.execute(f"EXPLAIN {pg(sql)}", {**params, "after": 0, "limit": 10}).fetchall()
-    assert "audit_events_node_revocations" in " ".join(row[0] for row in plan), plan
+    plan = _pg_plan(postgres_dsn, sql, {**params, "after": 0, "limit": 10})
+    assert "audit_events_node_revocations" in plan, plan
 
 
 @pytest.mark.parametrize(
@@ -475,9 +481,7 @@ def test_entries_filtered_by_an_id_are_read_by_index(
     PostgresDataStore(postgres_dsn, clock).close()
     sql = q.list_entries(spiffe_id=by_spiffe_id, parent_id=by_parent)
     params = {"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a"}
-    with psycopg.connect(postgres_dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(sql)}", params))
+    plan = _pg_plan(postgres_dsn, sql, params)
     assert index in plan, plan
 
 
@@ -486,11 +490,9 @@ def test_a_workload_jwt_is_read_by_index(postgres_dsn: str, clock: FakeClock) ->
     from server.datastore.ledger_queries import WORKLOAD_JWT
 
     PostgresDataStore(postgres_dsn, clock).close()
-    with psycopg.connect(postgres_dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        params = {"jti": "j", "expires_at": 1, "spiffe_id": "spiffe://example.org/w"}
-        plan = conn.execute(f"EXPLAIN {pg(WORKLOAD_JWT)}", params).fetchall()
-    assert "credentials_workload_jwt_by_subject" in " ".join(row[0] for row in plan), plan
+    params = {"jti": "j", "expires_at": 1, "spiffe_id": "spiffe://example.org/w"}
+    plan = _pg_plan(postgres_dsn, WORKLOAD_JWT, params)
+    assert "credentials_workload_jwt_by_subject" in plan, plan
 
 
 def test_a_tasks_sub_tasks_are_read_by_index(postgres_dsn: str, clock: FakeClock) -> None:
@@ -498,21 +500,14 @@ def test_a_tasks_sub_tasks_are_read_by_index(postgres_dsn: str, clock: FakeClock
     from server.datastore.ledger_queries import SUB_TASKS
 
     PostgresDataStore(postgres_dsn, clock).close()
-    with psycopg.connect(postgres_dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        params = {"parent_task_id": "t", "state": "active"}
-        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(SUB_TASKS)}", params))
+    plan = _pg_plan(postgres_dsn, SUB_TASKS, {"parent_task_id": "t", "state": "active"})
     assert "tasks_parent" in plan, plan
 
 
 def _assert_newest_announcement_read_by_index(dsn: str) -> None:
     """The plan of a start's read of the newest announcement uses the partial index
     (sequential scans off: on a table this small the planner would pick one anyway)."""
-    with psycopg.connect(dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        plan = " ".join(
-            row[0] for row in conn.execute(f"EXPLAIN {pg(q.NEWEST_POLICY_ANNOUNCEMENT)}")
-        )
+    plan = _pg_plan(dsn, q.NEWEST_POLICY_ANNOUNCEMENT)
     assert "feed_policy" in plan, plan
 
 
@@ -572,10 +567,7 @@ def test_an_agents_credentials_are_read_by_index(postgres_dsn: str, clock: FakeC
     from server.datastore.ledger_queries import AGENT_CREDENTIALS
 
     PostgresDataStore(postgres_dsn, clock).close()
-    with psycopg.connect(postgres_dsn) as conn:
-        conn.execute("SET enable_seqscan = off")
-        params = {"agent_id": "a", "needed_from": 1}
-        plan = " ".join(row[0] for row in conn.execute(f"EXPLAIN {pg(AGENT_CREDENTIALS)}", params))
+    plan = _pg_plan(postgres_dsn, AGENT_CREDENTIALS, {"agent_id": "a", "needed_from": 1})
     assert "credentials_agent" in plan, plan
     assert "credentials_actor_agent" in plan, plan
     assert "credentials_derived_from" in plan, plan
