@@ -41,6 +41,11 @@ def _pem(*cas: LocalCa) -> bytes:
     return certs_to_pem([ca.cert for ca in cas])
 
 
+def _files_only(tmp_path: Path) -> AgentStore:
+    """The agent's files in `tmp_path`, without the rest of a data dir."""
+    return AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+
+
 def _app(
     tmp_path: Path,
     on_disk: TrustBundle,
@@ -110,7 +115,7 @@ def test_the_bundle_sequence_survives_a_refused_bundle_write(
 ) -> None:
     clock = FakeClock(start=time.time())
     old, new = LocalCa(clock), LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store = _files_only(tmp_path)
     store.save_bundle(_bundle(1, old).x509_authorities, 1)
 
     def full_disk(source: Path, target: Path) -> None:
@@ -159,7 +164,7 @@ def test_a_damaged_sequence_file_leaves_the_bundle_files_age_unknown(
 ) -> None:
     clock = FakeClock(start=time.time())
     old, new = LocalCa(clock), LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store = _files_only(tmp_path)
     store.save_bundle(_bundle(1, old).x509_authorities, 1)
     if damage is None:  # something else at its name
         store.sequence_path.unlink()
@@ -198,7 +203,7 @@ def test_a_sequence_file_neither_written_nor_removed_leaves_the_bundle_file_as_i
 ) -> None:
     clock = FakeClock(start=time.time())
     kept, dropped = LocalCa(clock), LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store = _files_only(tmp_path)
     store.save_bundle(_bundle(5, kept).x509_authorities, 5)
     store.save_bundle(_bundle(6, kept, dropped).x509_authorities, 6)
     write = agent_store._write_private
@@ -246,7 +251,7 @@ def test_a_state_of_the_replaced_servers_lineage_never_outranks_the_rebuilt_serv
 def test_the_sequence_floor_lasts_until_the_new_lineage_passes_it(tmp_path: Path) -> None:
     clock = FakeClock(start=time.time())
     old, new = LocalCa(clock), LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store = _files_only(tmp_path)
     store.save_bundle(_bundle(12, old).x509_authorities, 12)
     store.save_bundle(_bundle(13, old, new).x509_authorities, 13)
     assert store.sequence_floor() is None  # sequences going up: no floor
@@ -264,7 +269,7 @@ def test_a_fifo_at_the_sequence_files_name_leaves_the_age_unknown_not_the_start_
 ) -> None:
     clock = FakeClock(start=time.time())
     old, new = LocalCa(clock), LocalCa(clock)
-    store = AgentStore(tmp_path / "svid.der", tmp_path / "key.der", tmp_path / "bundle.der")
+    store = _files_only(tmp_path)
     store.save_bundle(_bundle(1, old).x509_authorities, 1)
     store.sequence_path.unlink()
     os.mkfifo(store.sequence_path)
