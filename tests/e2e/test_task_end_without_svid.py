@@ -9,7 +9,6 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 
 import pytest
 
@@ -18,7 +17,7 @@ from svid._open_requests import TXN, OpenRequests
 from svid.tasks import TaskClient
 from tests.e2e.agent_process import AgentProcess, create_entry, new_token
 from tests.e2e.conftest import ServerProcess, make_server, short_tmpdir, wait_for
-from tests.e2e.test_tasks_sdk import EXTRA_POLICY, RUNTIME
+from tests.e2e.test_tasks_sdk import RUNTIME, policy_dir
 
 pytestmark = pytest.mark.e2e
 # Server -> agent (Sync) -> stream, on a loaded 2-core machine: a bound for a hang, not a pace.
@@ -41,10 +40,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = short_tmpdir("svn")
-    policy = root / "policy"
-    policy.mkdir()
-    default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
-    (policy / "svid.cedar").write_text(default + EXTRA_POLICY)
+    policy = policy_dir(root)
     # One SVID prefetched: the runtime's own; a task's entry, past the cap, is minted only
     # when a workload asks for X.509-SVIDs, which nothing here does.
     config = root / "agent.toml"

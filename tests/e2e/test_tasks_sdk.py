@@ -110,13 +110,19 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    root = short_tmpdir("svk")
+def policy_dir(root: Path) -> Path:
+    """A policy directory under `root`: the shipped policy with EXTRA_POLICY."""
     policy = root / "policy"
     policy.mkdir()
     default = resources.files("server.policy").joinpath("default.cedar").read_text("utf-8")
     (policy / "svid.cedar").write_text(default + EXTRA_POLICY)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    root = short_tmpdir("svk")
+    policy = policy_dir(root)
     server = make_server(root, policy_dir=str(policy))
     server.start()
     agent = AgentProcess(root, server, join_token=new_token(server))
