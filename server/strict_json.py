@@ -16,7 +16,10 @@ import json
 from typing import Any
 
 
-class _TwiceError(Exception):
+class MemberTwiceError(Exception):
+    """An object of the document names a member twice; `said` says which ("names 'use'
+    twice"). Not a ValueError: a caller telling it from a document that is no JSON."""
+
     def __init__(self, said: str) -> None:
         super().__init__(said)
         self.said = said
@@ -27,10 +30,10 @@ def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     folded: dict[str, str] = {}  # casefold covers what Go folds too (the Kelvin sign as k)
     for name, value in pairs:
         if name in found:
-            raise _TwiceError(f"names {name[:100]!r} twice")
+            raise MemberTwiceError(f"names {name[:100]!r} twice")
         earlier = folded.setdefault(name.casefold(), name)
         if earlier != name:
-            raise _TwiceError(
+            raise MemberTwiceError(
                 f"names {earlier[:100]!r} and {name[:100]!r}, one member to a reader "
                 "ignoring letter case (Go's encoding/json)"
             )
@@ -38,13 +41,19 @@ def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+def loads(document: bytes | str) -> Any:
+    """`document` parsed as json.loads parses it, once; MemberTwiceError when some object in
+    it names a member twice, json.loads' own errors when it is no JSON."""
+    return json.loads(document, object_pairs_hook=_members)
+
+
 def member_twice(document: bytes | str) -> str | None:
     """What names a member twice in some object of `document` ("names 'use' twice"), or
     None: also when the document is no JSON at all, which the reader that follows reports
     in its own words."""
     try:
-        json.loads(document, object_pairs_hook=_members)
-    except _TwiceError as twice:
+        loads(document)
+    except MemberTwiceError as twice:
         return twice.said
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None

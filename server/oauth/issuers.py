@@ -19,7 +19,6 @@ address of this host or its link (https_get.inward).
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import re
 import ssl
@@ -31,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from server import https_get
+from server import https_get, strict_json
 from server.errors import ConfigError
 from server.input_text import shown
 from server.oauth.discovery import OIDC_PATH
 from server.oauth.settings import TrustedIssuer, check_issuer
-from server.strict_json import member_twice
 from svid._bundle import USE_JWT, JwtBundle
 from svid._clock import Clock, ElapsedClock
 from svid._errors import BundleError
@@ -93,9 +91,13 @@ def fetch_keys(
     what went wrong."""
     deadline = time.monotonic() + timeout
     body, _ = _get(issuer.url + OIDC_PATH, ctx, timeout, issuer.url)
-    _refuse_member_twice(issuer, "discovery document", body)
     try:
-        doc = json.loads(body)
+        # Parsed once, and one way only (see _refuse_member_twice).
+        doc = strict_json.loads(body)
+    except strict_json.MemberTwiceError as twice:
+        raise IssuerError(
+            f"{issuer.url}: an object of its discovery document {twice.said}"
+        ) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise IssuerError(f"{issuer.url}: the discovery document is not JSON") from None
     if not isinstance(doc, dict):
@@ -142,7 +144,7 @@ def fetch_keys(
 def _refuse_member_twice(issuer: TrustedIssuer, what: str, body: bytes) -> None:
     """Read one way only (server/strict_json.py): two "issuer" members, or two "kid" in a
     key, mean one thing here and another to the issuer's other relying parties."""
-    twice = member_twice(body)
+    twice = strict_json.member_twice(body)
     if twice is not None:
         raise IssuerError(f"{issuer.url}: an object of its {what} {twice}")
 
