@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.ca.errors import CaConfigError, KeyStoreError
 from svid._durable import write_durably
-from svid._small_file import SmallFileError, read_small_file
+from svid._small_file import SmallFileError, open_regular_file, read_small_file
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -103,11 +103,18 @@ class KeyStore:
             mine = info.st_uid == uid and not info.st_mode & 0o022
             return None if mine else "is not this server's own"
 
+        def own_key(info: os.stat_result) -> str | None:
+            too_big = info.st_size > _MAX_KEY_BYTES
+            return own(info) or (f"is over {_MAX_KEY_BYTES} bytes" if too_big else None)
+
         # Checked as opened, not by name and then read: a FIFO there is not waited on (it hung
         # the start), and the file checked is the one read.
         key_path, record_path = self.path(slot_id), self.record_path(slot_id)
         try:
-            read_small_file(key_path, max_bytes=_MAX_KEY_BYTES, follow_links=False, check=own)
+            # The key file is only checked (opened, fstat), never read: its private bytes are
+            # not this method's business.
+            fd, _ = open_regular_file(key_path, follow_links=False, check=own_key)
+            os.close(fd)
             return read_small_file(
                 record_path, max_bytes=_MAX_RECORD_BYTES, follow_links=False, check=own
             )
