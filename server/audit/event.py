@@ -100,12 +100,10 @@ class EventDraft:
         if isinstance(self.reason, str):
             object.__setattr__(self, "reason", storable_reason(self.reason))
         for name, value in self.__dict__.items():
-            # Plain text without either marker (nearly every value) needs no closer look.
-            if type(value) is str and "eyJ" not in value and "-----BEGIN" not in value:
-                if "\x00" in value:
-                    refuse_nul(name)
-                continue
-            check_no_secret(name, value)
+            # Plain text without either marker (nearly every value) needs no closer look for a
+            # secret; a secret is refused as one before its NUL is.
+            if type(value) is not str or "eyJ" in value or "-----BEGIN" in value:
+                check_no_secret(name, value)
             if isinstance(value, str) and "\x00" in value:
                 refuse_nul(name)
         if self.extra:
