@@ -171,6 +171,7 @@ def _import_tasks(store: SqliteDataStore, path: Path, now: int) -> str:
                     "ORDER BY rowid"
                 )
                 for task_id, agent_id, runtime_id, state, expires_at, body in cursor:
+                    fields = json.loads(body)
                     db.execute(
                         lq.UPSERT_TASK,
                         {
@@ -179,9 +180,9 @@ def _import_tasks(store: SqliteDataStore, path: Path, now: int) -> str:
                             "runtime_id": runtime_id,
                             "state": state,
                             "expires_at": expires_at,
-                            "created_at": int(json.loads(body).get("created_at", 0)),
+                            "created_at": int(fields.get("created_at", 0)),
                             "body": body,
-                            "parent_task_id": str(json.loads(body).get("parent_task_id", "")),
+                            "parent_task_id": str(fields.get("parent_task_id", "")),
                         },
                     )
                     counts["tasks"] += 1
