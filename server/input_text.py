@@ -5,7 +5,14 @@ that callers retry (and, in a shared commit, fails its neighbours too)."""
 from __future__ import annotations
 
 from server.errors import InvalidRequestError
-from svid._printable import shown as printable
+
+# `shown`: another party's text (a foreign endpoint's status line, a certificate's URI SAN) as
+# one line of printable text, escaped as the text log escapes it. Re-exported, the one
+# escaping: messages reach an operator's terminal, the logs, and the ledger, which on
+# PostgreSQL takes no NUL (a refusal holding one was not recorded at all).
+from svid._printable import shown
+
+__all__ = ["refuse_nul", "refuse_unprintable", "shown"]
 
 
 def refuse_nul(name: str, *values: str) -> None:
@@ -21,12 +28,3 @@ def refuse_unprintable(name: str, *values: str) -> None:
     refuse_nul(name, *values)
     if not all(value.isprintable() for value in values):
         raise InvalidRequestError(f"{name}: one line of printable text")
-
-
-def shown(text: str) -> str:
-    """`text` as one line of printable text, escaped as the text log escapes it
-    (svid/_printable.py). For what another party put in a message (a foreign endpoint's
-    status line, a certificate's URI SAN): the message reaches an operator's terminal, the
-    logs, and the ledger, which on PostgreSQL takes no NUL (a refusal holding one was not
-    recorded at all)."""
-    return printable(text)
