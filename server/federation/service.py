@@ -307,9 +307,9 @@ class FederationService:
 
     def load(self) -> None:
         """Read relationships and bundles from the datastore (start-up; synchronous)."""
-        stored = {r.trust_domain: as_read_here(r) for r in self._datastore.list_relationships()}
-        self._relationships = {**stored, **self._static}
-        for row in self._datastore.list_foreign_bundles():
+        stored = self.read_stored()  # read as the follower reads them (as_read_here)
+        self._relationships = {**stored.relationships, **self._static}
+        for row in stored.bundles.values():
             try:
                 td = TrustDomain.parse(row.trust_domain)
                 self._bundles[td.name] = SpiffeBundle.parse(td, row.bundle)
@@ -640,7 +640,8 @@ class FederationService:
     def read_stored(self) -> Stored:
         """The stored relationships and bundles (blocking; the follower's thread)."""
         return Stored(
-            # As load() reads them, or a relative ca_file differed from memory at each read.
+            # As load() reads them (it calls this), or a relative ca_file differed from memory
+            # at each read.
             {r.trust_domain: as_read_here(r) for r in self._datastore.list_relationships()},
             {b.trust_domain: b for b in self._datastore.list_foreign_bundles()},
         )
