@@ -70,7 +70,9 @@ CHECKPOINT_FILE = "audit-checkpoints.jsonl"
 MAX_BYTES = 40 * 1024 * 1024
 # How much of the file one read takes when reading it from the end.
 _CHUNK = 64 * 1024
-_PEM_BYTES = 64 * 1024  # the published public key: far more than a P-256 key's PEM
+# The published public key, read at most this far (to verify with, or to compare before a
+# rewrite): a P-256 key's PEM is 178 bytes; room for comments and line ends around it.
+MAX_PUBLIC_KEY_BYTES = 64 * 1024
 __all__ = [
     "CHECKPOINT",
     "CHECKPOINT_FILE",
@@ -106,10 +108,6 @@ def anchor_of(cp: Checkpoint) -> Anchor:
             cp.seq, cp.hash, source=f"the prune record of {when}", signed=True, pruned=True
         )
     return Anchor(cp.seq, cp.hash, cp.count, source=f"the checkpoint of {when}", signed=True)
-
-
-# A P-256 public key's PEM is 178 bytes; room for comments and line ends around it.
-MAX_PUBLIC_KEY_BYTES = 64 * 1024
 
 
 def load_public_key(path: Path) -> tuple[str, ec.EllipticCurvePublicKey]:
@@ -240,7 +238,7 @@ class CheckpointSigner:
             # followed), and rewritten through the one durable writer: the temporary file
             # was renamed unfsynced, and a link planted at its name was written through.
             with contextlib.suppress(SmallFileError):
-                if read_small_file(path, max_bytes=_PEM_BYTES, follow_links=False) == pem:
+                if read_small_file(path, max_bytes=MAX_PUBLIC_KEY_BYTES, follow_links=False) == pem:
                     return
             write_durably(path, pem, 0o644)
         except OSError as e:
