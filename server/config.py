@@ -298,14 +298,15 @@ def _as_datastore(key: str, value: Any) -> str:
     if not isinstance(value, str):  # its type only: a URL in it may hold a password
         raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
     text = value
-    if not is_postgres_dsn(text) and _MISTYPED_DSN.match(text):
-        # Taken as a SQLite file name, a URL with a space before it (`" postgresql://u:PW@db"`)
-        # was named whole, password and all, in the error that it could not be opened.
-        raise ConfigError(
-            f"{key}: looks like a PostgreSQL URL but does not start with postgresql:// or "
-            "postgres:// (a space, a quote, a missing slash?); not shown, it may hold a password"
-        )
     if not is_postgres_dsn(text):
+        if _MISTYPED_DSN.match(text):
+            # Taken as a SQLite file name, a URL with a space before it (`" postgresql://u:PW@db"`)
+            # was named whole, password and all, in the error that it could not be opened.
+            raise ConfigError(
+                f"{key}: looks like a PostgreSQL URL but does not start with postgresql:// or "
+                "postgres:// (a space, a quote, a missing slash?); not shown, it may hold a "
+                "password"
+            )
         # A SQLite file ("" for the default one), its path read as data_dir's is (~ expanded).
         return str(expand_path(key, text, ConfigError)) if text else text
     _refuse_non_utf8(key, text)
