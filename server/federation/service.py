@@ -551,7 +551,7 @@ class FederationService:
                     )
                 changed = await self._install(fetched, source=rel.endpoint_url)
             except FederationError as exc:
-                retry = self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
+                retry = self._failed(td)
                 self._reschedule(td, asked, self._next(known, ok=False, retry=retry))
                 _log.warning("foreign bundle not refreshed", extra={"td": td, "error": str(exc)})
                 await self._record_refused(td, exc)
@@ -559,6 +559,10 @@ class FederationService:
             self._retries.pop(td, None)
             self._reschedule(td, asked, self._next(fetched))
             return Refreshed(changed, fetched)
+
+    def _failed(self, td: str) -> float:
+        """The wait before `td`'s next fetch after one more failure in a row (backed off)."""
+        return self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed()
 
     async def _record_refused(self, trust_domain: str, exc: Exception) -> None:
         """A refused bundle on the ledger, best effort: the refusal itself is what the caller
@@ -756,7 +760,7 @@ class FederationService:
             # Not a refusal, so a bug, but one what the endpoint serves may trigger at every
             # fetch: backed off as failures are, not a traceback every RETRY seconds for ever.
             _log.exception("foreign bundle refresh failed", extra={"td": td})
-            self._schedule(td, self._retries.setdefault(td, Retry(RETRY, MAX_RETRY)).failed())
+            self._schedule(td, self._failed(td))
         finally:
             await self._let_go(td)  # deleted while it was fetched
 
