@@ -145,6 +145,12 @@ def page_rows(
         after = page[-1][0]
 
 
+def _paged(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+    """`cursor`'s rows, fetched PAGE at a time."""
+    while page := cursor.fetchmany(PAGE):
+        yield from page
+
+
 @contextlib.contextmanager
 def snapshot(path: Path) -> Iterator[AuditSnapshot]:
     """One read transaction on a read-only connection of its own: in WAL mode it sees one
@@ -170,10 +176,9 @@ def snapshot(path: Path) -> Iterator[AuditSnapshot]:
             after: int | None = None
             cursor = db.execute(lq.ALL_AUDIT_ROWS)
             try:
-                while page := cursor.fetchmany(PAGE):
-                    for r in page:
-                        yield dict(zip(AUDIT_COLUMNS, r, strict=True))
-                        after = r[0]
+                for r in _paged(cursor):
+                    yield dict(zip(AUDIT_COLUMNS, r, strict=True))
+                    after = r[0]
             except sqlite3.OperationalError:
                 if db.text_factory is LENIENT_TEXT:
                     raise
@@ -181,10 +186,8 @@ def snapshot(path: Path) -> Iterator[AuditSnapshot]:
                 # in the same transaction (the same snapshot), such text kept (LENIENT_TEXT).
                 db.text_factory = LENIENT_TEXT
                 start = -(2**63) if after is None else after
-                cursor = db.execute(lq.AUDIT_ROWS_AFTER, {"after": start})
-                while page := cursor.fetchmany(PAGE):
-                    for r in page:
-                        yield dict(zip(AUDIT_COLUMNS, r, strict=True))
+                for r in _paged(db.execute(lq.AUDIT_ROWS_AFTER, {"after": start})):
+                    yield dict(zip(AUDIT_COLUMNS, r, strict=True))
 
         yield AuditSnapshot(missing, head, rows, base)
     except (sqlite3.Error, ValueError) as e:
